@@ -1,0 +1,70 @@
+"""Engine settings: one dataclass with defaults, built once from arguments or environment variables.
+
+Leaves loading to ``engine.loading`` and the request flow to ``engine.engine``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "KVCI_"  # KVCI_MODEL, KVCI_DEVICE, KVCI_DTYPE, KVCI_CACHE_BUDGET_MB, ...
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How to load the model and size the prefix cache.
+
+    Every field can be set by an environment variable named ``KVCI_<FIELD>`` (for example
+    ``KVCI_MODEL=HuggingFaceTB/SmolLM2-135M-Instruct`` or ``KVCI_CACHE_BUDGET_MB=64``).
+    """
+
+    model: str | None = None  # None: the bundled SmolLM2-135M-Instruct; else a hub id, a folder or a .gguf file
+    device: str = "auto"  # "auto" (cuda when available, else cpu), "cpu", "cuda", "cuda:1", ...
+    dtype: str = "auto"  # "auto" (bf16 on cuda, fp32 on cpu), "float32", "bfloat16", "float16"
+    cache_budget_mb: float = 512.0  # byte budget of the prefix cache
+    min_cached_tokens: int = 20  # shorter prompts are neither cached nor counted
+    kv_storage: str = "cpu"  # where cached KV lives: "cpu" (moved to the device on a hit) or "device"
+    model_cache_dir: str | None = None  # converted models; default $XDG_CACHE_HOME/kv-cache-inference
+
+    def __post_init__(self) -> None:
+        if self.cache_budget_mb < 0:
+            raise ValueError(f"cache_budget_mb must be >= 0, got {self.cache_budget_mb}")
+        if self.min_cached_tokens < 1:
+            raise ValueError(f"min_cached_tokens must be >= 1, got {self.min_cached_tokens}")
+        if self.kv_storage not in ("cpu", "device"):
+            raise ValueError(f"kv_storage must be 'cpu' or 'device', got {self.kv_storage!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> "EngineConfig":
+        """Defaults, then ``KVCI_*`` environment variables, then explicit ``overrides`` (None ignored)."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = environ.get(ENV_PREFIX + f.name.upper())
+            if raw is None or raw == "":
+                continue
+            kind = type(f.default) if f.default is not None else str
+            try:
+                values[f.name] = kind(raw)
+            except ValueError as exc:
+                raise ValueError(f"{ENV_PREFIX}{f.name.upper()}={raw!r} is not a valid {kind.__name__}") from exc
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        unknown = set(values) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown engine settings: {sorted(unknown)}")
+        return replace(cls(), **values)
+
+    @property
+    def cache_budget_bytes(self) -> int:
+        return int(self.cache_budget_mb * (1 << 20))
+
+    def resolved_model_cache_dir(self) -> Path:
+        if self.model_cache_dir:
+            return Path(self.model_cache_dir).expanduser()
+        base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+        return Path(base) / "kv-cache-inference"

@@ -1,0 +1,504 @@
+"""The request flow: tokenize, look up the prefix cache, reuse, prefill, decode, insert, time it all.
+
+``Engine.stream`` is the core: a generator that yields text deltas and finally a
+:class:`GenerationResult`; ``Engine.generate`` collects it. Every step of the flow is a small
+method, timed in one place. The engine owns the model, the tokenizer and the prefix cache; it
+knows nothing about the UI or HTTP (``app.py`` calls it), and the radix tree itself lives in
+``cache/`` and knows nothing about models.
+
+Decoding is our own loop over ``model(input_ids, cache=...)``: transformers' ``generate`` gives
+wrong output when the cache already holds the whole prompt, which is exactly an exact hit.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from cache import DEFAULT_NAMESPACE, PrefixCache, PrefixMatch
+from engine import loading
+from engine.config import EngineConfig
+from engine.kv import TensorKV, build_model_cache, has_sliding_layers, kv_bytes_per_token
+from engine.sampling import SamplingParams, sample_next_token
+
+CacheStatus = str  # "hit" | "partial" | "miss" | "skipped" (prompt under min_cached_tokens) | "off"
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One validated request. Built by :meth:`Engine.make_request`, which raises ``ValueError``."""
+
+    prompt: str
+    system_prompt: str | None = None
+    history: tuple[tuple[str, str], ...] = ()  # earlier turns as (role, content), role user/assistant
+    max_new_tokens: int = 64
+    use_cache: bool = True
+    use_prefix_cache: bool = True
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    raw: bool = False  # True: the prompt is fed as plain text, without the chat template
+    cache_key: str = DEFAULT_NAMESPACE  # prefix-cache namespace; entries never match across keys
+
+
+@dataclass
+class GenerationResult:
+    """What a request produced, and where its time went (milliseconds)."""
+
+    text: str
+    token_ids: list[int]
+    prompt_token_ids: list[int]
+    cache_status: CacheStatus
+    use_cache: bool
+    use_prefix_cache: bool
+    timings: dict[str, float]
+    finish_reason: str  # "eos" or "length"
+
+    @property
+    def prefix_cache_hit(self) -> bool:
+        """True when any cached KV was reused (an exact or a partial hit)."""
+        return self.cache_status in ("hit", "partial")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The REST response body."""
+        total_s = self.timings["total_ms"] / 1000
+        return {
+            "text": self.text,
+            "token_ids": list(self.token_ids),
+            "latency_ms": self.timings["total_ms"],
+            "tokens_per_sec": len(self.token_ids) / total_s if total_s > 0 else 0.0,
+            "cache_enabled": self.use_cache,
+            "prefix_cache_enabled": self.use_prefix_cache,
+            "prefix_cache_hit": self.prefix_cache_hit,
+            "cache_status": self.cache_status,
+            "finish_reason": self.finish_reason,
+            "timings": dict(self.timings),
+        }
+
+
+class Engine:
+    """A causal LM with KV caching and a cross-request prefix cache.
+
+    Example:
+        >>> engine = Engine.from_pretrained()             # the bundled SmolLM2-135M-Instruct
+        >>> result = engine.generate("What is machine learning?", max_new_tokens=20)
+        >>> result.text, result.timings["ttft_ms"], result.cache_status
+        >>> engine.generate("What is machine learning?", max_new_tokens=20).cache_status
+        'hit'
+
+    Thread-safe: requests may run concurrently from several threads.
+    """
+
+    def __init__(self, model, tokenizer, config: EngineConfig | None = None, name: str | None = None) -> None:
+        self.config = config or EngineConfig()
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.name = name or getattr(model.config, "_name_or_path", "") or type(model).__name__
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.storage_device = torch.device("cpu") if self.config.kv_storage == "cpu" else self.device
+        self.cache = PrefixCache(self.config.cache_budget_bytes, self.config.min_cached_tokens)
+        text_config = model.config.get_text_config(decoder=True)
+        self.context_length: int = int(getattr(text_config, "max_position_embeddings", 2048))
+        self.eos_token_ids = _eos_token_ids(model, tokenizer)
+        self.supports_prefix_cache = not has_sliding_layers(model.config)
+        self._tokenizer_lock = threading.Lock()  # Rust tokenizers raise "Already borrowed" under concurrent use
+
+    @classmethod
+    def from_pretrained(cls, model: str | None = None, config: EngineConfig | None = None, progress=None, **settings: Any) -> "Engine":
+        """Load ``model`` (None: ``KVCI_MODEL`` or the bundled SmolLM2) with settings from the environment.
+
+        Args:
+            model: A hub id, a local folder, a ``.gguf`` file, or None for the bundled model.
+            config: Settings; by default :meth:`EngineConfig.from_env` with ``settings`` applied.
+            progress: Called with a line of text at each loading step (defaults to logging).
+
+        Raises:
+            ValueError: unknown model, or the bundled model is missing with no hub to fall back on.
+        """
+        config = config or EngineConfig.from_env(model=model, **settings)
+        device = _resolve_device(config.device)
+        dtype = _resolve_dtype(config.dtype, device)
+        loaded = loading.load(config.model, device, dtype, config.resolved_model_cache_dir(), progress or loading.log.info)
+        return cls(loaded.model, loaded.tokenizer, config, name=loaded.name)
+
+    # ------------------------------------------------------------------ public API
+
+    def generate(self, prompt: str, **kwargs: Any) -> GenerationResult:
+        """Run one request to completion. Takes the same arguments as :meth:`stream`."""
+        result = None
+        for item in self.stream(prompt, **kwargs):
+            if isinstance(item, GenerationResult):
+                result = item
+        assert result is not None, "stream() ended without a result"
+        return result
+
+    def stream(self, prompt: str, **kwargs: Any) -> Iterator[str | GenerationResult]:
+        """Yield text deltas as tokens are generated, then the :class:`GenerationResult`.
+
+        Args:
+            prompt: The user's message (or plain text with ``raw=True``).
+            system_prompt: Optional system message for the chat template.
+            history: Earlier turns, a list of ``{"role": "user"|"assistant", "content": str}``.
+            max_new_tokens: 1 up to the context window (default 64).
+            use_cache: KV cache during decoding; False re-runs the whole sequence at every step.
+            use_prefix_cache: Reuse KV across requests (needs ``use_cache``).
+            temperature: 0 for greedy (default); > 0 samples.
+            top_p: Nucleus sampling mass in (0, 1] (default 1).
+            seed: Seed for sampling, for repeatable samples.
+            raw: Feed the prompt as plain text, without the chat template.
+            cache_key: Prefix-cache namespace; requests only reuse entries of their own key.
+
+        Raises:
+            ValueError: bad input, with what is allowed (raised before anything is yielded).
+        """
+        run = _Run(self.make_request(prompt, **kwargs), self.device)
+        # 1. Tokenize, eagerly, so that a prompt too long for the context raises here and not mid-stream.
+        with run.clock.span("tokenize_ms"):
+            run.prompt_ids = self.tokenize(run.request)
+        self._check_fits(len(run.prompt_ids), run.request.max_new_tokens)
+        return self._stream_text(run)
+
+    def make_request(
+        self,
+        prompt: str,
+        *,
+        system_prompt: str | None = None,
+        history: Sequence[dict[str, str]] | None = None,
+        max_new_tokens: int = 64,
+        use_cache: bool = True,
+        use_prefix_cache: bool = True,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        raw: bool = False,
+        cache_key: str = DEFAULT_NAMESPACE,
+    ) -> GenerationRequest:
+        """Validate arguments into a :class:`GenerationRequest`, or raise ``ValueError`` saying what is allowed."""
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError("prompt must be a non-empty string (it was empty or only whitespace)")
+        if system_prompt is not None and not isinstance(system_prompt, str):
+            raise ValueError("system_prompt must be a string or None")
+        for name, flag in (("use_cache", use_cache), ("use_prefix_cache", use_prefix_cache), ("raw", raw)):
+            if not isinstance(flag, bool):
+                raise ValueError(f"{name} must be true or false, got {flag!r}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
+            raise ValueError(f"max_new_tokens must be an integer, got {max_new_tokens!r}")
+        if not 1 <= max_new_tokens < self.context_length:
+            raise ValueError(f"max_new_tokens must be between 1 and {self.context_length - 1} (the context window), got {max_new_tokens}")
+        if use_prefix_cache and not use_cache:
+            raise ValueError("the prefix cache reuses KV, so it needs use_cache=True; turn the prefix cache off or the KV cache on")
+        if use_prefix_cache and not self.supports_prefix_cache:
+            raise ValueError(f"{self.name} has sliding-window attention layers, which the prefix cache does not support; set use_prefix_cache=False")
+        if not isinstance(cache_key, str):
+            raise ValueError("cache_key must be a string")
+        return GenerationRequest(
+            prompt=prompt,
+            system_prompt=system_prompt or None,
+            history=_validate_history(history),
+            max_new_tokens=max_new_tokens,
+            use_cache=use_cache,
+            use_prefix_cache=use_prefix_cache,
+            sampling=SamplingParams.checked(temperature, top_p, seed),
+            raw=raw,
+            cache_key=cache_key,
+        )
+
+    def tokenize(self, request: GenerationRequest) -> list[int]:
+        """Step 1: the prompt's token ids, through the chat template unless ``raw`` (or no template)."""
+        with self._tokenizer_lock:
+            if request.raw or not getattr(self.tokenizer, "chat_template", None):
+                text = request.prompt if request.system_prompt is None else f"{request.system_prompt}\n\n{request.prompt}"
+                return list(self.tokenizer(text).input_ids)
+            messages = [{"role": "system", "content": request.system_prompt}] if request.system_prompt else []
+            messages += [{"role": role, "content": content} for role, content in request.history]
+            messages.append({"role": "user", "content": request.prompt})
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+            return list(ids)
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        with self._tokenizer_lock:
+            return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
+
+    def info(self) -> dict[str, Any]:
+        """What the page shows about the loaded model."""
+        return {
+            "model": self.name,
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+            "context_length": self.context_length,
+            "kv_bytes_per_token": kv_bytes_per_token(self.model.config, self.dtype),
+            "kv_storage": str(self.storage_device),
+            "cache_budget_bytes": self.cache.budget_bytes,
+            "min_cached_tokens": self.cache.min_tokens,
+        }
+
+    # ------------------------------------------------------------------ the request flow
+
+    def _stream_text(self, run: "_Run") -> Iterator[str | GenerationResult]:
+        """Wrap the token generator: detokenize incrementally, then yield the result."""
+        emitted = ""
+        for _ in self._generate_tokens(run):
+            text = self.decode(run.generated)
+            if not text.endswith("\ufffd") and len(text) > len(emitted):  # hold back half a UTF-8 character
+                yield text[len(emitted) :]
+                emitted = text
+        # 8. Return text, token ids and timings.
+        text = self.decode(run.generated)
+        if len(text) > len(emitted):
+            yield text[len(emitted) :]
+        yield run.result(text)
+
+    def _generate_tokens(self, run: "_Run") -> Iterator[int]:
+        """Steps 2-8 (step 1, tokenizing, is done by ``stream``). Yields each new token id as soon as it exists."""
+        request, clock = run.request, run.clock
+
+        # 2. Prefix-cache lookup (locks the matched path until the end of the request).
+        match = None
+        if request.use_prefix_cache:
+            with clock.span("cache_lookup_ms"):
+                match = self.cache.match_prefix(run.prompt_ids, request.cache_key)
+            run.cache_status = match.kind
+        try:
+            # 3-5. Reuse the matched KV and prefill only the rest; an exact hit runs no model at all.
+            logits, model_cache = self._prefill(run, match)
+
+            # 6a. Insert the prompt's KV and last logits, so concurrent and later requests can hit.
+            if match is not None and match.kind != "hit":
+                self._insert(run, model_cache, len(run.prompt_ids), logits)
+
+            # 7. Decode: the first token comes from the prefill's logits (TTFT), then one step per token.
+            token = sample_next_token(logits, request.sampling, run.generator)
+            clock.mark_first_token()
+            run.generated.append(token)
+            yield token
+            while not self._finished(run, token):
+                if model_cache is None and request.use_cache:  # exact hit: KV moves only now, after TTFT
+                    model_cache = self._reuse(run, match)
+                with clock.span("decode_ms"):
+                    logits = self._decode_one_token(run, token, model_cache)
+                    token = sample_next_token(logits, request.sampling, run.generator)
+                run.generated.append(token)
+                yield token
+
+            # 6b. Insert prompt + generated tokens, so the next turn of a conversation hits the whole history.
+            if match is not None and model_cache is not None:
+                assert model_cache.get_seq_length() == len(run.prompt_ids) + len(run.generated) - 1, "KV length drifted"
+                self._insert(run, model_cache, len(run.prompt_ids) + len(run.generated) - 1, logits)
+        finally:
+            if match is not None:
+                self.cache.release(match)
+            clock.stop()
+
+    def _prefill(self, run: "_Run", match: PrefixMatch | None) -> tuple[torch.Tensor, Any]:
+        """Logits for the prompt's last position, and the model cache holding the prompt's KV.
+
+        Exact hit: the stored logits, and no model cache yet (it is built after the first token).
+        Partial hit: the matched KV, then only the suffix through the model. Miss or no prefix
+        cache: the whole prompt. Without KV caching: the whole prompt, and no cache.
+        """
+        request, clock, prompt_ids = run.request, run.clock, run.prompt_ids
+        if match is not None and match.kind == "hit":
+            run.prefill_tokens = 0
+            return match.last_logits, None
+        model_cache = None
+        reused = match.length if match is not None else 0
+        if request.use_cache:
+            model_cache = self._reuse(run, match) if reused else _new_model_cache(self.model.config)
+        suffix = prompt_ids[reused:]
+        run.prefill_tokens = len(suffix)
+        with clock.span("prefill_ms"):
+            logits = self._forward(suffix, model_cache, use_cache=request.use_cache)
+        run.reused_tokens = reused
+        return logits, model_cache
+
+    def _reuse(self, run: "_Run", match: PrefixMatch) -> Any:
+        """Step 3: the matched KV as a fresh model cache on the device (timed as ``transfer_ms``)."""
+        with run.clock.span("transfer_ms"):
+            model_cache = build_model_cache(match.segments, self.model.config, self.device, self.dtype)
+        run.reused_tokens = match.length
+        return model_cache
+
+    def _decode_one_token(self, run: "_Run", token: int, model_cache: Any) -> torch.Tensor:
+        if model_cache is None:  # no KV cache: the whole sequence again, every step
+            return self._forward(run.prompt_ids + run.generated, None, use_cache=False)
+        return self._forward([token], model_cache, use_cache=True)
+
+    @torch.inference_mode()
+    def _forward(self, token_ids: list[int], model_cache: Any, use_cache: bool) -> torch.Tensor:
+        """One model call; returns the logits of the last position as a float32 ``[vocab]`` tensor."""
+        input_ids = torch.tensor([token_ids], dtype=torch.long, device=self.device)  # [1, T]
+        out = self.model(input_ids=input_ids, cache=model_cache, use_cache=use_cache, logits_to_keep=1)
+        return out.logits[0, -1].float()
+
+    def _insert(self, run: "_Run", model_cache: Any, num_tokens: int, logits: torch.Tensor) -> None:
+        """Step 6: hand the first ``num_tokens`` tokens' KV and the logits after them to the prefix cache."""
+        sequence = (run.prompt_ids + run.generated)[:num_tokens]
+        with run.clock.span("insert_ms"):
+            kv = TensorKV.from_model_cache(model_cache, num_tokens, self.storage_device)
+            stored_logits = logits.detach().to(self.storage_device).clone()
+            self.cache.insert(sequence, kv, stored_logits, run.request.cache_key)
+
+    def _finished(self, run: "_Run", token: int) -> bool:
+        if token in self.eos_token_ids:
+            run.finish_reason = "eos"
+            return True
+        if len(run.generated) >= run.request.max_new_tokens:
+            run.finish_reason = "length"
+            return True
+        return False
+
+    def _check_fits(self, prompt_tokens: int, max_new_tokens: int) -> None:
+        if prompt_tokens + max_new_tokens > self.context_length:
+            raise ValueError(
+                f"the prompt is {prompt_tokens} tokens and max_new_tokens is {max_new_tokens}, "
+                f"but the context window is {self.context_length} tokens: shorten the prompt or ask for fewer tokens"
+            )
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+class _Clock:
+    """Named spans of one request, with CUDA synchronised at each edge so GPU work is counted."""
+
+    def __init__(self, device: torch.device) -> None:
+        self._cuda = device.type == "cuda"
+        self.start = self._now()
+        self.spans: dict[str, float] = {}
+        self.first_token_at: float | None = None
+        self.end: float | None = None
+
+    def span(self, name: str) -> "_Span":
+        return _Span(self, name)
+
+    def mark_first_token(self) -> None:
+        self.first_token_at = self._now()
+
+    def stop(self) -> None:
+        self.end = self._now()
+
+    def ms(self, name: str) -> float:
+        return self.spans.get(name, 0.0) * 1000
+
+    def _now(self) -> float:
+        if self._cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+
+class _Span:
+    __slots__ = ("clock", "name", "t0")
+
+    def __init__(self, clock: _Clock, name: str) -> None:
+        self.clock, self.name = clock, name
+
+    def __enter__(self) -> None:
+        self.t0 = self.clock._now()
+
+    def __exit__(self, *exc: object) -> None:
+        self.clock.spans[self.name] = self.clock.spans.get(self.name, 0.0) + self.clock._now() - self.t0
+
+
+class _Run:
+    """The mutable state of one request while it runs."""
+
+    def __init__(self, request: GenerationRequest, device: torch.device | None = None) -> None:
+        self.request = request
+        self.clock = _Clock(device or torch.device("cpu"))
+        self.generator = request.sampling.make_generator()
+        self.prompt_ids: list[int] = []
+        self.generated: list[int] = []
+        self.cache_status: CacheStatus = "off" if not request.use_prefix_cache else "miss"
+        self.prefill_tokens = 0
+        self.reused_tokens = 0
+        self.finish_reason = "length"
+
+    def result(self, text: str) -> GenerationResult:
+        c = self.clock
+        first = (c.first_token_at or c.end) - c.start
+        # ttft_ms: model-critical time to the first token (tokenize + prefill + first sample);
+        # cache bookkeeping and transfers are left out. wall_ttft_ms: all of it, as a user waits.
+        ttft = c.ms("tokenize_ms") + c.ms("prefill_ms")
+        decode_steps = max(len(self.generated) - 1, 0)
+        decode_ms = c.ms("decode_ms")
+        timings = {
+            "tokenize_ms": c.ms("tokenize_ms"),
+            "cache_lookup_ms": c.ms("cache_lookup_ms"),
+            "transfer_ms": c.ms("transfer_ms"),
+            "prefill_ms": c.ms("prefill_ms"),
+            "insert_ms": c.ms("insert_ms"),
+            "ttft_ms": ttft,
+            "wall_ttft_ms": first * 1000,
+            "decode_ms": decode_ms,
+            "total_ms": (c.end - c.start) * 1000,
+            "decode_tokens_per_sec": decode_steps / (decode_ms / 1000) if decode_ms > 0 else 0.0,
+            "prefix_tokens_saved": self.reused_tokens,
+            "prompt_tokens": len(self.prompt_ids),
+            "prefill_tokens": self.prefill_tokens,
+            "new_tokens": len(self.generated),
+        }
+        return GenerationResult(
+            text=text,
+            token_ids=list(self.generated),
+            prompt_token_ids=list(self.prompt_ids),
+            cache_status=self.cache_status,
+            use_cache=self.request.use_cache,
+            use_prefix_cache=self.request.use_prefix_cache,
+            timings=timings,
+            finish_reason=self.finish_reason,
+        )
+
+
+def _new_model_cache(config) -> Any:
+    from transformers import DynamicCache
+
+    return DynamicCache(config=config)
+
+
+def _validate_history(history: Sequence[dict[str, str]] | None) -> tuple[tuple[str, str], ...]:
+    if history is None:
+        return ()
+    if isinstance(history, (str, bytes)) or not isinstance(history, Sequence):
+        raise ValueError("history must be a list of {'role': 'user'|'assistant', 'content': str} messages")
+    turns = []
+    for i, message in enumerate(history):
+        if not isinstance(message, dict) or message.get("role") not in ("user", "assistant") or not isinstance(message.get("content"), str):
+            raise ValueError(f"history[{i}] must be {{'role': 'user'|'assistant', 'content': str}}, got {message!r}")
+        turns.append((message["role"], message["content"]))
+    return tuple(turns)
+
+
+def _eos_token_ids(model, tokenizer) -> frozenset[int]:
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), tokenizer):
+        value = getattr(source, "eos_token_id", None)
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return frozenset(ids)
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"unknown device {name!r}: use auto, cpu or cuda[:N]") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda was asked for, but torch sees no CUDA device; use auto or cpu")
+    return device
+
+
+def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return getattr(torch, name)
+

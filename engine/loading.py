@@ -13,10 +13,12 @@ import importlib.util
 import logging
 import os
 import shutil
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
+from urllib.parse import urlparse
 
 import torch
 
@@ -130,11 +132,25 @@ def convert_gguf(gguf: Path, cache_dir: Path, progress: Progress = log.info) -> 
 def _load_folder(source: str | Path, device: torch.device, dtype: torch.dtype, name: str, kind: str, progress: Progress) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    progress(f"Loading {name} on {device} ({str(dtype).removeprefix('torch.')})...")
-    tokenizer = AutoTokenizer.from_pretrained(str(source))
-    model = AutoModelForCausalLM.from_pretrained(str(source), dtype=dtype)
+    # Without a reachable hub, look only in the local hub cache: the hub client would otherwise
+    # retry for most of a minute before failing.
+    local_only = kind == "hub" and not _hub_reachable()
+    progress(f"Loading {name} on {device} ({str(dtype).removeprefix('torch.')}){' from the local hub cache' if local_only else ''}...")
+    tokenizer = AutoTokenizer.from_pretrained(str(source), local_files_only=local_only)
+    model = AutoModelForCausalLM.from_pretrained(str(source), dtype=dtype, local_files_only=local_only)
     model.to(device).eval()
     return LoadedModel(model=model, tokenizer=tokenizer, name=name, source=kind)
+
+
+def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
 
 
 def _sha256(path: Path) -> str:

@@ -1,0 +1,292 @@
+"""The request flow: cached and uncached greedy generation give the same tokens, and the timings tell the truth."""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import pytest
+import torch
+
+from engine import Engine, EngineConfig, GenerationResult
+from engine.kv import build_model_cache, kv_bytes_per_token
+
+SYSTEM = "You are a careful assistant. Answer briefly and precisely, in plain words. " * 3
+QUESTIONS = ["What is machine learning?", "Name three prime numbers.", "Why is the sky blue?"]
+N = 8  # new tokens per request: enough to exercise decode, cheap on CPU
+
+
+def fresh_engine(like: Engine, **config) -> Engine:
+    """Another engine on the same model and tokenizer, with its own empty prefix cache."""
+    return Engine(like.model, like.tokenizer, EngineConfig(**{"min_cached_tokens": 4, **config}), name=like.name)
+
+
+def baseline_tokens(engine: Engine, prompt: str, **kwargs) -> list[int]:
+    """Greedy tokens with no cache of any kind: the reference every cached path must reproduce."""
+    return engine.generate(prompt, use_cache=False, use_prefix_cache=False, max_new_tokens=N, **kwargs).token_ids
+
+
+# ---------------------------------------------------------------------- equivalence, the core
+
+
+def test_kv_cache_equals_full_recompute(tiny_engine):
+    """KV-cached decoding produces exactly the tokens of re-running the whole sequence each step."""
+    kv = tiny_engine.generate(QUESTIONS[0], system_prompt=SYSTEM, max_new_tokens=N, use_prefix_cache=False)
+    assert kv.token_ids == baseline_tokens(tiny_engine, QUESTIONS[0], system_prompt=SYSTEM)
+    assert kv.cache_status == "off" and kv.timings["new_tokens"] == N
+
+
+def test_exact_hit_runs_no_model_and_gives_same_tokens(tiny_engine):
+    """Second identical request: no prefill at all (stored logits), same tokens as no cache."""
+    first = tiny_engine.generate(QUESTIONS[0], system_prompt=SYSTEM, max_new_tokens=N)
+    second = tiny_engine.generate(QUESTIONS[0], system_prompt=SYSTEM, max_new_tokens=N)
+    assert (first.cache_status, second.cache_status) == ("miss", "hit")
+    assert second.timings["prefill_tokens"] == 0 and second.timings["prefill_ms"] == 0
+    assert second.timings["prefix_tokens_saved"] == second.timings["prompt_tokens"]
+    assert first.token_ids == second.token_ids == baseline_tokens(tiny_engine, QUESTIONS[0], system_prompt=SYSTEM)
+
+
+def test_exact_hit_makes_no_forward_before_first_token(tiny_engine, monkeypatch):
+    """An exact hit with max_new_tokens=1 never calls the model."""
+    tiny_engine.generate(QUESTIONS[0], system_prompt=SYSTEM, max_new_tokens=1)
+    calls = []
+    monkeypatch.setattr(tiny_engine, "_forward", lambda *a, **k: calls.append(a))
+    result = tiny_engine.generate(QUESTIONS[0], system_prompt=SYSTEM, max_new_tokens=1)
+    assert result.cache_status == "hit" and calls == []
+
+
+def test_partial_hit_computes_only_the_suffix(tiny_engine):
+    """A new question on a cached system prompt reuses the prefix and prefills only the rest."""
+    tiny_engine.generate(QUESTIONS[0], system_prompt=SYSTEM, max_new_tokens=N)
+    result = tiny_engine.generate(QUESTIONS[1], system_prompt=SYSTEM, max_new_tokens=N)
+    t = result.timings
+    assert result.cache_status == "partial" and result.prefix_cache_hit
+    assert t["prefix_tokens_saved"] > 20 and t["prefill_tokens"] == t["prompt_tokens"] - t["prefix_tokens_saved"]
+    assert result.token_ids == baseline_tokens(tiny_engine, QUESTIONS[1], system_prompt=SYSTEM)
+
+
+def test_strict_prefix_prompt_recomputes_only_its_last_token(tiny_engine):
+    """A prompt that is a strict prefix of a cached one reuses all but its last token."""
+    long_text, short_text = "alpha beta gamma delta epsilon zeta eta theta", "alpha beta gamma delta epsilon"
+    tiny_engine.generate(long_text, raw=True, max_new_tokens=N)
+    short_ids = tiny_engine.tokenize(tiny_engine.make_request(short_text, raw=True))
+    long_ids = tiny_engine.tokenize(tiny_engine.make_request(long_text, raw=True))
+    assert long_ids[: len(short_ids)] == short_ids  # precondition of the test
+    result = tiny_engine.generate(short_text, raw=True, max_new_tokens=N)
+    assert result.cache_status == "partial" and result.timings["prefill_tokens"] == 1
+    assert result.token_ids == baseline_tokens(tiny_engine, short_text, raw=True)
+
+
+def test_three_turn_conversation_reuses_history(tiny_engine):
+    """Each turn reuses the previous turns (prompt and reply) and still decodes like no cache."""
+    history: list[dict[str, str]] = []
+    for turn, question in enumerate(QUESTIONS):
+        result = tiny_engine.generate(question, system_prompt=SYSTEM, history=history, max_new_tokens=N)
+        assert result.token_ids == baseline_tokens(tiny_engine, question, system_prompt=SYSTEM, history=history)
+        if turn > 0:
+            assert result.cache_status == "partial"
+            assert result.timings["prefix_tokens_saved"] > previous_prompt_tokens // 2
+        previous_prompt_tokens = result.timings["prompt_tokens"]
+        history += [{"role": "user", "content": question}, {"role": "assistant", "content": result.text}]
+
+
+def test_reused_kv_plus_suffix_equals_full_prefill(tiny_engine):
+    """The KV built from cached segments and a suffix prefill matches a full prefill (allclose)."""
+    model = tiny_engine.model
+    tiny_engine.generate(QUESTIONS[0], system_prompt=SYSTEM, max_new_tokens=1)
+    ids = tiny_engine.tokenize(tiny_engine.make_request(QUESTIONS[1], system_prompt=SYSTEM))
+    match = tiny_engine.cache.match_prefix(ids)
+    try:
+        assert match.kind == "partial"
+        reused = build_model_cache(match.segments, model.config, tiny_engine.device, tiny_engine.dtype)
+        with torch.inference_mode():
+            model(input_ids=torch.tensor([ids[match.length :]]), cache=reused, use_cache=True)
+            full = model(input_ids=torch.tensor([ids]), use_cache=True).cache
+    finally:
+        tiny_engine.cache.release(match)
+    for a, b in zip(reused.layers, full.layers):
+        torch.testing.assert_close(a.keys, b.keys, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a.values, b.values, rtol=1e-4, atol=1e-5)
+
+
+def test_cached_tensors_are_never_mutated_by_decoding(tiny_engine):
+    """Decoding on top of reused KV leaves the stored segments bit-for-bit unchanged."""
+    tiny_engine.generate(QUESTIONS[0], system_prompt=SYSTEM, max_new_tokens=N)
+    stored = [node.kv for node in _nodes(tiny_engine)]
+    snapshot = [[t.clone() for t in kv.keys + kv.values] for kv in stored]
+    again = tiny_engine.generate(QUESTIONS[0], system_prompt=SYSTEM, max_new_tokens=N)  # exact hit, then decode
+    assert again.cache_status == "hit"
+    for kv, tensors in zip(stored, snapshot):
+        assert all(torch.equal(a, b) for a, b in zip(kv.keys + kv.values, tensors))
+
+
+@pytest.mark.parametrize("kv_storage", ["cpu", "device"])
+def test_kv_storage_options_give_same_tokens(tiny_engine, kv_storage):
+    """KV kept on the CPU (moved on a hit) or on the model's device: same tokens either way."""
+    engine = fresh_engine(tiny_engine, kv_storage=kv_storage)
+    expected = baseline_tokens(engine, QUESTIONS[2], system_prompt=SYSTEM)
+    for status in ("miss", "hit"):
+        result = engine.generate(QUESTIONS[2], system_prompt=SYSTEM, max_new_tokens=N)
+        assert (result.cache_status, result.token_ids) == (status, expected)
+    assert {n.kv.keys[0].device.type for n in _nodes(engine)} == {engine.storage_device.type}
+
+
+def test_cached_bytes_follow_theory(tiny_engine):
+    """Bytes per cached token are 2 x layers x kv_heads x head_dim x element size (plus stored logits)."""
+    result = tiny_engine.generate(QUESTIONS[0], system_prompt=SYSTEM, max_new_tokens=1)
+    stats = tiny_engine.cache.stats()
+    per_token = kv_bytes_per_token(tiny_engine.model.config, tiny_engine.dtype)
+    logits_bytes = len(tiny_engine.tokenizer) * 4
+    assert stats["cached_tokens"] == result.timings["prompt_tokens"]
+    assert stats["cached_bytes"] == per_token * stats["cached_tokens"] + logits_bytes
+
+
+# ---------------------------------------------------------------------- the real bundled model
+
+
+@pytest.fixture(scope="module")
+def smol_baselines(smol_engine_shared):
+    return {q: baseline_tokens(smol_engine_shared, q, system_prompt=SYSTEM) for q in QUESTIONS[:2]}
+
+
+def test_real_model_kv_hit_and_partial_match_no_cache(smol_engine, smol_baselines):
+    """On SmolLM2 itself: KV, exact hit and partial hit all give the uncached greedy tokens."""
+    q0, q1 = QUESTIONS[:2]
+    miss = smol_engine.generate(q0, system_prompt=SYSTEM, max_new_tokens=N)
+    hit = smol_engine.generate(q0, system_prompt=SYSTEM, max_new_tokens=N)
+    partial = smol_engine.generate(q1, system_prompt=SYSTEM, max_new_tokens=N)
+    assert [r.cache_status for r in (miss, hit, partial)] == ["miss", "hit", "partial"]
+    assert miss.token_ids == hit.token_ids == smol_baselines[q0]
+    assert partial.token_ids == smol_baselines[q1]
+    assert miss.text and hit.text == miss.text
+
+
+def test_real_model_conversation_hits_the_whole_history(smol_engine):
+    """Turn 2 reuses turn 1's prompt and reply: the reply's tokens were inserted after generation."""
+    first = smol_engine.generate(QUESTIONS[0], system_prompt=SYSTEM, max_new_tokens=N)
+    history = [{"role": "user", "content": QUESTIONS[0]}, {"role": "assistant", "content": first.text}]
+    second = smol_engine.generate(QUESTIONS[1], system_prompt=SYSTEM, history=history, max_new_tokens=N)
+    assert second.cache_status == "partial"
+    assert second.timings["prefix_tokens_saved"] > first.timings["prompt_tokens"]
+    assert second.token_ids == baseline_tokens(smol_engine, QUESTIONS[1], system_prompt=SYSTEM, history=history)
+
+
+def test_real_model_answers_sensibly(smol_engine):
+    """The bundled model really is an instruct model: a plain question gets a relevant answer."""
+    result = smol_engine.generate("What is the capital of France?", max_new_tokens=12)
+    assert "Paris" in result.text
+
+
+# ---------------------------------------------------------------------- streaming, sampling, timings
+
+
+def test_stream_yields_deltas_then_result(tiny_engine):
+    """stream() yields text pieces that add up to the final text, then the result object."""
+    items = list(tiny_engine.stream(QUESTIONS[0], max_new_tokens=N))
+    *deltas, result = items
+    assert isinstance(result, GenerationResult) and all(isinstance(d, str) for d in deltas)
+    assert "".join(deltas) == result.text
+
+
+def test_sampling_is_repeatable_with_a_seed(tiny_engine):
+    """Temperature sampling with a seed gives the same tokens, cached or not."""
+    kwargs = dict(system_prompt=SYSTEM, max_new_tokens=N, temperature=1.0, top_p=0.9, seed=7)
+    a = tiny_engine.generate(QUESTIONS[0], use_prefix_cache=False, use_cache=False, **kwargs)
+    b = tiny_engine.generate(QUESTIONS[0], **kwargs)
+    c = tiny_engine.generate(QUESTIONS[0], **kwargs)
+    assert a.token_ids == b.token_ids == c.token_ids and c.cache_status == "hit"
+
+
+def test_stops_at_eos(tiny_engine, monkeypatch):
+    """Generation stops at an end-of-sequence token and says so."""
+    first = tiny_engine.generate(QUESTIONS[0], max_new_tokens=N, use_prefix_cache=False).token_ids[2]
+    monkeypatch.setattr(tiny_engine, "eos_token_ids", frozenset({first}))
+    result = tiny_engine.generate(QUESTIONS[0], max_new_tokens=N, use_prefix_cache=False)
+    assert result.finish_reason == "eos" and len(result.token_ids) == 3
+
+
+def test_response_body_shape(tiny_engine):
+    """to_dict() carries every field the REST API promises, with consistent timings."""
+    body = tiny_engine.generate(QUESTIONS[0], system_prompt=SYSTEM, max_new_tokens=N).to_dict()
+    assert {"text", "latency_ms", "tokens_per_sec", "cache_enabled", "prefix_cache_hit", "timings"} <= set(body)
+    t = body["timings"]
+    for key in ("tokenize_ms", "cache_lookup_ms", "transfer_ms", "ttft_ms", "wall_ttft_ms", "decode_ms", "total_ms",
+                "prefix_tokens_saved", "prompt_tokens", "prefill_tokens", "new_tokens"):
+        assert key in t and t[key] >= 0
+    assert t["ttft_ms"] <= t["wall_ttft_ms"] <= t["total_ms"]
+    assert t["decode_ms"] <= t["total_ms"] and body["latency_ms"] == t["total_ms"]
+
+
+# ---------------------------------------------------------------------- bad input
+
+
+BAD_INPUTS = [
+    (dict(prompt=""), "non-empty"),
+    (dict(prompt="   \n\t "), "non-empty"),
+    (dict(prompt=None), "non-empty"),
+    (dict(prompt=123), "non-empty"),
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(max_new_tokens=-5), "max_new_tokens"),
+    (dict(max_new_tokens=10**9), "max_new_tokens"),
+    (dict(max_new_tokens=2.5), "max_new_tokens"),
+    (dict(max_new_tokens=True), "max_new_tokens"),
+    (dict(temperature=-0.1), "temperature"),
+    (dict(temperature=math.nan), "temperature"),
+    (dict(temperature=math.inf), "temperature"),
+    (dict(temperature="hot"), "temperature"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(use_cache=False, use_prefix_cache=True), "needs use_cache"),
+    (dict(use_cache="yes"), "use_cache"),
+    (dict(history="not a list"), "history"),
+    (dict(history=[{"role": "wizard", "content": "x"}]), "history"),
+    (dict(system_prompt=42), "system_prompt"),
+    (dict(prompt="word " * 2000), "context window"),
+    (dict(max_new_tokens=1000), "context window"),
+]
+
+
+@pytest.mark.parametrize("kwargs, message", BAD_INPUTS, ids=[f"{m}-{i}" for i, (_, m) in enumerate(BAD_INPUTS)])
+def test_bad_input_is_a_clear_value_error(tiny_engine, kwargs, message):
+    """Each bad argument raises ValueError naming the problem; the cache is untouched; the next request works."""
+    tiny_engine.generate(QUESTIONS[0], system_prompt=SYSTEM, max_new_tokens=2)
+    before = tiny_engine.cache.stats()
+    args = {"prompt": QUESTIONS[1], "max_new_tokens": 4, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        tiny_engine.generate(args.pop("prompt"), **args)
+    assert tiny_engine.cache.stats() == before
+    assert tiny_engine.generate(QUESTIONS[0], system_prompt=SYSTEM, max_new_tokens=2).cache_status == "hit"
+
+
+# ---------------------------------------------------------------------- threads
+
+
+def test_concurrent_requests_match_sequential(tiny_engine):
+    """8 threads x mixed prompts give the same tokens as one at a time, and the stats add up."""
+    prompts = [(q, s) for q in QUESTIONS for s in (SYSTEM, "Short system prompt for this test, a few tokens long.")]
+    jobs = [prompts[i % len(prompts)] for i in range(24)]
+    expected = {p: fresh_engine(tiny_engine).generate(p[0], system_prompt=p[1], max_new_tokens=N).token_ids for p in prompts}
+    results: dict[int, list[int]] = {}
+
+    def worker(index: int) -> None:
+        for j in range(index, len(jobs), 8):
+            q, s = jobs[j]
+            results[j] = tiny_engine.generate(q, system_prompt=s, max_new_tokens=N).token_ids
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(results[j] == expected[jobs[j]] for j in range(len(jobs)))
+    s = tiny_engine.cache.stats()
+    assert s["total_requests"] == len(jobs) == s["hits"] + s["partial_hits"] + s["misses"]
+    assert s["hits"] > 0 and not any(e.locked for e in tiny_engine.cache.entries())
+
+
+def _nodes(engine: Engine):
+    """The tree's nodes (test-only peek at internals, to check the stored tensors themselves)."""
+    from cache.prefix_cache import _descendants
+
+    return [n for root in engine.cache._roots.values() for n in _descendants(root)]
+

@@ -1,0 +1,278 @@
+"""What the page draws from results: per-request history rows, plotly figures, token highlights, tables.
+
+Pure functions of engine results and cache rows; they build no Gradio components and run no model
+(``decode`` is passed in). Hit, partial and miss always have the same colours.
+"""
+
+from __future__ import annotations
+
+import html
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+import pandas as pd
+import plotly.graph_objects as go
+
+from engine import GenerationResult
+
+STATUS_COLORS = {"hit": "#16a34a", "partial": "#f59e0b", "miss": "#dc2626", "skipped": "#94a3b8", "off": "#64748b"}
+STATUS_TEXT = {
+    "hit": "hit: the whole prompt came from the cache",
+    "partial": "partial hit: a prefix came from the cache",
+    "miss": "miss: nothing reusable was cached",
+    "skipped": "skipped: the prompt is too short to cache",
+    "off": "prefix cache off",
+}
+TOKEN_COLORS = {"cached": "#bbf7d0", "computed": "#fed7aa"}
+MAX_HIGHLIGHTED_TOKENS = 1200  # a longer prompt shows its start; the page stays light
+_DECODE_COLOR = "#94a3b8"
+_LAYOUT = dict(template="plotly_white", height=340, margin=dict(l=50, r=20, t=50, b=40), legend=dict(orientation="h", y=-0.18))
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    """One request in a browser session's chart history."""
+
+    index: int
+    label: str  # "playground", or the scenario and phase
+    cache_status: str
+    use_cache: bool
+    use_prefix_cache: bool
+    ttft_ms: float
+    wall_ttft_ms: float
+    decode_ms: float
+    total_ms: float
+    prompt_tokens: int
+    reused_tokens: int
+    new_tokens: int
+
+    @classmethod
+    def of(cls, result: GenerationResult, index: int, label: str = "playground") -> "RequestRecord":
+        t = result.timings
+        return cls(
+            index=index,
+            label=label,
+            cache_status=result.cache_status,
+            use_cache=result.use_cache,
+            use_prefix_cache=result.use_prefix_cache,
+            ttft_ms=t["ttft_ms"],
+            wall_ttft_ms=t["wall_ttft_ms"],
+            decode_ms=t["decode_ms"],
+            total_ms=t["total_ms"],
+            prompt_tokens=int(t["prompt_tokens"]),
+            reused_tokens=reused_tokens(result),
+            new_tokens=int(t["new_tokens"]),
+        )
+
+    @property
+    def settings_text(self) -> str:
+        return f"KV cache {'on' if self.use_cache else 'off'}, prefix cache {'on' if self.use_prefix_cache else 'off'}"
+
+
+@dataclass
+class SessionHistory:
+    """One browser session's requests (kept in ``gr.State``, so visitors never see each other's)."""
+
+    records: list[RequestRecord] = field(default_factory=list)
+    # Token sequences this session sent and received: the cache paths whose text it may see.
+    sequences: list[tuple[int, ...]] = field(default_factory=list)
+    max_sequences: int = 64
+
+    def add(self, result: GenerationResult, label: str = "playground", own_sequence: bool = True) -> RequestRecord:
+        record = RequestRecord.of(result, index=len(self.records) + 1, label=label)
+        self.records.append(record)
+        if own_sequence:
+            self.sequences.append(tuple(result.prompt_token_ids) + tuple(result.token_ids))
+            del self.sequences[: -self.max_sequences]
+        return record
+
+    def reset_charts(self) -> None:
+        self.records.clear()
+
+
+def reused_tokens(result: GenerationResult) -> int:
+    """Prompt tokens whose KV came from the cache. An exact hit reuses the whole prompt."""
+    if result.cache_status == "hit":
+        return int(result.timings["prompt_tokens"])
+    return int(result.timings["prefix_tokens_saved"])
+
+
+def latency_figure(records: Sequence[RequestRecord]) -> go.Figure:
+    """Per-request stacked bars: TTFT (coloured by cache status) under decode time."""
+    fig = go.Figure()
+    for status, color in STATUS_COLORS.items():
+        rows = [r for r in records if r.cache_status == status]
+        if not rows:
+            continue
+        fig.add_bar(
+            x=[_x(r) for r in rows],
+            y=[r.ttft_ms for r in rows],
+            name=f"TTFT ({status})",
+            marker_color=color,
+            customdata=[[r.label, r.settings_text, r.wall_ttft_ms, r.prompt_tokens, r.reused_tokens] for r in rows],
+            hovertemplate="%{x} %{customdata[0]}<br>TTFT %{y:.1f} ms (wall %{customdata[2]:.1f} ms)"
+            "<br>%{customdata[1]}<br>prompt %{customdata[3]} tokens, %{customdata[4]} from cache<extra>" + status + "</extra>",
+        )
+    if records:
+        fig.add_bar(
+            x=[_x(r) for r in records],
+            y=[r.decode_ms for r in records],
+            name="decode",
+            marker_color=_DECODE_COLOR,
+            opacity=0.55,
+            customdata=[[r.new_tokens, r.settings_text] for r in records],
+            hovertemplate="%{x}: decode %{y:.1f} ms for %{customdata[0]} tokens<br>%{customdata[1]}<extra>decode</extra>",
+        )
+    fig.update_layout(title="Time to first token vs decode, per request", barmode="stack", yaxis_title="milliseconds", **_LAYOUT)
+    return _placeholder(fig, records)
+
+
+def hit_history_figure(records: Sequence[RequestRecord]) -> go.Figure:
+    """Per request: share of the prompt reused (coloured hit/partial/miss), and the running hit rate."""
+    fig = go.Figure()
+    if records:
+        fig.add_bar(
+            x=[_x(r) for r in records],
+            y=[100 * r.reused_tokens / r.prompt_tokens if r.prompt_tokens else 0 for r in records],
+            marker_color=[STATUS_COLORS.get(r.cache_status, _DECODE_COLOR) for r in records],
+            text=[r.cache_status for r in records],
+            textposition="outside",
+            name="prompt reused",
+            customdata=[[r.reused_tokens, r.prompt_tokens, r.settings_text] for r in records],
+            hovertemplate="%{x}: %{text}, %{customdata[0]} of %{customdata[1]} prompt tokens reused<br>%{customdata[2]}<extra></extra>",
+        )
+        looked_up = hits = 0
+        rate_x, rate_y = [], []
+        for r in records:
+            if r.cache_status in ("hit", "partial", "miss"):  # the ones the cache counts
+                looked_up += 1
+                hits += r.cache_status != "miss"
+            rate_x.append(_x(r))
+            rate_y.append(100 * hits / looked_up if looked_up else None)
+        fig.add_scatter(x=rate_x, y=rate_y, mode="lines+markers", name="running hit rate", line=dict(color="#2563eb", width=2), connectgaps=True, hovertemplate="%{x}: hit rate %{y:.0f}%<extra></extra>")
+    fig.update_layout(title="Prefix-cache hits, per request", yaxis=dict(title="% of prompt from cache", range=[0, 115]), **_LAYOUT)
+    return _placeholder(fig, records)
+
+
+def scenario_figure(off: Sequence[RequestRecord], on: Sequence[RequestRecord], title: str) -> go.Figure:
+    """The same requests side by side: TTFT with the prefix cache off, then on."""
+    fig = go.Figure()
+    for name, rows, color in (("prefix cache off", off, "#64748b"), ("prefix cache on", on, "#16a34a")):
+        fig.add_bar(
+            x=[f"Q{i + 1}" for i in range(len(rows))],
+            y=[r.ttft_ms for r in rows],
+            name=name,
+            marker_color=color,
+            text=[r.cache_status for r in rows],
+            textposition="outside",
+            customdata=[[r.total_ms, r.reused_tokens, r.prompt_tokens] for r in rows],
+            hovertemplate="%{x}: TTFT %{y:.1f} ms, total %{customdata[0]:.0f} ms<br>%{customdata[1]} of %{customdata[2]} prompt tokens reused<extra>" + name + "</extra>",
+        )
+    fig.update_layout(title=title, barmode="group", yaxis_title="TTFT (ms)", **_LAYOUT)
+    return _placeholder(fig, list(off) + list(on))
+
+
+def scenario_summary(off: Sequence[RequestRecord], on: Sequence[RequestRecord]) -> str:
+    """A markdown line of totals: TTFT and wall time, off vs on."""
+    if not off or not on:
+        return ""
+    ttft_off, ttft_on = sum(r.ttft_ms for r in off), sum(r.ttft_ms for r in on)
+    total_off, total_on = sum(r.total_ms for r in off), sum(r.total_ms for r in on)
+    saved = sum(r.reused_tokens for r in on)
+    return (
+        f"**{len(on)} requests.** TTFT summed: {ttft_off:,.0f} ms off → {ttft_on:,.0f} ms on "
+        f"({_change(ttft_off, ttft_on)}); total time {total_off:,.0f} ms → {total_on:,.0f} ms ({_change(total_off, total_on)}); "
+        f"{saved:,} prompt tokens reused instead of recomputed."
+    )
+
+
+def figures_html(result: GenerationResult) -> str:
+    """The request's figures as a row of cards."""
+    t = result.timings
+    status = result.cache_status
+    cards = [
+        ("TTFT (model)", f"{t['ttft_ms']:,.1f} ms", "tokenize + prefill"),
+        ("TTFT (wall)", f"{t['wall_ttft_ms']:,.1f} ms", "as a user waits"),
+        ("Decode", f"{t['decode_ms']:,.0f} ms", f"{t['decode_tokens_per_sec']:,.1f} tokens/s"),
+        ("Prompt", f"{int(t['prompt_tokens']):,} tokens", f"{int(t['prefill_tokens']):,} prefilled"),
+        ("From cache", f"{reused_tokens(result):,} tokens", f"{int(t['new_tokens'])} new tokens"),
+    ]
+    body = "".join(
+        f'<div class="kv-card"><div class="kv-card-label">{html.escape(label)}</div>'
+        f'<div class="kv-card-value">{html.escape(value)}</div><div class="kv-card-note">{html.escape(note)}</div></div>'
+        for label, value, note in cards
+    )
+    badge = f'<span class="kv-badge" style="background:{STATUS_COLORS.get(status, _DECODE_COLOR)}">{html.escape(status)}</span>'
+    return f'<div class="kv-figures">{body}</div><div class="kv-status">{badge} {html.escape(STATUS_TEXT.get(status, status))}</div>'
+
+
+def empty_figures_html() -> str:
+    return '<div class="kv-status kv-muted">Generate to see this request\'s timings and cache status.</div>'
+
+
+def token_highlights(result: GenerationResult, decode: Callable[[Sequence[int]], str]) -> list[tuple[str, str | None]]:
+    """The prompt's tokens, each labelled ``cached`` or ``computed`` (special tokens show as ◇)."""
+    cached = reused_tokens(result)
+    ids = result.prompt_token_ids
+    spans: list[tuple[str, str | None]] = [
+        (decode([token]) or "◇", "cached" if i < cached else "computed") for i, token in enumerate(ids[:MAX_HIGHLIGHTED_TOKENS])
+    ]
+    if len(ids) > MAX_HIGHLIGHTED_TOKENS:
+        spans.append((f" … and {len(ids) - MAX_HIGHLIGHTED_TOKENS:,} more tokens", None))
+    return spans
+
+
+def inspector_frame(rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
+    """The cache inspector's table, newest first."""
+    columns = ["start", "tokens", "KiB", "hits", "last used", "logits", "locked", "preview"]
+    frame = pd.DataFrame(
+        [
+            {
+                "start": r["start"],
+                "tokens": r["tokens"],
+                "KiB": round(r["bytes"] / 1024, 1),
+                "hits": r["hits"],
+                "last used": time.strftime("%H:%M:%S", time.localtime(r["last_used"])) if r["last_used"] else "",
+                "logits": "yes" if r["logits"] else "",
+                "locked": "yes" if r["locked"] else "",
+                "preview": r["preview"],
+                "_t": r["last_used"],
+            }
+            for r in rows
+        ],
+        columns=columns + ["_t"],
+    )
+    return frame.sort_values("_t", ascending=False, kind="stable").drop(columns="_t").reset_index(drop=True)
+
+
+def stats_markdown(stats: dict[str, Any]) -> str:
+    scope = "this session's namespace" if stats.get("scope") == "session" else "the shared cache"
+    return (
+        f"**{stats['cache_size']}** entries, **{stats['cached_tokens']:,}** tokens, "
+        f"**{stats['cached_bytes'] / 2**20:,.1f} MiB** of {stats['budget_bytes'] / 2**20:,.0f} MiB · "
+        f"hits **{stats['hits']}**, partial **{stats['partial_hits']}**, misses **{stats['misses']}** "
+        f"(hit rate {100 * stats['hit_rate']:.0f}%) · {stats['tokens_saved']:,} tokens saved · "
+        f"{stats['evictions']} evictions · showing {scope} (mode: {stats['cache_mode']})"
+    )
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _x(record: RequestRecord) -> str:
+    return f"#{record.index}"
+
+
+def _change(before: float, after: float) -> str:
+    if before <= 0:
+        return "n/a"
+    return f"{100 * (after - before) / before:+.0f}%"
+
+
+def _placeholder(fig: go.Figure, records: Sequence[Any]) -> go.Figure:
+    if not records:
+        fig.add_annotation(text="No requests yet: press Generate", showarrow=False, font=dict(size=14, color="#64748b"), xref="paper", yref="paper", x=0.5, y=0.5)
+        fig.update_xaxes(visible=False)
+        fig.update_yaxes(visible=False)
+    return fig

@@ -1,0 +1,89 @@
+"""Scenarios from ``assets/scenarios.json``: a few related requests, run with the prefix cache off, then on.
+
+Each run uses a cold namespace of its own (under the session's), dropped at the end, so the "on"
+phase starts from an empty cache and runs are comparable. The KV cache is on in both phases: the
+comparison isolates what cross-request prefix caching adds.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from engine import GenerationResult
+from ui.service import EngineService
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+SCENARIOS_PATH = ASSETS / "scenarios.json"
+EXAMPLES_PATH = ASSETS / "examples.json"
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    description: str
+    system_prompt: str | None
+    prompt_prefix: str  # the shared start of every user message (a document, a common instruction)
+    prompts: tuple[str, ...]
+    conversation: bool  # True: each prompt is the next turn, with the earlier turns as history
+    max_new_tokens: int
+
+    def message(self, prompt: str) -> str:
+        return f"{self.prompt_prefix}{prompt}"
+
+
+@dataclass(frozen=True)
+class ScenarioStep:
+    phase: str  # "off" or "on"
+    index: int  # which of the scenario's prompts
+    result: GenerationResult
+
+
+def load_scenarios(path: Path = SCENARIOS_PATH) -> dict[str, Scenario]:
+    """Scenarios by name, in file order."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    scenarios = {}
+    for item in data["scenarios"]:
+        scenario = Scenario(
+            name=item["name"],
+            description=item["description"],
+            system_prompt=item.get("system_prompt"),
+            prompt_prefix=item.get("prompt_prefix", ""),
+            prompts=tuple(item["prompts"]),
+            conversation=bool(item.get("conversation", False)),
+            max_new_tokens=int(item.get("max_new_tokens", 24)),
+        )
+        assert scenario.prompts, f"scenario {scenario.name!r} has no prompts"
+        scenarios[scenario.name] = scenario
+    return scenarios
+
+
+def load_examples(path: Path = EXAMPLES_PATH) -> list[list[str]]:
+    """Playground examples as ``[system_prompt, prompt]`` pairs."""
+    return [list(pair) for pair in json.loads(path.read_text(encoding="utf-8"))["examples"]]
+
+
+def run_scenario(service: EngineService, scenario: Scenario, namespace: str) -> Iterator[ScenarioStep]:
+    """Yield each request's result: every prompt with the prefix cache off, then every prompt with it on."""
+    scratch = service.scratch_namespace(namespace)
+    try:
+        for phase, prefix_cache in (("off", False), ("on", True)):
+            history: list[dict[str, str]] = []
+            for index, prompt in enumerate(scenario.prompts):
+                message = scenario.message(prompt)
+                result = service.generate(
+                    scratch,
+                    prompt=message,
+                    system_prompt=scenario.system_prompt,
+                    history=history if scenario.conversation else None,
+                    max_new_tokens=scenario.max_new_tokens,
+                    use_cache=True,
+                    use_prefix_cache=prefix_cache,
+                )
+                yield ScenarioStep(phase, index, result)
+                if scenario.conversation:
+                    history += [{"role": "user", "content": message}, {"role": "assistant", "content": result.text}]
+    finally:
+        service.drop_namespace(scratch)

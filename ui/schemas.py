@@ -1,0 +1,92 @@
+"""REST request bodies, validated with pydantic, and readable messages for what is wrong with them.
+
+The limits here are the server's, not the model's: the engine still checks the context window
+(a prompt whose tokens do not fit is its ``ValueError``, answered 400).
+"""
+
+from __future__ import annotations
+
+import unicodedata
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+MAX_NEW_TOKENS = 512  # a serving cap: a 2-core CPU decodes ~15 tokens/s
+MAX_PROMPT_CHARS = 32_000  # about SmolLM2's 8k-token context window; longer text cannot fit anyway
+MAX_BODY_BYTES = 256 * 1024  # larger REST bodies get 413 before they are parsed
+_ALLOWED_CONTROLS = frozenset("\t\n\r")
+
+
+class GenerateBody(BaseModel):
+    """``POST /generate``: one request to the engine. Unknown fields are refused (422)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="the user's message")
+    system_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS, description="optional system message")
+    max_new_tokens: int = Field(ge=1, le=MAX_NEW_TOKENS, description="tokens to generate at most")
+    use_cache: bool = Field(description="KV cache during decoding")
+    use_prefix_cache: bool = Field(description="reuse KV across requests (needs use_cache)")
+    temperature: float = Field(0.0, ge=0.0, le=2.0, allow_inf_nan=False, description="0 is greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False, description="nucleus sampling mass")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="seed for repeatable sampling")
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_has_text(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be only whitespace")
+        return _printable(value)
+
+    @field_validator("system_prompt")
+    @classmethod
+    def _system_prompt_printable(cls, value: str | None) -> str | None:
+        return None if value is None else _printable(value)
+
+    def engine_kwargs(self) -> dict:
+        return self.model_dump()
+
+
+class BadRequest(ValueError):
+    """A request body that does not validate; the message says what is wrong (REST answers 422)."""
+
+
+def parse_body(raw: bytes | dict) -> GenerateBody:
+    """Validate a REST body (raw JSON bytes) or the arguments of a UI / gradio_client call (a dict).
+
+    Raises:
+        BadRequest: with :func:`describe`'s message.
+    """
+    try:
+        if isinstance(raw, dict):
+            return GenerateBody.model_validate(raw)
+        return GenerateBody.model_validate_json(raw)
+    except ValidationError as exc:
+        raise BadRequest(describe(exc)) from None
+
+
+def describe(error: ValidationError) -> str:
+    """One line per problem, ``field: what is wrong``, without echoing the (maybe huge) input."""
+    lines = []
+    for item in error.errors(include_url=False, include_input=False, include_context=False):
+        where = ".".join(str(part) for part in item["loc"]) or "body"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "missing":
+            message = "this field is required"
+        elif item["type"] == "extra_forbidden":
+            message = "unknown field (allowed: " + ", ".join(GenerateBody.model_fields) + ")"
+        elif item["type"] == "json_invalid":
+            message = f"the body is not valid JSON in UTF-8 ({message})"
+        lines.append(f"{where}: {message}")
+    return "; ".join(lines)
+
+
+def _printable(value: str) -> str:
+    for position, char in enumerate(value):
+        if char in _ALLOWED_CONTROLS:
+            continue
+        category = unicodedata.category(char)
+        if category == "Cc":
+            raise ValueError(f"control character U+{ord(char):04X} at position {position} is not allowed (only tab and newlines are)")
+        if category == "Cs":
+            raise ValueError(f"unpaired surrogate U+{ord(char):04X} at position {position} is not valid text")
+    return value

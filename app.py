@@ -86,7 +86,7 @@ def build_demo(service: EngineService) -> gr.Blocks:
                     scenario_button = gr.Button("Run off vs on", variant="primary", scale=1)
                 scenario_about = gr.Markdown(next(iter(scenarios.values())).description)
                 scenario_progress = gr.Markdown()
-                scenario_plot = gr.Plot(charts.scenario_figure([], [], "Run a scenario"), show_label=False)
+                scenario_plot = gr.Plot(charts.scenario_figure([], [], "Prefix cache off vs on"), show_label=False)
             with gr.Tab("Cache inspector"):
                 cache_stats = gr.Markdown()
                 cache_table = gr.DataFrame(label="Cached entries (radix-tree nodes)", interactive=False, wrap=True)
@@ -340,15 +340,15 @@ def _error(status_code: int, message: str) -> JSONResponse:
 def _status_markdown(service: EngineService) -> str:
     s = service.status()
     mode = {
-        "shared": "🔓 **shared prefix cache**: everyone's prefixes are reusable (fast, but a timing side channel)",
-        "per-session": "🔒 **per-session prefix cache**: your requests only reuse your own prefixes",
+        "shared": "cache mode: **shared** (everyone's prefixes are reusable: fastest, but a timing side channel)",
+        "per-session": "cache mode: **per-session** (your requests only reuse your own prefixes)",
     }[s["cache_mode"]]
     if s["ready"]:
         return f"**Model:** {s['model']} · {s['parameters'] / 1e6:,.0f}M parameters · **device:** {s['device']} ({s['dtype']}) · context {s['context_length']:,} tokens · {mode}"
     if s["error"]:
-        return f"⚠️ {s['error']}"
+        return f"**Error:** {s['error']}"
     lines = "\n".join(f"- {line}" for line in s["progress"]) or "- starting…"
-    return f"⏳ **Loading the model…** ({mode})\n\n{lines}"
+    return f"**Loading the model…** ({mode})\n\n{lines}"
 
 
 def _api_help(service: EngineService) -> str:

@@ -73,3 +73,101 @@ def smol_engine(smol_engine_shared):
     """The real bundled model with an emptied prefix cache."""
     smol_engine_shared.cache.clear()
     return smol_engine_shared
+
+
+# ====================================================================== app fixtures (app.py, ui/)
+# The app runs as `python app.py` in a subprocess on a free loopback port, once per test session
+# per cache mode, and the tests talk to it over HTTP like any client would.
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+APP_START_TIMEOUT_S = 240  # imports and model load on a busy 2-core machine
+
+
+@dataclass
+class AppServer:
+    url: str
+    process: subprocess.Popen
+    log_path: Path
+
+    def log_tail(self, chars: int = 3000) -> str:
+        return self.log_path.read_text(errors="replace")[-chars:]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch_app(log_dir: Path, *flags: str) -> AppServer:
+    """Start `python app.py` on a free port and wait until /health says the model is loaded."""
+    port = _free_port()
+    log_path = log_dir / f"app-{port}.log"
+    env = {k: v for k, v in os.environ.items() if k not in ("SPACE_ID", "GRADIO_SERVER_NAME", "GRADIO_SERVER_PORT")}
+    env["GRADIO_ANALYTICS_ENABLED"] = "False"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "app.py", "--host", "127.0.0.1", "--port", str(port), *flags],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    server = AppServer(f"http://127.0.0.1:{port}", process, log_path)
+    deadline = time.monotonic() + APP_START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"app.py exited with {process.returncode}:\n{server.log_tail()}")
+        try:
+            health = httpx.get(server.url + "/health", timeout=5).json()
+            if health["ready"]:
+                return server
+            if health["error"]:
+                stop_app(server)
+                pytest.fail(f"the app could not load its model: {health['error']}")
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    stop_app(server)
+    pytest.fail(f"app.py was not ready after {APP_START_TIMEOUT_S} s:\n{server.log_tail()}")
+
+
+def stop_app(server: AppServer) -> None:
+    server.process.terminate()
+    try:
+        server.process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        server.process.kill()
+        server.process.wait(timeout=15)
+
+
+@pytest.fixture(scope="session")
+def app_server(tmp_path_factory, bundled_folder):
+    """The app in its local default: shared prefix cache, clearing allowed."""
+    server = launch_app(tmp_path_factory.mktemp("app-shared"))
+    yield server
+    stop_app(server)
+
+
+@pytest.fixture(scope="session")
+def app_server_per_session(tmp_path_factory, bundled_folder):
+    """The app with one prefix-cache namespace per session, as on a public host."""
+    server = launch_app(tmp_path_factory.mktemp("app-per-session"), "--cache-mode", "per-session")
+    yield server
+    stop_app(server)
+
+
+@pytest.fixture
+def rest(app_server):
+    with httpx.Client(base_url=app_server.url, timeout=120) as client:
+        yield client

@@ -125,7 +125,7 @@ def latency_figure(records: Sequence[RequestRecord]) -> go.Figure:
             hovertemplate="%{x}: decode %{y:.1f} ms for %{customdata[0]} tokens<br>%{customdata[1]}<extra>decode</extra>",
         )
     fig.update_layout(title="Time to first token vs decode, per request", barmode="stack", yaxis_title="milliseconds", **_LAYOUT)
-    return _placeholder(fig, records)
+    return _placeholder(_narrow_bars(fig, len(records)), records)
 
 
 def hit_history_figure(records: Sequence[RequestRecord]) -> go.Figure:
@@ -152,7 +152,7 @@ def hit_history_figure(records: Sequence[RequestRecord]) -> go.Figure:
             rate_y.append(100 * hits / looked_up if looked_up else None)
         fig.add_scatter(x=rate_x, y=rate_y, mode="lines+markers", name="running hit rate", line=dict(color="#2563eb", width=2), connectgaps=True, hovertemplate="%{x}: hit rate %{y:.0f}%<extra></extra>")
     fig.update_layout(title="Prefix-cache hits, per request", yaxis=dict(title="% of prompt from cache", range=[0, 115]), **_LAYOUT)
-    return _placeholder(fig, records)
+    return _placeholder(_narrow_bars(fig, len(records)), records)
 
 
 def scenario_figure(off: Sequence[RequestRecord], on: Sequence[RequestRecord], title: str) -> go.Figure:
@@ -170,7 +170,7 @@ def scenario_figure(off: Sequence[RequestRecord], on: Sequence[RequestRecord], t
             hovertemplate="%{x}: TTFT %{y:.1f} ms, total %{customdata[0]:.0f} ms<br>%{customdata[1]} of %{customdata[2]} prompt tokens reused<extra>" + name + "</extra>",
         )
     fig.update_layout(title=title, barmode="group", yaxis_title="TTFT (ms)", **_LAYOUT)
-    return _placeholder(fig, list(off) + list(on))
+    return _placeholder(fig, list(off) + list(on), "No run yet: pick a scenario and press Run")
 
 
 def scenario_summary(off: Sequence[RequestRecord], on: Sequence[RequestRecord]) -> str:
@@ -270,9 +270,16 @@ def _change(before: float, after: float) -> str:
     return f"{100 * (after - before) / before:+.0f}%"
 
 
-def _placeholder(fig: go.Figure, records: Sequence[Any]) -> go.Figure:
+def _narrow_bars(fig: go.Figure, count: int, min_slots: int = 8) -> go.Figure:
+    """Keep a few bars from filling the whole width: reserve room for ``min_slots`` categories."""
+    if 0 < count < min_slots:
+        fig.update_xaxes(range=[-0.5, min_slots - 0.5])
+    return fig
+
+
+def _placeholder(fig: go.Figure, records: Sequence[Any], message: str = "No requests yet: press Generate") -> go.Figure:
     if not records:
-        fig.add_annotation(text="No requests yet: press Generate", showarrow=False, font=dict(size=14, color="#64748b"), xref="paper", yref="paper", x=0.5, y=0.5)
+        fig.add_annotation(text=message, showarrow=False, font=dict(size=14, color="#64748b"), xref="paper", yref="paper", x=0.5, y=0.5)
         fig.update_xaxes(visible=False)
         fig.update_yaxes(visible=False)
     return fig

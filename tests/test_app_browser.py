@@ -1,0 +1,71 @@
+"""The page in a real browser: Playwright drives Debian's Chromium through one generation."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--headless",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+SCREENSHOTS = Path(__file__).resolve().parent.parent / "test-output"
+
+
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    """Debian's Chromium, installed with apt when missing and we are root (never `playwright install`)."""
+    if not Path(CHROMIUM).exists():
+        if os.geteuid() != 0 or shutil.which("apt-get") is None:
+            pytest.skip(f"{CHROMIUM} is missing and cannot be installed here (needs root and apt-get)")
+        subprocess.run(["apt-get", "install", "-y", "chromium"], check=False, capture_output=True, timeout=600)
+        if not Path(CHROMIUM).exists():
+            pytest.skip("apt-get install chromium failed (no package registry reachable?)")
+    return CHROMIUM
+
+
+@pytest.fixture(scope="module")
+def page(chromium, app_server):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        context = browser.new_context(viewport={"width": 1400, "height": 1500})
+        page = context.new_page()
+        page.set_default_timeout(90_000)
+        yield page
+        browser.close()
+
+
+def test_generate_in_the_browser_streams_text_and_draws_both_charts(page, app_server):
+    """A person types a prompt and presses Generate: text, figures, token highlights and both charts appear."""
+    page.goto(app_server.url)
+    page.get_by_text("Model:").first.wait_for()  # the header says which model and device
+    page.locator("#kv-prompt textarea").fill("What is a KV cache? Answer in one sentence, please.")
+    page.locator("#kv-generate").click()
+
+    output = page.locator("#kv-output textarea")
+    page.wait_for_function("el => el.value.trim().length > 0", arg=output.element_handle())
+    page.locator("#kv-figures .kv-badge").wait_for()  # the figures appear when the request is done
+    assert page.locator("#kv-figures .kv-card").count() == 5
+    assert page.locator("#kv-figures").inner_text().count("ms") >= 3
+    page.locator("#kv-tokens").get_by_text("computed").first.wait_for()
+
+    for plot in ("#kv-latency-plot", "#kv-hits-plot"):
+        page.locator(f"{plot} .js-plotly-plot").wait_for()
+        assert page.locator(f"{plot} .js-plotly-plot .main-svg").count() >= 1, f"{plot} has no plotly drawing"
+    page.locator("#kv-latency-plot").get_by_text("TTFT").first.wait_for()
+
+    SCREENSHOTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / "app.png"), full_page=True)
+    assert output.input_value().strip()

@@ -253,7 +253,7 @@ class Engine:
         yield run.result(text)
 
     def _generate_tokens(self, run: "_Run") -> Iterator[int]:
-        """Steps 2-8 (step 1, tokenizing, is done by ``stream``). Yields each new token id as soon as it exists."""
+        """Steps 2-7 (``stream`` tokenizes, ``_stream_text`` returns). Yields each new token id as soon as it exists."""
         request, clock = run.request, run.clock
 
         # 2. Prefix-cache lookup (locks the matched path until the end of the request).
@@ -271,7 +271,8 @@ class Engine:
                 self._insert(run, model_cache, len(run.prompt_ids), logits)
 
             # 7. Decode: the first token comes from the prefill's logits (TTFT), then one step per token.
-            token = sample_next_token(logits, request.sampling, run.generator)
+            with clock.span("first_sample_ms"):
+                token = sample_next_token(logits, request.sampling, run.generator)
             clock.mark_first_token()
             run.generated.append(token)
             yield token
@@ -422,7 +423,7 @@ class _Run:
         first = (c.first_token_at or c.end) - c.start
         # ttft_ms: model-critical time to the first token (tokenize + prefill + first sample);
         # cache bookkeeping and transfers are left out. wall_ttft_ms: all of it, as a user waits.
-        ttft = c.ms("tokenize_ms") + c.ms("prefill_ms")
+        ttft = c.ms("tokenize_ms") + c.ms("prefill_ms") + c.ms("first_sample_ms")
         decode_steps = max(len(self.generated) - 1, 0)
         decode_ms = c.ms("decode_ms")
         timings = {

@@ -236,6 +236,10 @@ def _is_prefix(prefix: Sequence[int], sequence: Sequence[int]) -> bool:
     return len(prefix) <= len(sequence) and tuple(sequence[: len(prefix)]) == tuple(prefix)
 
 
-def _preview(text: str, limit: int = 80) -> str:
+def _preview(text: str, limit: int = 90) -> str:
+    """The start and the end of a node's text: the end is where prompts sharing the start differ."""
     text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    if len(text) <= limit:
+        return text
+    half = (limit - 3) // 2
+    return f"{text[:half]} … {text[-half:]}"

@@ -1,0 +1,110 @@
+"""ui/service.py on the tiny engine: namespaces, what a session may see and clear, errors through the pool."""
+
+from __future__ import annotations
+
+import pytest
+
+from ui.service import Busy, EngineService, NotReady
+from ui.settings import AppSettings
+
+SYSTEM = "You are a terse assistant. Reply with one word."
+
+
+def make_service(engine, **settings) -> EngineService:
+    service = EngineService(AppSettings(**settings), loader=lambda *args, **kwargs: engine)
+    service.start_loading()
+    assert service.wait_ready(timeout=30)
+    return service
+
+
+def ask(service: EngineService, session: str, prompt: str, **kwargs):
+    return service.generate(service.namespace_for(session), prompt=prompt, system_prompt=SYSTEM, max_new_tokens=3, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "settings, same_namespace",
+    [
+        (dict(cache_mode="shared"), True),
+        (dict(cache_mode="per-session"), False),
+    ],
+)
+def test_namespaces_follow_the_cache_mode(tiny_engine, settings, same_namespace):
+    """Shared mode: one namespace for all; per-session: one per session, stable for a session."""
+    service = make_service(tiny_engine, **settings)
+    assert (service.namespace_for("alice") == service.namespace_for("bob")) is same_namespace
+    assert service.namespace_for("alice") == service.namespace_for("alice")
+
+
+def test_per_session_sessions_do_not_hit_each_other(tiny_engine):
+    """The same prompt from a second session is a miss; the first session's repeat is a hit."""
+    service = make_service(tiny_engine, cache_mode="per-session")
+    assert ask(service, "alice", "Tell me a secret plan").cache_status == "miss"
+    assert ask(service, "bob", "Tell me a secret plan").cache_status == "miss"
+    assert ask(service, "alice", "Tell me a secret plan").cache_status == "hit"
+
+
+def test_shared_mode_inspector_shows_text_only_of_own_tokens(tiny_engine):
+    """Shared cache: alice's inspector shows sizes of bob's entries but never their text."""
+    service = make_service(tiny_engine, cache_mode="shared")
+    mine = ask(service, "alice", "My own question about apples")
+    ask(service, "bob", "Bob's confidential question about zebras")
+    own = [tuple(mine.prompt_token_ids) + tuple(mine.token_ids)]
+    rows = service.entries(service.namespace_for("alice"), own)
+    previews = [row["preview"] for row in rows]
+    assert any("apples" in p for p in previews)
+    assert not any("zebras" in p for p in previews)
+    assert "(another session's tokens)" in previews
+    assert sum(row["tokens"] for row in rows) == tiny_engine.cache.stats()["cached_tokens"]
+
+
+def test_per_session_inspector_lists_only_own_entries(tiny_engine):
+    """Per-session cache: the inspector's rows are the session's own namespace only."""
+    service = make_service(tiny_engine, cache_mode="per-session")
+    ask(service, "alice", "Alice asks about apples")
+    ask(service, "bob", "Bob asks about zebras")
+    rows = service.entries(service.namespace_for("alice"))
+    assert rows and all("zebras" not in row["preview"] for row in rows)
+    assert any("apples" in row["preview"] for row in rows)
+
+
+@pytest.mark.parametrize(
+    "settings, cleared, alice_left, bob_left",
+    [
+        (dict(cache_mode="shared", host="127.0.0.1"), "all", False, False),  # local shared: the owner clears it all
+        (dict(cache_mode="per-session", host="127.0.0.1"), "session", False, True),
+        (dict(cache_mode="shared", host="0.0.0.0"), "nothing", True, True),  # public shared: nobody wipes everyone's
+        (dict(cache_mode="shared", host="127.0.0.1", on_space=True), "nothing", True, True),
+    ],
+)
+def test_clear_only_clears_what_the_session_may(tiny_engine, settings, cleared, alice_left, bob_left):
+    """clear_cache from one session clears its own namespace, unless the app runs locally in shared mode."""
+    service = make_service(tiny_engine, **settings)
+    ask(service, "alice", "Alice asks about apples")
+    ask(service, "bob", "Bob asks about zebras")
+    assert service.clear(service.namespace_for("alice"))["cleared"] == cleared
+    assert bool(service.entries(service.namespace_for("alice"))) is alice_left
+    assert bool(service.entries(service.namespace_for("bob"))) is bob_left
+
+
+def test_bad_input_raises_value_error_before_queueing(tiny_engine):
+    """The engine's ValueError reaches the caller (the UI turns it into gr.Error); the pool slot is not taken."""
+    service = make_service(tiny_engine, concurrency=1, max_queue=1)
+    with pytest.raises(ValueError, match="non-empty"):
+        service.stream("", prompt="   ")
+    with pytest.raises(ValueError, match="context window"):
+        list(service.stream("", prompt="x " * 2000, max_new_tokens=4))  # too long: raised by the worker, re-raised here
+    assert ask(service, "alice", "still serving").text is not None
+
+
+def test_not_ready_and_busy_are_distinct_errors(tiny_engine):
+    """Before the model loads: NotReady. With every slot taken: Busy (REST answers 503 for both)."""
+    waiting = EngineService(AppSettings(concurrency=1, max_queue=1), loader=lambda *a, **k: tiny_engine)
+    with pytest.raises(NotReady):
+        waiting.stream("", prompt="hi")
+    service = make_service(tiny_engine, concurrency=1, max_queue=1)
+    streams = [service.stream("", prompt=f"question {i} " * 3, max_new_tokens=2) for i in range(2)]
+    with pytest.raises(Busy):
+        service.stream("", prompt="one too many")
+    for stream in streams:
+        list(stream)
+    assert ask(service, "alice", "room again").text is not None

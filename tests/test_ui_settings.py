@@ -1,0 +1,49 @@
+"""ui/settings.py: flags, environment variables and the default cache mode (shared only when local)."""
+
+from __future__ import annotations
+
+import pytest
+
+from ui.settings import AppSettings, default_cache_mode, parse_settings
+
+
+@pytest.mark.parametrize(
+    "host, on_space, mode",
+    [
+        ("127.0.0.1", False, "shared"),
+        ("localhost", False, "shared"),
+        ("::1", False, "shared"),
+        ("0.0.0.0", False, "per-session"),
+        ("192.168.1.5", False, "per-session"),
+        ("myhost.example", False, "per-session"),
+        ("127.0.0.1", True, "per-session"),  # a Space is public whatever it binds
+    ],
+)
+def test_default_cache_mode_is_shared_only_when_local(host, on_space, mode):
+    """Prefix caching is a timing side channel: anything reachable by strangers isolates sessions."""
+    assert default_cache_mode(host, on_space) == mode
+
+
+@pytest.mark.parametrize(
+    "argv, environ, expected",
+    [
+        ([], {}, dict(host="127.0.0.1", port=7860, cache_mode="shared", model=None, cache_budget_mb=None)),
+        ([], {"GRADIO_SERVER_NAME": "0.0.0.0", "GRADIO_SERVER_PORT": "9000"}, dict(host="0.0.0.0", port=9000, cache_mode="per-session")),
+        ([], {"SPACE_ID": "me/demo", "GRADIO_SERVER_NAME": "0.0.0.0"}, dict(cache_mode="per-session", on_space=True)),
+        (["--host", "0.0.0.0", "--cache-mode", "shared"], {}, dict(cache_mode="shared")),
+        (["--cache-mode", "per-session"], {}, dict(cache_mode="per-session", host="127.0.0.1")),
+        (["--port", "7000", "--model", "some/model", "--cache-budget-mb", "64"], {"GRADIO_SERVER_PORT": "9000"}, dict(port=7000, model="some/model", cache_budget_mb=64.0)),
+    ],
+)
+def test_parse_settings_from_flags_and_environment(argv, environ, expected):
+    """Flags win over GRADIO_SERVER_NAME/PORT; SPACE_ID marks a public Space."""
+    settings = parse_settings(argv, environ)
+    assert {key: getattr(settings, key) for key in expected} == expected
+
+
+def test_bad_settings_are_refused():
+    """A wrong mode or port is the caller's error, said plainly."""
+    with pytest.raises(ValueError, match="cache_mode"):
+        AppSettings(cache_mode="everyone")
+    with pytest.raises(SystemExit):
+        parse_settings(["--cache-mode", "everyone"], {})

@@ -281,7 +281,7 @@ def main() -> None:
         server_port=settings.port,
     )
     print(f"Serving on http://{settings.host}:{settings.port} (prefix cache: {settings.cache_mode})", flush=True)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", timeout_graceful_shutdown=3)
 
 
 # ---------------------------------------------------------------------- helpers

@@ -145,7 +145,7 @@ def launch_app(log_dir: Path, *flags: str) -> AppServer:
 def stop_app(server: AppServer) -> None:
     server.process.terminate()
     try:
-        server.process.wait(timeout=15)
+        server.process.wait(timeout=8)
     except subprocess.TimeoutExpired:
         server.process.kill()
         server.process.wait(timeout=15)

@@ -65,8 +65,13 @@ def load_examples(path: Path = EXAMPLES_PATH) -> list[list[str]]:
     return [list(pair) for pair in json.loads(path.read_text(encoding="utf-8"))["examples"]]
 
 
-def run_scenario(service: EngineService, scenario: Scenario, namespace: str) -> Iterator[ScenarioStep]:
-    """Yield each request's result: every prompt with the prefix cache off, then every prompt with it on."""
+def run_scenario(service: EngineService, scenario: Scenario, namespace: str, max_new_tokens: int | None = None) -> Iterator[ScenarioStep]:
+    """Yield each request's result: every prompt with the prefix cache off, then every prompt with it on.
+
+    Args:
+        namespace: The session's namespace; the run uses a cold scratch namespace under it.
+        max_new_tokens: Overrides the scenario's own setting.
+    """
     scratch = service.scratch_namespace(namespace)
     try:
         for phase, prefix_cache in (("off", False), ("on", True)):
@@ -78,7 +83,7 @@ def run_scenario(service: EngineService, scenario: Scenario, namespace: str) -> 
                     prompt=message,
                     system_prompt=scenario.system_prompt,
                     history=history if scenario.conversation else None,
-                    max_new_tokens=scenario.max_new_tokens,
+                    max_new_tokens=max_new_tokens or scenario.max_new_tokens,
                     use_cache=True,
                     use_prefix_cache=prefix_cache,
                 )

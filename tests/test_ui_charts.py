@@ -1,0 +1,87 @@
+"""ui/charts.py and ui/scenarios.py on the tiny engine: figures, token highlights, inspector table, scenario runs."""
+
+from __future__ import annotations
+
+import pytest
+
+from ui import charts
+from ui.scenarios import load_examples, load_scenarios, run_scenario
+from ui.service import EngineService
+from ui.settings import AppSettings
+
+SYSTEM = "You are a terse assistant for a library. Reply with one short sentence."
+
+
+@pytest.fixture
+def service(tiny_engine) -> EngineService:
+    service = EngineService(AppSettings(), loader=lambda *args, **kwargs: tiny_engine)
+    service.start_loading()
+    assert service.wait_ready(timeout=30)
+    return service
+
+
+def three_requests(service: EngineService) -> charts.SessionHistory:
+    """A miss, an exact hit and a partial hit, in a session history."""
+    history = charts.SessionHistory()
+    for prompt in ("When do you open?", "When do you open?", "Where are the maps?"):
+        history.add(service.generate("", prompt=prompt, system_prompt=SYSTEM, max_new_tokens=3))
+    return history
+
+
+def test_history_records_and_figures_tell_hit_partial_and_miss_apart(service):
+    """The latency chart has one TTFT trace per status plus decode; the hit chart labels every request."""
+    history = three_requests(service)
+    assert [r.cache_status for r in history.records] == ["miss", "hit", "partial"]
+    assert history.records[1].reused_tokens == history.records[1].prompt_tokens  # an exact hit reuses it all
+    latency = charts.latency_figure(history.records)
+    names = [trace.name for trace in latency.data]
+    assert names == ["TTFT (hit)", "TTFT (partial)", "TTFT (miss)", "decode"]
+    assert {trace.marker.color for trace in latency.data[:3]} == {charts.STATUS_COLORS[s] for s in ("hit", "partial", "miss")}
+    assert "prefix cache on" in latency.data[0].customdata[0][1]  # cache settings in the hover
+    hits = charts.hit_history_figure(history.records)
+    assert list(hits.data[0].text) == ["miss", "hit", "partial"]
+    assert list(hits.data[1].y) == [0.0, 50.0, pytest.approx(200 / 3)]  # running hit rate, %
+
+
+def test_empty_history_draws_placeholders(service):
+    """Before any request the charts say what to do instead of drawing empty axes."""
+    for figure in (charts.latency_figure([]), charts.hit_history_figure([])):
+        assert figure.layout.annotations and "Generate" in figure.layout.annotations[0].text
+
+
+def test_token_highlights_mark_the_cached_prefix(service):
+    """Cached tokens come first and number prefix_tokens_saved; the rest are computed."""
+    three_requests(service)
+    result = service.generate("", prompt="Where are the maps kept?", system_prompt=SYSTEM, max_new_tokens=2)
+    spans = charts.token_highlights(result, service.engine.decode)
+    labels = [label for _, label in spans]
+    saved = result.timings["prefix_tokens_saved"]
+    assert result.cache_status == "partial" and 0 < saved < len(labels)
+    assert labels == ["cached"] * saved + ["computed"] * (len(labels) - saved)
+    assert "".join(text for text, _ in spans).count("maps") == 1
+
+
+def test_inspector_frame_and_stats_text(service):
+    """The inspector table has one row per cache node, newest first; the stats line names the scope."""
+    history = three_requests(service)
+    rows = service.entries("", history.sequences)
+    frame = charts.inspector_frame(rows)
+    assert list(frame.columns) == ["start", "tokens", "KiB", "hits", "last used", "logits", "locked", "preview"]
+    assert len(frame) == len(rows) == service.engine.cache.stats()["cache_size"]
+    assert "shared cache" in charts.stats_markdown(service.stats(""))
+    assert charts.inspector_frame([]).empty
+
+
+def test_scenario_runs_off_then_on_from_a_cold_cache_and_leaves_nothing(service):
+    """Every bundled scenario: the off phase never touches the cache, the on phase reuses prefixes, the scratch namespace is dropped."""
+    scenarios = load_scenarios()
+    assert len(scenarios) >= 4 and load_examples()
+    for scenario in scenarios.values():
+        steps = list(run_scenario(service, scenario, "", max_new_tokens=3))
+        n = len(scenario.prompts)
+        assert [s.phase for s in steps] == ["off"] * n + ["on"] * n
+        assert {s.result.cache_status for s in steps[:n]} == {"off"}
+        on = [s.result.cache_status for s in steps[n:]]
+        assert on[0] == "miss" and all(status in ("hit", "partial") for status in on[1:]), (scenario.name, on)
+        assert [s.result.text for s in steps[:n]] == [s.result.text for s in steps[n:]]  # greedy: same answers
+    assert service.engine.cache.stats()["namespaces"] == 0

@@ -153,7 +153,7 @@ def machine_info(device: Any = None, extra: dict[str, Any] | None = None) -> dic
 
 
 def print_machine_info(info: dict[str, Any]) -> None:
-    keys = ["cpu", "cpu_count", "torch_threads", "gpu", "device", "dtype", "model", "torch", "transformers", "python", "loadavg_start", "git_commit", "time_utc"]
+    keys = ["cpu", "cpu_count", "torch_threads", "omp_wait_policy", "gpu", "device", "dtype", "model", "torch", "transformers", "python", "loadavg_start", "git_commit", "time_utc"]
     print("machine: " + " | ".join(f"{k}={info[k]}" for k in keys if k in info), flush=True)
 
 
@@ -211,11 +211,15 @@ def write_results(name: str, results: dict[str, Any], markdown: str, figure: Any
     if figure is not None:
         write(out_dir / f"{name}.html", figure.to_html(include_plotlyjs="cdn", full_html=True))
         try:
+            import kaleido  # noqa: F401
+
             png = out_dir / f"{name}.png"
             figure.write_image(str(png), width=1400, height=1500)
             written.append(png)
-        except Exception as exc:  # kaleido missing or needing a browser download: the PNG is optional
-            print(f"(no PNG: {type(exc).__name__}: {str(exc).splitlines()[0][:120]})", file=sys.stderr)
+        except ImportError:
+            print("(no PNG: kaleido is not installed; the HTML chart has everything)", file=sys.stderr)
+        except Exception as exc:  # kaleido needing a browser it cannot download offline: the PNG is optional
+            print(f"(no PNG: {type(exc).__name__}: {str(exc)[:120]})", file=sys.stderr)
     return written
 
 

@@ -89,7 +89,13 @@ def build_demo(service: EngineService) -> gr.Blocks:
                 scenario_plot = gr.Plot(charts.scenario_figure([], [], "Prefix cache off vs on"), show_label=False)
             with gr.Tab("Cache inspector"):
                 cache_stats = gr.Markdown()
-                cache_table = gr.DataFrame(label="Cached entries (radix-tree nodes)", interactive=False, wrap=True)
+                cache_table = gr.DataFrame(
+                    label="Cached entries (radix-tree nodes), newest first",
+                    interactive=False,
+                    wrap=True,
+                    max_height=420,
+                    column_widths=["7%", "8%", "8%", "7%", "10%", "7%", "7%", "46%"],
+                )
                 with gr.Row():
                     refresh_button = gr.Button("Refresh", size="sm")
                     clear_button = gr.Button("Clear cache", size="sm", variant="stop")
@@ -168,7 +174,7 @@ def build_demo(service: EngineService) -> gr.Blocks:
         gen_inputs = [system_prompt, prompt, use_cache, use_prefix_cache, max_new_tokens, temperature, history]
         gen_outputs = [output, figures, tokens, latency_plot, hits_plot, history]
         for trigger in (generate_button.click, prompt.submit):
-            trigger(on_generate, inputs=gen_inputs, outputs=gen_outputs, **private).then(on_inspect, inputs=history, outputs=[cache_stats, cache_table], **quick)
+            trigger(on_generate, inputs=gen_inputs, outputs=gen_outputs, show_progress_on=output, **private).then(on_inspect, inputs=history, outputs=[cache_stats, cache_table], **quick)
         refresh_button.click(on_inspect, inputs=history, outputs=[cache_stats, cache_table], **quick)
         clear_button.click(on_clear, inputs=history, outputs=[cache_stats, cache_table], **quick)
         reset_button.click(on_reset_charts, inputs=history, outputs=[latency_plot, hits_plot, figures, tokens, history], **quick)
@@ -177,6 +183,7 @@ def build_demo(service: EngineService) -> gr.Blocks:
             on_run_selected_scenario,
             inputs=[scenario_name, history],
             outputs=[scenario_progress, scenario_plot, latency_plot, hits_plot, history],
+            show_progress_on=scenario_progress,
             **private,
         ).then(on_inspect, inputs=history, outputs=[cache_stats, cache_table], **quick)
 

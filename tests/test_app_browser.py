@@ -47,6 +47,14 @@ def page(chromium, app_server):
         browser.close()
 
 
+def test_empty_prompt_shows_the_engine_message_and_the_page_keeps_working(page, app_server):
+    """Bad input in the UI is a gr.Error carrying the engine's ValueError message."""
+    page.goto(app_server.url)
+    page.get_by_text("Model:").first.wait_for()
+    page.locator("#kv-generate").click()
+    page.get_by_text("prompt must be a non-empty string").first.wait_for()
+
+
 def test_generate_in_the_browser_streams_text_and_draws_both_charts(page, app_server):
     """A person types a prompt and presses Generate: text, figures, token highlights and both charts appear."""
     page.goto(app_server.url)

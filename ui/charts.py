@@ -16,7 +16,7 @@ import plotly.graph_objects as go
 
 from engine import GenerationResult
 
-STATUS_COLORS = {"hit": "#16a34a", "partial": "#f59e0b", "miss": "#dc2626", "skipped": "#94a3b8", "off": "#64748b"}
+STATUS_COLORS = {"hit": "#16a34a", "partial": "#f59e0b", "miss": "#dc2626", "skipped": "#a8a29e", "off": "#6366f1"}
 STATUS_TEXT = {
     "hit": "hit: the whole prompt came from the cache",
     "partial": "partial hit: a prefix came from the cache",
@@ -26,7 +26,7 @@ STATUS_TEXT = {
 }
 TOKEN_COLORS = {"cached": "#bbf7d0", "computed": "#fed7aa"}
 MAX_HIGHLIGHTED_TOKENS = 1200  # a longer prompt shows its start; the page stays light
-_DECODE_COLOR = "#94a3b8"
+_DECODE_COLOR = "#cbd5e1"
 _LAYOUT = dict(template="plotly_white", height=340, margin=dict(l=50, r=20, t=50, b=40), legend=dict(orientation="h", y=-0.18))
 
 
@@ -120,11 +120,11 @@ def latency_figure(records: Sequence[RequestRecord]) -> go.Figure:
             y=[r.decode_ms for r in records],
             name="decode",
             marker_color=_DECODE_COLOR,
-            opacity=0.55,
             customdata=[[r.new_tokens, r.settings_text] for r in records],
             hovertemplate="%{x}: decode %{y:.1f} ms for %{customdata[0]} tokens<br>%{customdata[1]}<extra>decode</extra>",
         )
     fig.update_layout(title="Time to first token vs decode, per request", barmode="stack", yaxis_title="milliseconds", **_LAYOUT)
+    fig.update_xaxes(categoryorder="array", categoryarray=[_x(r) for r in records])  # request order, not trace order
     return _placeholder(_narrow_bars(fig, len(records)), records)
 
 
@@ -158,7 +158,7 @@ def hit_history_figure(records: Sequence[RequestRecord]) -> go.Figure:
 def scenario_figure(off: Sequence[RequestRecord], on: Sequence[RequestRecord], title: str) -> go.Figure:
     """The same requests side by side: TTFT with the prefix cache off, then on."""
     fig = go.Figure()
-    for name, rows, color in (("prefix cache off", off, "#64748b"), ("prefix cache on", on, "#16a34a")):
+    for name, rows, color in (("prefix cache off", off, STATUS_COLORS["off"]), ("prefix cache on", on, STATUS_COLORS["hit"])):
         fig.add_bar(
             x=[f"Q{i + 1}" for i in range(len(rows))],
             y=[r.ttft_ms for r in rows],
@@ -169,7 +169,8 @@ def scenario_figure(off: Sequence[RequestRecord], on: Sequence[RequestRecord], t
             customdata=[[r.total_ms, r.reused_tokens, r.prompt_tokens] for r in rows],
             hovertemplate="%{x}: TTFT %{y:.1f} ms, total %{customdata[0]:.0f} ms<br>%{customdata[1]} of %{customdata[2]} prompt tokens reused<extra>" + name + "</extra>",
         )
-    fig.update_layout(title=title, barmode="group", yaxis_title="TTFT (ms)", **_LAYOUT)
+    highest = max((r.ttft_ms for r in [*off, *on]), default=0)
+    fig.update_layout(title=title, barmode="group", yaxis=dict(title="TTFT (ms)", range=[0, 1.18 * highest or 1]), **_LAYOUT)
     return _placeholder(fig, list(off) + list(on), "No run yet: pick a scenario and press Run")
 
 

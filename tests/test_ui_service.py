@@ -108,3 +108,18 @@ def test_not_ready_and_busy_are_distinct_errors(tiny_engine):
     for stream in streams:
         list(stream)
     assert ask(service, "alice", "room again").text is not None
+
+
+def test_a_model_that_cannot_load_is_reported_not_fatal():
+    """No bundled model and no hub (a Space without network, say): /health and the page say why; requests get NotReady."""
+
+    def no_model(*args, **kwargs):
+        raise ValueError("the bundled model is missing and the hub is unreachable")
+
+    service = EngineService(AppSettings(), loader=no_model)
+    service.start_loading()
+    assert service.wait_ready(timeout=30) is False
+    status = service.status()
+    assert not status["ready"] and "hub is unreachable" in status["error"]
+    with pytest.raises(NotReady, match="hub is unreachable"):
+        service.stream("", prompt="hi")

@@ -80,7 +80,10 @@ def build_demo(service: EngineService) -> gr.Blocks:
 
         with gr.Tabs():
             with gr.Tab("Scenarios"):
-                gr.Markdown("One click runs a scenario twice, with the prefix cache **off** and then **on** (KV cache on in both, starting from a cold cache), and charts the difference.")
+                gr.Markdown(
+                    "One click runs a scenario twice, with the prefix cache **off** and then **on** (KV cache on in both), "
+                    "and charts the difference. Each run starts from a cold cache of its own, dropped afterwards."
+                )
                 with gr.Row():
                     scenario_name = gr.Dropdown(list(scenarios), value=next(iter(scenarios)), label="Scenario", scale=3)
                     scenario_button = gr.Button("Run off vs on", variant="primary", scale=1)
@@ -173,19 +176,25 @@ def build_demo(service: EngineService) -> gr.Blocks:
         use_cache.change(lambda kv, prefix: prefix and kv, inputs=[use_cache, use_prefix_cache], outputs=use_prefix_cache, **quick)
         gen_inputs = [system_prompt, prompt, use_cache, use_prefix_cache, max_new_tokens, temperature, history]
         gen_outputs = [output, figures, tokens, latency_plot, hits_plot, history]
-        for trigger in (generate_button.click, prompt.submit):
-            trigger(on_generate, inputs=gen_inputs, outputs=gen_outputs, show_progress_on=output, **private).then(on_inspect, inputs=history, outputs=[cache_stats, cache_table], **quick)
+        # One run at a time per page: two events of a session each get their own copy of the
+        # history state, and the one finishing last would drop the other's records.
+        run_buttons = [generate_button, scenario_button, reset_button]
+        lock = dict(fn=lambda: [gr.Button(interactive=False)] * len(run_buttons), outputs=run_buttons, **quick)
+        unlock = dict(fn=lambda: [gr.Button(interactive=True)] * len(run_buttons), outputs=run_buttons, **quick)
+        generate_button.click(**lock).then(
+            on_generate, inputs=gen_inputs, outputs=gen_outputs, show_progress_on=output, **private
+        ).then(**unlock).then(on_inspect, inputs=history, outputs=[cache_stats, cache_table], **quick)
         refresh_button.click(on_inspect, inputs=history, outputs=[cache_stats, cache_table], **quick)
         clear_button.click(on_clear, inputs=history, outputs=[cache_stats, cache_table], **quick)
         reset_button.click(on_reset_charts, inputs=history, outputs=[latency_plot, hits_plot, figures, tokens, history], **quick)
         scenario_name.change(lambda name: scenarios[name].description, inputs=scenario_name, outputs=scenario_about, **quick)
-        scenario_button.click(
+        scenario_button.click(**lock).then(
             on_run_selected_scenario,
             inputs=[scenario_name, history],
             outputs=[scenario_progress, scenario_plot, latency_plot, hits_plot, history],
             show_progress_on=scenario_progress,
             **private,
-        ).then(on_inspect, inputs=history, outputs=[cache_stats, cache_table], **quick)
+        ).then(**unlock).then(on_inspect, inputs=history, outputs=[cache_stats, cache_table], **quick)
 
         # ---- the gradio_client API: /generate, /cache_stats, /clear_cache
 

@@ -139,6 +139,7 @@ def hit_history_figure(records: Sequence[RequestRecord]) -> go.Figure:
             text=[r.cache_status for r in records],
             textposition="outside",
             name="prompt reused",
+            showlegend=False,  # each bar is labelled with its status; a single legend colour would mislead
             customdata=[[r.reused_tokens, r.prompt_tokens, r.settings_text] for r in records],
             hovertemplate="%{x}: %{text}, %{customdata[0]} of %{customdata[1]} prompt tokens reused<br>%{customdata[2]}<extra></extra>",
         )

@@ -173,6 +173,7 @@ def build_demo(service: EngineService) -> gr.Blocks:
         timer = gr.Timer(1.0)
         timer.tick(on_show_status, outputs=[status, timer], **quick)
         demo.load(on_show_status, outputs=[status, timer], **quick)
+        demo.load(on_inspect, inputs=history, outputs=[cache_stats, cache_table], **quick)
         use_cache.change(lambda kv, prefix: prefix and kv, inputs=[use_cache, use_prefix_cache], outputs=use_prefix_cache, **quick)
         gen_inputs = [system_prompt, prompt, use_cache, use_prefix_cache, max_new_tokens, temperature, history]
         gen_outputs = [output, figures, tokens, latency_plot, hits_plot, history]

@@ -303,7 +303,7 @@ class Engine:
         """
         request, clock, prompt_ids = run.request, run.clock, run.prompt_ids
         if match is not None and match.kind == "hit":
-            run.prefill_tokens = 0
+            run.prefill_tokens, run.reused_tokens = 0, match.length
             return match.last_logits, None
         model_cache = None
         reused = match.length if match is not None else 0

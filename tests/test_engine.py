@@ -53,6 +53,7 @@ def test_exact_hit_makes_no_forward_before_first_token(tiny_engine, monkeypatch)
     monkeypatch.setattr(tiny_engine, "_forward", lambda *a, **k: calls.append(a))
     result = tiny_engine.generate(QUESTIONS[0], system_prompt=SYSTEM, max_new_tokens=1)
     assert result.cache_status == "hit" and calls == []
+    assert result.timings["prefix_tokens_saved"] == result.timings["prompt_tokens"] and result.timings["prefill_tokens"] == 0
 
 
 def test_partial_hit_computes_only_the_suffix(tiny_engine):

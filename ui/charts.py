@@ -92,9 +92,7 @@ class SessionHistory:
 
 
 def reused_tokens(result: GenerationResult) -> int:
-    """Prompt tokens whose KV came from the cache. An exact hit reuses the whole prompt."""
-    if result.cache_status == "hit":
-        return int(result.timings["prompt_tokens"])
+    """Prompt tokens whose KV came from the cache (the whole prompt on an exact hit)."""
     return int(result.timings["prefix_tokens_saved"])
 
 

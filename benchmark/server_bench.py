@@ -336,8 +336,8 @@ def summary_of(results: dict[str, Any]) -> dict[str, Any]:
         **{
             f"prefix_{mode}": {
                 "rps": round(r["requests_per_sec"], 3),
-                "ttft_p50_ms": r["by_kind"]["all"]["wall_ttft_ms_p50"],
-                "ttft_p95_ms": r["by_kind"]["all"]["wall_ttft_ms_p95"],
+                "ttft_p50_ms": _round(r["by_kind"]["all"]["wall_ttft_ms_p50"]),
+                "ttft_p95_ms": _round(r["by_kind"]["all"]["wall_ttft_ms_p95"]),
                 "hit_rate": round(r["hit_rate"], 3),
                 "errors": r["errors"],
             }
@@ -379,6 +379,10 @@ def _check_bounds(cfg: LoadConfig) -> None:
         raise SystemExit("--max-new-tokens must be between 1 and 512 (the app's cap)")
     if not 0 < cfg.max_seconds <= 3600:
         raise SystemExit("--max-seconds must be in (0, 3600]")
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
 
 
 def _free_port() -> int:

@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -210,17 +212,46 @@ def write_results(name: str, results: dict[str, Any], markdown: str, figure: Any
     write(out_dir / f"{name}.md", markdown + "\n")
     if figure is not None:
         write(out_dir / f"{name}.html", figure.to_html(include_plotlyjs="cdn", full_html=True))
-        try:
-            import kaleido  # noqa: F401
-
-            png = out_dir / f"{name}.png"
-            figure.write_image(str(png), width=1400, height=1500)
+        png = out_dir / f"{name}.png"
+        if write_png(figure, png):
             written.append(png)
-        except ImportError:
-            print("(no PNG: kaleido is not installed; the HTML chart has everything)", file=sys.stderr)
-        except Exception as exc:  # kaleido needing a browser it cannot download offline: the PNG is optional
-            print(f"(no PNG: {type(exc).__name__}: {str(exc)[:120]})", file=sys.stderr)
     return written
+
+
+def write_png(figure: Any, path: Path, width: int = 1400, height: int = 1550) -> bool:
+    """A PNG of a plotly figure: kaleido if installed, else a headless Chromium screenshot; optional.
+
+    Offline, kaleido cannot download its browser, and the CDN copy of plotly.js is unreachable, so
+    the Chromium path renders a temporary HTML file with plotly.js inlined.
+    """
+    try:
+        import kaleido  # noqa: F401
+
+        figure.write_image(str(path), width=width, height=height)
+        return True
+    except ImportError:
+        pass
+    except Exception as exc:  # kaleido present but unable to start its browser
+        print(f"(kaleido failed: {type(exc).__name__}: {str(exc)[:120]})", file=sys.stderr)
+    browser = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
+    if browser is None:
+        print("(no PNG: neither kaleido nor Chromium is installed; the HTML chart has everything)", file=sys.stderr)
+        return False
+    with tempfile.TemporaryDirectory() as tmp:
+        page = Path(tmp) / "figure.html"
+        page.write_text(figure.to_html(include_plotlyjs=True, full_html=True))
+        shot = Path(tmp) / "figure.png"
+        command = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--screenshot={shot}", f"--window-size={width},{height}", page.as_uri()]
+        try:
+            subprocess.run(command, capture_output=True, timeout=120)
+        except (OSError, subprocess.SubprocessError) as exc:
+            print(f"(no PNG: Chromium failed: {exc})", file=sys.stderr)
+            return False
+        if not shot.exists():
+            print("(no PNG: Chromium wrote no screenshot)", file=sys.stderr)
+            return False
+        shutil.copyfile(shot, path)
+    return True
 
 
 def _json_default(value: Any) -> Any:

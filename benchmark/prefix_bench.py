@@ -885,12 +885,15 @@ def make_figure(results: dict[str, Any]) -> Any:
             "RAG document: wall TTFT per question (ms)",
             "Decode tokens/s vs context (log)",
             "Prefix-cache lookup (µs) vs cached entries",
-            "Cache memory for N prompts sharing a prefix (MiB)",
+            "Memory: prompts sharing one prefix vs separate copies (MiB)",
         ],
         vertical_spacing=0.09,
     )
 
-    def line(x: list, stats: list[dict], name: str, row: int, col: int, **kw: Any) -> None:
+    # One colour per method in every panel: green reuses KV, red does not, blue/orange are transformers.
+    colors = {"reuse": "#2ca02c", "partial": "#17becf", "none": "#d62728", "generate": "#1f77b4", "recipe": "#ff7f0e"}
+
+    def line(x: list, stats: list[dict], name: str, row: int, col: int, color: str, **kw: Any) -> None:
         med = [s["median"] for s in stats]
         fig.add_trace(
             go.Scatter(
@@ -898,6 +901,7 @@ def make_figure(results: dict[str, Any]) -> Any:
                 y=med,
                 name=name,
                 mode="lines+markers",
+                line=dict(color=colors[color]),
                 legendgroup=f"{row}{col}",
                 error_y=dict(type="data", symmetric=False, array=[s["max"] - m for s, m in zip(stats, med)], arrayminus=[m - s["min"] for s, m in zip(stats, med)]),
                 **kw,
@@ -908,30 +912,42 @@ def make_figure(results: dict[str, Any]) -> Any:
 
     if sp := results.get("shared_prefix"):
         x = [r["prefix_tokens"] for r in sp["sizes"]]
-        for key, name in (("miss_wall_ttft_ms", "engine miss"), ("partial_wall_ttft_ms", "engine partial hit"), ("hit_wall_ttft_ms", "engine exact hit"), ("generate_wall_ttft_ms", "model.generate"), ("recipe_wall_ttft_ms", "deepcopy recipe")):
-            line(x, [r[key] for r in sp["sizes"]], name, 1, 1)
+        for key, name, color in (
+            ("miss_wall_ttft_ms", "TTFT: engine miss", "none"),
+            ("partial_wall_ttft_ms", "TTFT: engine partial hit", "partial"),
+            ("hit_wall_ttft_ms", "TTFT: engine exact hit", "reuse"),
+            ("generate_wall_ttft_ms", "TTFT: model.generate", "generate"),
+            ("recipe_wall_ttft_ms", "TTFT: deepcopy recipe", "recipe"),
+        ):
+            line(x, [r[key] for r in sp["sizes"]], name, 1, 1, color)
         fig.update_yaxes(type="log", row=1, col=1)
         fig.update_xaxes(title_text="prefix tokens", row=1, col=1)
     for key, col, row in (("conversation", 2, 1), ("rag", 1, 2)):
         if seq := results.get(key):
             x = [t["turn"] for t in seq["turns"]]
-            for stat, name in (("wall_ttft_on_ms", f"{key}: prefix cache on"), ("wall_ttft_off_ms", f"{key}: prefix cache off"), ("generate_wall_ttft_ms", f"{key}: model.generate")):
-                line(x, [t[stat] for t in seq["turns"]], name, row, col)
+            for stat, name, color in (("wall_ttft_on_ms", "prefix cache on", "reuse"), ("wall_ttft_off_ms", "prefix cache off", "none"), ("generate_wall_ttft_ms", "model.generate", "generate")):
+                line(x, [t[stat] for t in seq["turns"]], f"{key}: {name}", row, col, color)
     if dec := results.get("decode"):
         x = [r["context_tokens"] for r in dec["contexts"]]
-        for key, name in (("kv_tokens_per_sec", "engine, KV cache"), ("generate_tokens_per_sec", "model.generate"), ("recompute_tokens_per_sec", "engine, no KV cache")):
-            line(x, [r[key] for r in dec["contexts"]], name, 2, 2)
+        for key, name, color in (("kv_tokens_per_sec", "engine, KV cache", "reuse"), ("generate_tokens_per_sec", "model.generate", "generate"), ("recompute_tokens_per_sec", "engine, no KV cache", "none")):
+            line(x, [r[key] for r in dec["contexts"]], f"decode: {name}", 2, 2, color)
         fig.update_yaxes(type="log", row=2, col=2)
         fig.update_xaxes(title_text="context tokens", row=2, col=2)
     if lk := results.get("lookup"):
         x = [r["entries"] for r in lk["rows"]]
-        for key in ("hit", "partial", "miss"):
-            line(x, [r[f"{key}_us"] for r in lk["rows"]], f"lookup: {key}", 3, 1)
+        for key, color in (("hit", "reuse"), ("partial", "partial"), ("miss", "none")):
+            line(x, [r[f"{key}_us"] for r in lk["rows"]], f"lookup: {key}", 3, 1, color)
         fig.update_xaxes(type="log", title_text="cached entries", row=3, col=1)
         fig.update_yaxes(rangemode="tozero", row=3, col=1)
     if mem := results.get("memory"):
         fig.add_trace(
-            go.Bar(x=["prefix cache", "separate copies"], y=[mem["cached_bytes"] / 2**20, mem["separate_copies_bytes"] / 2**20], name=f"{mem['prompts']} prompts", legendgroup="32"),
+            go.Bar(
+                x=["prefix cache", "separate copies"],
+                y=[mem["cached_bytes"] / 2**20, mem["separate_copies_bytes"] / 2**20],
+                marker_color=[colors["reuse"], colors["none"]],
+                name=f"memory: {mem['prompts']} prompts",
+                legendgroup="32",
+            ),
             row=3,
             col=2,
         )

@@ -5,7 +5,7 @@ and the web UI is ``app.py``.
 """
 
 from engine.config import EngineConfig
-from engine.engine import Engine, GenerationRequest, GenerationResult
+from engine.engine import Engine, GenerationRequest, GenerationResult, final_result
 from engine.sampling import SamplingParams
 
-__all__ = ["Engine", "EngineConfig", "GenerationRequest", "GenerationResult", "SamplingParams"]
+__all__ = ["Engine", "EngineConfig", "GenerationRequest", "GenerationResult", "SamplingParams", "final_result"]

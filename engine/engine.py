@@ -128,12 +128,7 @@ class Engine:
 
     def generate(self, prompt: str, **kwargs: Any) -> GenerationResult:
         """Run one request to completion. Takes the same arguments as :meth:`stream`."""
-        result = None
-        for item in self.stream(prompt, **kwargs):
-            if isinstance(item, GenerationResult):
-                result = item
-        assert result is not None, "stream() ended without a result"
-        return result
+        return final_result(self.stream(prompt, **kwargs))
 
     def stream(self, prompt: str, **kwargs: Any) -> Iterator[str | GenerationResult]:
         """Yield text deltas as tokens are generated, then the :class:`GenerationResult`.
@@ -358,6 +353,16 @@ class Engine:
                 f"the prompt is {prompt_tokens} tokens and max_new_tokens is {max_new_tokens}, "
                 f"but the context window is {self.context_length} tokens: shorten the prompt or ask for fewer tokens"
             )
+
+
+def final_result(stream: Iterator[str | GenerationResult]) -> GenerationResult:
+    """Drain a :meth:`Engine.stream` (or anything relaying one) and return its closing result."""
+    result = None
+    for item in stream:
+        if isinstance(item, GenerationResult):
+            result = item
+    assert result is not None, "the stream ended without a result"
+    return result
 
 
 # ---------------------------------------------------------------------- helpers

@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator, Sequence
 
 from cache import DEFAULT_NAMESPACE
-from engine import Engine, GenerationResult
+from engine import Engine, GenerationResult, final_result
 from ui.settings import AppSettings
 
 log = logging.getLogger(__name__)
@@ -143,12 +143,7 @@ class EngineService:
 
     def generate(self, namespace: str, **kwargs: Any) -> GenerationResult:
         """Run one request to completion on the pool."""
-        result = None
-        for item in self.stream(namespace, **kwargs):
-            if isinstance(item, GenerationResult):
-                result = item
-        assert result is not None, "the engine's stream ended without a result"
-        return result
+        return final_result(self.stream(namespace, **kwargs))
 
     def _run(self, engine: Engine, namespace: str, kwargs: dict[str, Any], items: queue.SimpleQueue) -> None:
         try:

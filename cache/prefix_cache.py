@@ -109,8 +109,9 @@ class PrefixCache:
     def match_prefix(self, tokens: Sequence[int], namespace: str = DEFAULT_NAMESPACE) -> PrefixMatch:
         """Find the longest cached prefix of ``tokens`` and lock its path.
 
-        Exact hit: the whole sequence is cached and logits are stored at its end. Otherwise at
-        least one token is left to compute (a prompt that is a strict prefix of a cached sequence
+        Exact hit: the whole sequence is cached and logits are stored at its end. A shared prefix
+        shorter than ``min_tokens`` (a chat template's first few tokens) is not reused: a miss.
+        Otherwise at least one token is left to compute (a prompt that is a strict prefix of a cached sequence
         reuses all but its last token), because the caller needs logits for the last position.
 
         Args:
@@ -137,6 +138,8 @@ class PrefixCache:
                 usable = matched
             else:
                 usable = min(matched, len(key) - 1)
+                if usable < self.min_tokens:  # a few shared template tokens are not worth a reuse
+                    usable = 0
                 kind = "partial" if usable > 0 else "miss"
 
             segments, used_nodes, remaining = [], [], usable
@@ -152,7 +155,7 @@ class PrefixCache:
                 node.lock_ref += 1
 
             counters = self._counters_for(namespace)
-            counters.count(kind, usable)
+            counters.count(kind, usable, len(key))
             return PrefixMatch(
                 kind=kind,
                 length=usable,
@@ -260,8 +263,9 @@ class PrefixCache:
     def stats(self, namespace: str | None = None) -> dict[str, Any]:
         """Counters and sizes, for all namespaces or one.
 
-        ``hit_rate`` counts exact and partial hits; ``total_requests`` counts lookups of
-        sequences of at least ``min_tokens`` tokens (``hits + partial_hits + misses``).
+        ``hit_rate`` counts exact and partial hits; ``token_hit_rate`` is the share of looked-up
+        prompt tokens that were reused; ``total_requests`` counts lookups of sequences of at least
+        ``min_tokens`` tokens (``hits + partial_hits + misses``).
         """
         with self._lock:
             names = list(self._roots) if namespace is None else [namespace]
@@ -283,6 +287,7 @@ class PrefixCache:
                 "hit_rate": (counters.hits + counters.partial_hits) / total if total else 0.0,
                 "exact_hit_rate": counters.hits / total if total else 0.0,
                 "tokens_saved": counters.tokens_saved,
+                "token_hit_rate": counters.tokens_saved / counters.prompt_tokens if counters.prompt_tokens else 0.0,
                 "evictions": counters.evictions,
                 "rejected_inserts": counters.rejected_inserts,
                 "namespaces": len(names) if namespace is None else int(namespace in self._roots),
@@ -439,10 +444,11 @@ class _Counters:
     partial_hits: int = 0
     misses: int = 0
     tokens_saved: int = 0
+    prompt_tokens: int = 0  # of the counted lookups, for the token-weighted hit rate
     evictions: int = 0
     rejected_inserts: int = 0
 
-    def count(self, kind: MatchKind, reused: int) -> None:
+    def count(self, kind: MatchKind, reused: int, prompt_tokens: int) -> None:
         if kind == "hit":
             self.hits += 1
         elif kind == "partial":
@@ -450,6 +456,7 @@ class _Counters:
         elif kind == "miss":
             self.misses += 1
         self.tokens_saved += reused
+        self.prompt_tokens += prompt_tokens
 
     def add(self, other: "_Counters") -> None:
         for name in self.__dataclass_fields__:

@@ -261,16 +261,17 @@ class Engine:
             # 3-5. Reuse the matched KV and prefill only the rest; an exact hit runs no model at all.
             logits, model_cache = self._prefill(run, match)
 
-            # 6a. Insert the prompt's KV and last logits, so concurrent and later requests can hit.
-            if match is not None and match.kind != "hit":
-                self._insert(run, model_cache, len(run.prompt_ids), logits)
-
             # 7. Decode: the first token comes from the prefill's logits (TTFT), then one step per token.
             with clock.span("first_sample_ms"):
                 token = sample_next_token(logits, request.sampling, run.generator)
             clock.mark_first_token()
             run.generated.append(token)
             yield token
+
+            # 6a. Insert the prompt's KV and last logits (after the first token: bookkeeping is not
+            # the user's wait), so concurrent and later requests can hit while this one decodes.
+            if match is not None and match.kind != "hit":
+                self._insert(run, model_cache, len(run.prompt_ids), logits)
             while not self._finished(run, token):
                 if model_cache is None and request.use_cache:  # exact hit: KV moves only now, after TTFT
                     model_cache = self._reuse(run, match)

@@ -302,3 +302,17 @@ def test_cache_package_imports_no_model_code():
     code = "import sys, cache; bad = {'torch', 'transformers', 'tokenizers'} & set(sys.modules); print(sorted(bad))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_shared_prefix_shorter_than_min_tokens_is_a_miss():
+    """Prompts sharing only a chat template's first tokens reuse nothing and do not inflate the hit rate."""
+    cache = make(min_tokens=5)
+    seq = list(range(1, 11))
+    cache.insert(seq, kv_for(seq), FakeLogits("x"))
+    short_share = cache.match_prefix([1, 2, 3, 50, 51, 52])
+    assert (short_share.kind, short_share.length, short_share.segments) == ("miss", 0, ())
+    long_share = cache.match_prefix(seq[:6] + [60, 61])
+    assert (long_share.kind, long_share.length) == ("partial", 6)
+    s = cache.stats()
+    assert (s["partial_hits"], s["misses"], s["tokens_saved"]) == (1, 1, 6)
+    assert s["token_hit_rate"] == 6 / (6 + 8)

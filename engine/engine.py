@@ -22,7 +22,7 @@ import torch
 from cache import DEFAULT_NAMESPACE, PrefixCache, PrefixMatch
 from engine import loading
 from engine.config import EngineConfig
-from engine.kv import TensorKV, build_model_cache, has_sliding_layers, kv_bytes_per_token
+from engine.kv import TensorKV, build_model_cache, has_sliding_layers, kv_bytes_per_token, new_model_cache
 from engine.sampling import SamplingParams, sample_next_token
 
 CacheStatus = str  # "hit" | "partial" | "miss" | "skipped" (prompt under min_cached_tokens) | "off"
@@ -304,7 +304,7 @@ class Engine:
         model_cache = None
         reused = match.length if match is not None else 0
         if request.use_cache:
-            model_cache = self._reuse(run, match) if reused else _new_model_cache(self.model.config)
+            model_cache = self._reuse(run, match) if reused else new_model_cache(self.model.config, run.capacity)
         suffix = prompt_ids[reused:]
         run.prefill_tokens = len(suffix)
         with clock.span("prefill_ms"):
@@ -315,7 +315,7 @@ class Engine:
     def _reuse(self, run: "_Run", match: PrefixMatch) -> Any:
         """Step 3: the matched KV as a fresh model cache on the device (timed as ``transfer_ms``)."""
         with run.clock.span("transfer_ms"):
-            model_cache = build_model_cache(match.segments, self.model.config, self.device, self.dtype)
+            model_cache = build_model_cache(match.segments, self.model.config, self.device, self.dtype, run.capacity)
         run.reused_tokens = match.length
         return model_cache
 
@@ -424,6 +424,11 @@ class _Run:
         self.reused_tokens = 0
         self.finish_reason = "length"
 
+    @property
+    def capacity(self) -> int:
+        """Tokens the model cache will hold at most: the prompt and every new token."""
+        return len(self.prompt_ids) + self.request.max_new_tokens
+
     def result(self, text: str) -> GenerationResult:
         c = self.clock
         first = (c.first_token_at or c.end) - c.start
@@ -458,12 +463,6 @@ class _Run:
             timings=timings,
             finish_reason=self.finish_reason,
         )
-
-
-def _new_model_cache(config) -> Any:
-    from transformers import DynamicCache
-
-    return DynamicCache(config=config)
 
 
 def _validate_history(history: Sequence[dict[str, str]] | None) -> tuple[tuple[str, str], ...]:

@@ -12,6 +12,7 @@ from typing import Sequence
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 
 class TensorKV:
@@ -53,25 +54,82 @@ class TensorKV:
         return cls(keys, values, storage_device)
 
 
-def build_model_cache(segments: Sequence[tuple[TensorKV, int]], config, device: torch.device, dtype: torch.dtype) -> DynamicCache:
-    """Concatenate the used part of each matched segment into a fresh ``DynamicCache`` on ``device``.
+class GrowingKVLayer(DynamicLayer):
+    """A ``DynamicLayer`` that writes new KV into a preallocated buffer instead of concatenating.
+
+    ``DynamicLayer.update`` runs ``torch.cat`` at every step, copying the whole KV again: O(n) per
+    token, a tenth or more of a decode step at 1k tokens of context on a CPU. Here a buffer sized
+    for the whole request (prompt + max_new_tokens) takes each new token in place, and doubles in
+    the rare case it is full. ``keys``/``values`` are views of its filled part; positions already
+    written are never written again, so views taken of them (to insert into the prefix cache) stay
+    valid. Outputs are bit-identical to ``DynamicLayer``.
+    """
+
+    def __init__(self, capacity: int = 0) -> None:
+        super().__init__()
+        self.capacity = capacity
+        self._key_buffer: torch.Tensor | None = None  # [1, kv_heads, capacity, head_dim]
+        self._value_buffer: torch.Tensor | None = None
+        self._length = 0
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        new = key_states.shape[-2]
+        if self._key_buffer is None or self._length + new > self._key_buffer.shape[-2]:
+            self._grow(max(self.capacity, 2 * (self._length + new)), key_states, value_states)
+        end = self._length + new
+        self._key_buffer[:, :, self._length : end, :] = key_states
+        self._value_buffer[:, :, self._length : end, :] = value_states
+        self._length = end
+        self.keys = self._key_buffer[:, :, :end, :]
+        self.values = self._value_buffer[:, :, :end, :]
+        return self.keys, self.values
+
+    def crop(self, tokens_to_remove: int) -> None:
+        super().crop(tokens_to_remove)
+        self._length = self.get_seq_length()
+
+    def reset(self) -> None:
+        super().reset()
+        self._key_buffer = self._value_buffer = None
+        self._length = 0
+
+    def _grow(self, capacity: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        def bigger(old: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+            buffer = like.new_empty(like.shape[0], like.shape[1], capacity, like.shape[3])
+            if old is not None and self._length:
+                buffer[:, :, : self._length, :] = old[:, :, : self._length, :]
+            return buffer
+
+        self._key_buffer = bigger(self._key_buffer, key_states)
+        self._value_buffer = bigger(self._value_buffer, value_states)
+
+
+def new_model_cache(config, capacity: int) -> DynamicCache:
+    """An empty model cache whose layers preallocate ``capacity`` tokens (plain layers for sliding-window models)."""
+    cache = DynamicCache(config=config)
+    if not any(getattr(layer, "is_sliding", False) for layer in cache.layers):
+        cache.layers = [GrowingKVLayer(capacity) for _ in cache.layers]
+    return cache
+
+
+def build_model_cache(segments: Sequence[tuple[TensorKV, int]], config, device: torch.device, dtype: torch.dtype, capacity: int = 0) -> DynamicCache:
+    """Copy the used part of each matched segment into a fresh model cache on ``device``.
 
     Args:
         segments: ``(segment, tokens_used)`` pairs from the root down, as the prefix cache returns them.
+        capacity: Tokens to preallocate (the request's prompt + max_new_tokens).
     """
-    num_layers = len(segments[0][0].keys)
-    layers = []
-    for i in range(num_layers):
-        # k, v: [1, kv_heads, sum(tokens_used), head_dim]
-        k = torch.cat([seg.keys[i][:, :, :used, :] for seg, used in segments], dim=-2)
-        v = torch.cat([seg.values[i][:, :, :used, :] for seg, used in segments], dim=-2)
-        layers.append((k.to(device=device, dtype=dtype), v.to(device=device, dtype=dtype)))
-    # torch.cat always allocates, so the model's cache owns fresh storage and its later updates
-    # (which concatenate into new tensors too) never touch what the prefix cache holds.
-    cache = DynamicCache(config=config)
-    for layer, (k, v) in zip(cache.layers, layers):
-        layer.lazy_initialization(k, v)
-        layer.keys, layer.values = k, v
+    cache = new_model_cache(config, capacity)
+    # Each update copies into the layer's own buffer, so the model never holds a stored tensor and
+    # its later writes cannot change what the prefix cache keeps.
+    for i, layer in enumerate(cache.layers):
+        for segment, used in segments:
+            # k, v: [1, kv_heads, used, head_dim]
+            k = segment.keys[i][:, :, :used, :].to(device=device, dtype=dtype)
+            v = segment.values[i][:, :, :used, :].to(device=device, dtype=dtype)
+            layer.update(k, v)
     return cache
 
 

@@ -291,3 +291,21 @@ def _nodes(engine: Engine):
 
     return [n for root in engine.cache._roots.values() for n in _descendants(root)]
 
+
+
+def test_growing_kv_layer_matches_dynamic_cache(tiny_engine):
+    """The preallocated KV buffer gives bit-identical logits to transformers' concatenating cache, across a regrowth."""
+    from transformers import DynamicCache
+
+    from engine.kv import new_model_cache
+
+    model = tiny_engine.model
+    ids = tiny_engine.tokenize(tiny_engine.make_request(QUESTIONS[0], system_prompt=SYSTEM))
+    caches = [DynamicCache(config=model.config), new_model_cache(model.config, capacity=len(ids) + 2)]
+    with torch.inference_mode():
+        outs = [model(input_ids=torch.tensor([ids]), cache=c, logits_to_keep=1).logits for c in caches]
+        for token in [5, 17, 99, 3, 42]:  # past the capacity of 2 new tokens: the buffer doubles
+            outs = [model(input_ids=torch.tensor([[token]]), cache=c, logits_to_keep=1).logits for c in caches]
+            assert torch.equal(outs[0], outs[1])
+    assert caches[1].get_seq_length() == len(ids) + 5
+    torch.testing.assert_close(caches[0].layers[0].keys, caches[1].layers[0].keys, rtol=0, atol=0)

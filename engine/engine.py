@@ -298,26 +298,23 @@ class Engine:
         cache: the whole prompt. Without KV caching: the whole prompt, and no cache.
         """
         request, clock, prompt_ids = run.request, run.clock, run.prompt_ids
+        run.reused_tokens = reused = match.length if match is not None else 0
         if match is not None and match.kind == "hit":
-            run.prefill_tokens, run.reused_tokens = 0, match.length
+            run.prefill_tokens = 0
             return match.last_logits, None
         model_cache = None
-        reused = match.length if match is not None else 0
         if request.use_cache:
             model_cache = self._reuse(run, match) if reused else new_model_cache(self.model.config, run.capacity)
         suffix = prompt_ids[reused:]
         run.prefill_tokens = len(suffix)
         with clock.span("prefill_ms"):
             logits = self._forward(suffix, model_cache, use_cache=request.use_cache)
-        run.reused_tokens = reused
         return logits, model_cache
 
     def _reuse(self, run: "_Run", match: PrefixMatch) -> Any:
         """Step 3: the matched KV as a fresh model cache on the device (timed as ``transfer_ms``)."""
         with run.clock.span("transfer_ms"):
-            model_cache = build_model_cache(match.segments, self.model.config, self.device, self.dtype, run.capacity)
-        run.reused_tokens = match.length
-        return model_cache
+            return build_model_cache(match.segments, self.model.config, self.device, self.dtype, run.capacity)
 
     def _decode_one_token(self, run: "_Run", token: int, model_cache: Any) -> torch.Tensor:
         if model_cache is None:  # no KV cache: the whole sequence again, every step
@@ -413,9 +410,9 @@ class _Span:
 class _Run:
     """The mutable state of one request while it runs."""
 
-    def __init__(self, request: GenerationRequest, device: torch.device | None = None) -> None:
+    def __init__(self, request: GenerationRequest, device: torch.device) -> None:
         self.request = request
-        self.clock = _Clock(device or torch.device("cpu"))
+        self.clock = _Clock(device)
         self.generator = request.sampling.make_generator()
         self.prompt_ids: list[int] = []
         self.generated: list[int] = []

@@ -109,7 +109,7 @@ class GrowingKVLayer(DynamicLayer):
 def new_model_cache(config, capacity: int) -> DynamicCache:
     """An empty model cache whose layers preallocate ``capacity`` tokens (plain layers for sliding-window models)."""
     cache = DynamicCache(config=config)
-    if not any(getattr(layer, "is_sliding", False) for layer in cache.layers):
+    if not _has_sliding(cache):
         cache.layers = [GrowingKVLayer(capacity) for _ in cache.layers]
     return cache
 
@@ -143,4 +143,8 @@ def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
 
 def has_sliding_layers(config) -> bool:
     """Sliding-window layers keep only their last window of KV, so a stored prefix would be incomplete."""
-    return any(getattr(layer, "is_sliding", False) for layer in DynamicCache(config=config).layers)
+    return _has_sliding(DynamicCache(config=config))
+
+
+def _has_sliding(cache: DynamicCache) -> bool:
+    return any(getattr(layer, "is_sliding", False) for layer in cache.layers)

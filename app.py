@@ -1,15 +1,20 @@
 """The web app: a Gradio page and a REST API, on one port, showing what KV and prefix caching save.
 
 Builds the page (playground, charts, token highlights, scenarios, cache inspector) and the routes
-(REST under /generate and /cache/*, gradio_client endpoints /generate, /cache_stats, /clear_cache),
-and calls the engine through ``ui.service``. Everything else lives in ``ui/``: settings, the served
-engine and its isolation rules, request bodies, figures and scenarios. Nothing imports this file.
+(REST under /session, /generate and /cache/*, gradio_client endpoints /generate, /cache_stats,
+/clear_cache), and calls the engine through ``ui.service``. Everything else lives in ``ui/``:
+settings, sessions, the request guard, the served engine and its isolation rules, request bodies
+and limits, figures and scenarios. Nothing imports this file.
+
+Every handler, page event or API, takes its session from ``ui.sessions`` (never from Gradio's
+session_hash) and its request through ``ui.schemas.parse_body``: private events are hidden, not protected.
 
     python app.py [--host 127.0.0.1] [--port 7860] [--model ID] [--cache-budget-mb 512] [--cache-mode shared|per-session]
 """
 
 from __future__ import annotations
 
+import asyncio
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -17,29 +22,40 @@ from typing import Any, Iterator
 import gradio as gr
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from engine import GenerationResult
 from ui import charts
+from ui.components import RawSlider, RawTextbox
+from ui.limits import MAX_NEW_TOKENS, SESSION_STATE_TTL_S
 from ui.scenarios import load_examples, load_scenarios, run_scenario
-from ui.schemas import MAX_BODY_BYTES, MAX_NEW_TOKENS, BadRequest, GenerateBody, parse_body
-from ui.service import Busy, EngineService, NotReady
+from ui.schemas import BadRequest, GenerateBody, parse_body
+from ui.security import Guard
+from ui.service import Busy, EngineService, Job, NotReady
+from ui.sessions import ID_RULE, SESSION_HEADER, BadSession, Session, SessionIssuer
 from ui.settings import parse_settings
 
 ASSETS = Path(__file__).resolve().parent / "assets"
-SESSION_HEADER = "X-Session-Id"
-MAX_SESSION_ID = 200
+SHARED_PUBLIC_WARNING = (
+    "This public server shares one prefix cache among all visitors (--allow-shared-public): the time to "
+    "the first token and the count of reused tokens tell anyone whether someone else sent the same "
+    "prefix. Do not type anything private here."
+)
 
 
-def build_demo(service: EngineService) -> gr.Blocks:
+def build_demo(service: EngineService, issuer: SessionIssuer) -> gr.Blocks:
     """The page. Every UI event is private: scripts use the named API endpoints at the end."""
     scenarios = load_scenarios()
     private = dict(api_visibility="private")
     quick = dict(api_visibility="private", queue=False)  # no model work: never waits behind a generation
 
+    def session_of(request: gr.Request | None) -> Session:
+        with _ui_errors():
+            return _session(issuer, request)
+
     with gr.Blocks(title="KV cache & prefix cache, measured", analytics_enabled=False) as demo:
-        history = gr.State(charts.SessionHistory())
+        # Keyed by Gradio's session_hash, which a client can copy: handlers bind it to the server's session.
+        history = gr.State(charts.SessionHistory(), time_to_live=SESSION_STATE_TTL_S)
 
         gr.Markdown(
             "# KV cache & prefix cache, measured\n"
@@ -49,17 +65,19 @@ def build_demo(service: EngineService) -> gr.Blocks:
             elem_id="kv-intro",
         )
         status = gr.Markdown("Loading the model…", elem_id="kv-model-status")
+        if not service.settings.is_local and not service.settings.per_session:
+            gr.Markdown(f"**Warning:** {SHARED_PUBLIC_WARNING}", elem_id="kv-shared-warning")
 
         with gr.Row(equal_height=False):
             with gr.Column(scale=5):
-                system_prompt = gr.Textbox(label="System prompt", lines=3, placeholder="Optional. A long one shared by several requests is what the prefix cache saves.")
-                prompt = gr.Textbox(label="Prompt", lines=2, placeholder="Ask something…", elem_id="kv-prompt")
+                system_prompt = RawTextbox(label="System prompt", lines=3, placeholder="Optional. A long one shared by several requests is what the prefix cache saves.")
+                prompt = RawTextbox(label="Prompt", lines=2, placeholder="Ask something…", elem_id="kv-prompt")
                 with gr.Row():
                     use_cache = gr.Checkbox(value=True, label="KV cache", info="reuse keys/values while decoding")
                     use_prefix_cache = gr.Checkbox(value=True, label="Prefix cache", info="reuse KV across requests")
                 with gr.Row():
-                    max_new_tokens = gr.Slider(1, MAX_NEW_TOKENS, value=48, step=1, label="Max new tokens")
-                    temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature", info="0 is greedy")
+                    max_new_tokens = RawSlider(1, MAX_NEW_TOKENS, value=48, step=1, label="Max new tokens")
+                    temperature = RawSlider(0.0, 2.0, value=0.0, step=0.05, label="Temperature", info="0 is greedy")
                 generate_button = gr.Button("Generate", variant="primary", elem_id="kv-generate")
                 gr.Examples(load_examples(), inputs=[system_prompt, prompt], label="Examples")
             with gr.Column(scale=4):
@@ -110,14 +128,16 @@ def build_demo(service: EngineService) -> gr.Blocks:
         def on_show_status() -> tuple[str, gr.Timer]:
             return _status_markdown(service), gr.Timer(active=not (service.ready or service.load_error))
 
-        def on_generate(system: str, text: str, kv: bool, prefix: bool, max_tokens: float, temp: float, state: charts.SessionHistory, request: gr.Request):
-            namespace = service.namespace_for(_gradio_session(request))
-            with _ui_errors():  # the engine validates: its ValueError message is what the page shows
-                stream = service.stream(namespace, **_ui_request(text, system, max_tokens, kv, prefix, temp))
+        async def on_generate(system: Any, text: Any, kv: Any, prefix: Any, max_tokens: Any, temp: Any, state: charts.SessionHistory, request: gr.Request):
+            session = session_of(request)
+            state = state.owned_by(session.key)
+            with _ui_errors():
+                body = parse_body(_page_fields(text, system, max_tokens, kv, prefix, temp))
+                job = service.stream(session, **body.engine_kwargs())
             skip = [gr.skip()] * 5
             produced, result = "", None
             with _ui_errors():
-                for item in stream:
+                async for item in job.aiter():  # a page that goes away closes this: the job stops
                     if isinstance(item, GenerationResult):
                         result = item
                     else:
@@ -136,27 +156,32 @@ def build_demo(service: EngineService) -> gr.Blocks:
         def on_inspect(state: charts.SessionHistory, request: gr.Request) -> tuple[str, Any]:
             if not service.ready:
                 return "The model is still loading.", None
-            namespace = service.namespace_for(_gradio_session(request))
-            rows = service.entries(namespace, state.sequences)
-            return charts.stats_markdown(service.stats(namespace)), charts.inspector_frame(rows)
+            session = session_of(request)
+            rows = service.entries(session, state.owned_by(session.key).sequences)
+            return charts.stats_markdown(service.stats(session)), charts.inspector_frame(rows)
 
         def on_clear(state: charts.SessionHistory, request: gr.Request) -> tuple[str, Any]:
             with _ui_errors():
-                outcome = service.clear(service.namespace_for(_gradio_session(request)))
+                outcome = service.clear(session_of(request))
             gr.Info(outcome["message"])
             return on_inspect(state, request)
 
-        def on_reset_charts(state: charts.SessionHistory):
+        def on_reset_charts(state: charts.SessionHistory, request: gr.Request):
+            state = state.owned_by(session_of(request).key)
             state.reset_charts()
             return charts.latency_figure([]), charts.hit_history_figure([]), charts.empty_figures_html(), None, state
 
-        def on_run_selected_scenario(name: str, state: charts.SessionHistory, request: gr.Request):
+        async def on_run_selected_scenario(name: Any, state: charts.SessionHistory, request: gr.Request):
+            session = session_of(request)
+            state = state.owned_by(session.key)
+            if not isinstance(name, str) or name not in scenarios:
+                raise gr.Error(f"unknown scenario; pick one of: {', '.join(scenarios)}")
             scenario = scenarios[name]
             off: list[charts.RequestRecord] = []
             on: list[charts.RequestRecord] = []
             total = 2 * len(scenario.prompts)
             with _ui_errors():
-                for step in run_scenario(service, scenario, service.namespace_for(_gradio_session(request))):
+                async for step in run_scenario(service, scenario, session):
                     record = state.add(step.result, label=f"{name}, prefix cache {step.phase}", own_sequence=False)
                     (off if step.phase == "off" else on).append(record)
                     done = len(off) + len(on)
@@ -174,7 +199,7 @@ def build_demo(service: EngineService) -> gr.Blocks:
         timer.tick(on_show_status, outputs=[status, timer], **quick)
         demo.load(on_show_status, outputs=[status, timer], **quick)
         demo.load(on_inspect, inputs=history, outputs=[cache_stats, cache_table], **quick)
-        use_cache.change(lambda kv, prefix: prefix and kv, inputs=[use_cache, use_prefix_cache], outputs=use_prefix_cache, **quick)
+        use_cache.change(lambda kv, prefix: prefix is True and kv is True, inputs=[use_cache, use_prefix_cache], outputs=use_prefix_cache, **quick)
         gen_inputs = [system_prompt, prompt, use_cache, use_prefix_cache, max_new_tokens, temperature, history]
         gen_outputs = [output, figures, tokens, latency_plot, hits_plot, history]
         # One run at a time per page: two events of a session each get their own copy of the
@@ -188,7 +213,7 @@ def build_demo(service: EngineService) -> gr.Blocks:
         refresh_button.click(on_inspect, inputs=history, outputs=[cache_stats, cache_table], **quick)
         clear_button.click(on_clear, inputs=history, outputs=[cache_stats, cache_table], **quick)
         reset_button.click(on_reset_charts, inputs=history, outputs=[latency_plot, hits_plot, figures, tokens, history], **quick)
-        scenario_name.change(lambda name: scenarios[name].description, inputs=scenario_name, outputs=scenario_about, **quick)
+        scenario_name.change(lambda name: scenarios[name].description if name in scenarios else "", inputs=scenario_name, outputs=scenario_about, **quick)
         scenario_button.click(**lock).then(
             on_run_selected_scenario,
             inputs=[scenario_name, history],
@@ -199,7 +224,7 @@ def build_demo(service: EngineService) -> gr.Blocks:
 
         # ---- the gradio_client API: /generate, /cache_stats, /clear_cache
 
-        def api_generate(
+        async def api_generate(
             prompt: str,
             system_prompt: str | None = None,
             max_new_tokens: int = 64,
@@ -212,19 +237,20 @@ def build_demo(service: EngineService) -> gr.Blocks:
         ) -> dict:
             """Generate a reply; returns the engine's response (text, token_ids, cache_status, timings, ...)."""
             raw = dict(prompt=prompt, system_prompt=system_prompt, max_new_tokens=max_new_tokens, use_cache=use_cache, use_prefix_cache=use_prefix_cache, temperature=temperature, top_p=top_p, seed=seed)
+            session = session_of(request)
             with _ui_errors():
-                body = parse_body(raw)
-                return service.generate(service.namespace_for(_gradio_session(request)), **body.engine_kwargs()).to_dict()
+                job = service.stream(session, **parse_body(raw).engine_kwargs())
+                return (await job.aresult()).to_dict()  # the client's job.cancel() cancels this task, and the job
 
         def api_cache_stats(request: gr.Request = None) -> dict:
             """Prefix-cache statistics for this client's scope (its own namespace in per-session mode)."""
             with _ui_errors():
-                return service.stats(service.namespace_for(_gradio_session(request)))
+                return service.stats(session_of(request))
 
         def api_clear_cache(request: gr.Request = None) -> dict:
             """Clear this client's namespace (or the whole cache, for a local shared-mode app)."""
             with _ui_errors():
-                return service.clear(service.namespace_for(_gradio_session(request)))
+                return service.clear(session_of(request))
 
         gr.api(api_generate, api_name="generate")
         gr.api(api_cache_stats, api_name="cache_stats", concurrency_limit=None)
@@ -232,9 +258,15 @@ def build_demo(service: EngineService) -> gr.Blocks:
     return demo
 
 
-def build_rest(service: EngineService) -> FastAPI:
-    """REST routes; defined before Gradio is mounted at "/" so they take precedence."""
+def build_rest(service: EngineService, issuer: SessionIssuer) -> FastAPI:
+    """REST routes, behind the Guard middleware; defined before Gradio is mounted at "/" so they take precedence."""
     api = FastAPI(title="kv-cache-inference", description="KV cache and prefix cache, measured.", docs_url="/docs", redoc_url=None)
+
+    @api.post("/session")
+    def rest_new_session() -> JSONResponse:
+        """A new session id: send it as `Authorization: Bearer <id>` (or `X-Session-Id`) to keep a namespace."""
+        session_id = issuer.new_id()
+        return JSONResponse({"session_id": session_id, "authorization": f"Bearer {session_id}", "rule": ID_RULE})
 
     @api.post(
         "/generate",
@@ -242,54 +274,52 @@ def build_rest(service: EngineService) -> FastAPI:
     )
     async def rest_generate(request: Request) -> JSONResponse:
         """Generate a reply. Body: GenerateBody. 422 for an invalid body, 400 when the engine refuses the input."""
-        raw = await _read_capped(request, MAX_BODY_BYTES)
-        if raw is None:
-            return _error(413, f"the request body is over the limit of {MAX_BODY_BYTES // 1024} KiB; send a shorter prompt")
         try:
-            body = parse_body(raw)
+            body = parse_body(await request.body())  # the Guard has capped its size (413)
         except BadRequest as exc:
             return _error(422, str(exc))
-        namespace = service.namespace_for(_rest_session(request))
         try:
-            result = await run_in_threadpool(service.generate, namespace, **body.engine_kwargs())
+            job = service.stream(_session(issuer, request), **body.engine_kwargs())
+            result = await _unless_disconnected(job, request)
         except (NotReady, Busy) as exc:
-            return _error(503, str(exc))
+            return _error(503, str(exc), {"Retry-After": str(Busy.retry_after_s)})
         except ValueError as exc:
             return _error(400, str(exc))
+        if result is None:
+            return _error(499, "the client closed the request")  # nobody reads this: the work stopped
         return JSONResponse(result.to_dict())
 
     @api.get("/cache/stats")
     def rest_cache_stats(request: Request) -> JSONResponse:
         """Prefix-cache statistics for this client's scope."""
-        try:
-            return JSONResponse(service.stats(service.namespace_for(_rest_session(request))))
-        except NotReady as exc:
-            return _error(503, str(exc))
+        return _rest_call(lambda: service.stats(_session(issuer, request)))
 
     @api.post("/cache/clear")
     def rest_cache_clear(request: Request) -> JSONResponse:
         """Clear this client's namespace (or everything, for a local shared-mode app); 403 where not allowed."""
-        try:
-            outcome = service.clear(service.namespace_for(_rest_session(request)))
-        except NotReady as exc:
-            return _error(503, str(exc))
-        return JSONResponse(outcome, status_code=403 if outcome["cleared"] == "nothing" else 200)
+        return _rest_call(lambda: service.clear(_session(issuer, request)))
 
     @api.get("/health")
     def health() -> dict:
-        """Whether the model is loaded, the loading progress, and the cache mode."""
+        """Whether the model is loaded, the loading progress, the cache mode and the requests in flight."""
         return service.status()
 
+    api.add_middleware(Guard, check_host=service.settings.is_local, issuer=issuer, routes=lambda: api.routes)
     return api
 
 
 def main() -> None:
     settings = parse_settings()
+    if not settings.is_local and not settings.per_session:
+        print(f"WARNING: {SHARED_PUBLIC_WARNING}", flush=True)
     service = EngineService(settings)
     service.start_loading()
+    issuer = SessionIssuer(secure_cookie=settings.on_space, trust_proxy=settings.trust_proxy)
+    # Gradio's queue lets every event through (no concurrency limit): admission, per-session limits
+    # and round-robin fairness are the service's, the same for page, gradio_client and REST.
     app = gr.mount_gradio_app(
-        build_rest(service),
-        build_demo(service).queue(default_concurrency_limit=settings.concurrency, max_size=settings.max_queue),
+        build_rest(service, issuer),
+        build_demo(service, issuer).queue(default_concurrency_limit=None, max_size=settings.max_queue),
         path="/",
         theme=gr.themes.Soft(primary_hue="emerald", secondary_hue="slate"),
         css_paths=[ASSETS / "style.css"],
@@ -313,45 +343,58 @@ def _ui_errors() -> Iterator[None]:
         raise gr.Error(str(exc)) from None
 
 
-def _ui_request(prompt: str, system_prompt: str, max_new_tokens: float, use_cache: bool, use_prefix_cache: bool, temperature: float) -> dict:
+def _page_fields(prompt: Any, system_prompt: Any, max_new_tokens: Any, use_cache: Any, use_prefix_cache: Any, temperature: Any) -> dict:
+    """A page event's inputs as a request body for ``parse_body``: values as sent, but for the page's own forms.
+
+    The page sends None for a cleared box and may send a whole slider value as a float (48.0); both
+    are mapped, nothing else is: a list, a number or NUL as the prompt, or "false" as a flag, fail.
+    """
     return dict(
-        prompt=prompt or "",  # None (a cleared box) is empty: the engine says so
-        system_prompt=system_prompt or None,
-        max_new_tokens=int(max_new_tokens),
-        use_cache=bool(use_cache),
-        use_prefix_cache=bool(use_prefix_cache),
-        temperature=float(temperature),
+        prompt="" if prompt is None else prompt,
+        system_prompt=None if system_prompt in (None, "") else system_prompt,
+        max_new_tokens=int(max_new_tokens) if isinstance(max_new_tokens, float) and max_new_tokens.is_integer() else max_new_tokens,
+        use_cache=use_cache,
+        use_prefix_cache=use_prefix_cache,
+        temperature=temperature,
     )
 
 
-async def _read_capped(request: Request, limit: int) -> bytes | None:
-    """The body, or None when it is (or declares itself) longer than ``limit`` bytes; never reads past it."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        return None
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            return None
-        chunks.append(chunk)
-    return b"".join(chunks)
+def _session(issuer: SessionIssuer, request: Request | gr.Request | None) -> Session:
+    """The caller's session from its headers and cookies (never from Gradio's session_hash)."""
+    if request is None:  # a direct Python call: nobody's session
+        return issuer.resolve({}, {}, None)
+    client = getattr(request, "client", None)
+    return issuer.resolve(request.headers, request.cookies, getattr(client, "host", None))
 
 
-def _rest_session(request: Request) -> str:
-    """A REST client's session: its X-Session-Id header, else its address."""
-    given = request.headers.get(SESSION_HEADER, "").strip()
-    if given:
-        return "header:" + given[:MAX_SESSION_ID]
-    return "address:" + (request.client.host if request.client else "unknown")
+def _rest_call(call: Any) -> JSONResponse:
+    """A small REST route's answer: 400 for a malformed session id, 503 while loading, 403 where not allowed."""
+    try:
+        outcome = call()
+    except BadSession as exc:
+        return _error(400, str(exc))
+    except NotReady as exc:
+        return _error(503, str(exc))
+    return JSONResponse(outcome, status_code=403 if outcome.get("cleared") == "nothing" else 200)
 
 
-def _gradio_session(request: gr.Request | None) -> str:
-    return "gradio:" + (request.session_hash if request is not None and request.session_hash else "anonymous")
+async def _unless_disconnected(job: Job, request: Request) -> GenerationResult | None:
+    """The job's result, or None (the job cancelled) when the client disconnects first."""
+    task = asyncio.ensure_future(job.aresult())
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.2)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                job.cancel()
+                return None
+    finally:
+        task.cancel()
 
 
-def _error(status_code: int, message: str) -> JSONResponse:
-    return JSONResponse({"detail": message}, status_code=status_code)
+def _error(status_code: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"detail": message}, status_code=status_code, headers=headers)
 
 
 def _status_markdown(service: EngineService) -> str:
@@ -373,8 +416,10 @@ def _api_help(service: EngineService) -> str:
         "**REST** (same port): `POST /generate` with JSON "
         '`{"prompt": "...", "system_prompt": null, "max_new_tokens": 32, "use_cache": true, "use_prefix_cache": true, "temperature": 0}` '
         "(optional `top_p`, `seed`) returns the engine's response; `GET /cache/stats`; `POST /cache/clear`; `GET /health`; schema at `/docs`. "
-        f"Send an `{SESSION_HEADER}` header to name your session (else your address is used).\n\n"
-        "**gradio_client**: `Client(url).predict(prompt, api_name=\"/generate\")`, `/cache_stats`, `/clear_cache`.\n\n"
+        "To keep a session (and its cache) across calls, get an id from `POST /session` and send it as "
+        f"`Authorization: Bearer <id>` or `{SESSION_HEADER}: <id>` (or choose one: {ID_RULE.split(' (')[0]}). "
+        "Without one, each call is a session of its own.\n\n"
+        "**gradio_client**: `Client(url, headers={\"Authorization\": \"Bearer <id>\"}).predict(prompt, api_name=\"/generate\")`, `/cache_stats`, `/clear_cache`.\n\n"
         f"Cache mode: **{service.settings.cache_mode}**. In per-session mode each session gets its own namespace: identical "
         "prompts from two sessions never hit each other, and stats, the inspector and clearing only ever see your own."
     )

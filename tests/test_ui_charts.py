@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from ui import charts
 from ui.scenarios import load_examples, load_scenarios, run_scenario
 from ui.service import EngineService
+from ui.sessions import Session
 from ui.settings import AppSettings
 
+OWNER = Session(key="owner", client="session:owner", anonymous=False)
 SYSTEM = "You are a terse assistant for a library. Reply with one short sentence."
 
 
@@ -24,7 +28,7 @@ def three_requests(service: EngineService) -> charts.SessionHistory:
     """A miss, an exact hit and a partial hit, in a session history."""
     history = charts.SessionHistory()
     for prompt in ("When do you open?", "When do you open?", "Where are the maps?"):
-        history.add(service.generate("", prompt=prompt, system_prompt=SYSTEM, max_new_tokens=3))
+        history.add(service.generate(OWNER, prompt=prompt, system_prompt=SYSTEM, max_new_tokens=3))
     return history
 
 
@@ -52,7 +56,7 @@ def test_empty_history_draws_placeholders(service):
 def test_token_highlights_mark_the_cached_prefix(service):
     """Cached tokens come first and number prefix_tokens_saved; the rest are computed."""
     three_requests(service)
-    result = service.generate("", prompt="Where are the maps kept?", system_prompt=SYSTEM, max_new_tokens=2)
+    result = service.generate(OWNER, prompt="Where are the maps kept?", system_prompt=SYSTEM, max_new_tokens=2)
     spans = charts.token_highlights(result, service.engine.decode)
     labels = [label for _, label in spans]
     saved = result.timings["prefix_tokens_saved"]
@@ -64,11 +68,11 @@ def test_token_highlights_mark_the_cached_prefix(service):
 def test_inspector_frame_and_stats_text(service):
     """The inspector table has one row per cache node, newest first; the stats line names the scope."""
     history = three_requests(service)
-    rows = service.entries("", history.sequences)
+    rows = service.entries(OWNER, history.sequences)
     frame = charts.inspector_frame(rows)
     assert list(frame.columns) == ["start", "tokens", "KiB", "hits", "last used", "logits", "locked", "preview"]
     assert len(frame) == len(rows) == service.engine.cache.stats()["cache_size"]
-    assert "shared cache" in charts.stats_markdown(service.stats(""))
+    assert "shared cache" in charts.stats_markdown(service.stats(OWNER))
     assert charts.inspector_frame([]).empty
 
 
@@ -77,7 +81,7 @@ def test_scenario_runs_off_then_on_from_a_cold_cache_and_leaves_nothing(service)
     scenarios = load_scenarios()
     assert len(scenarios) >= 4 and load_examples()
     for scenario in scenarios.values():
-        steps = list(run_scenario(service, scenario, "", max_new_tokens=3))
+        steps = asyncio.run(collect(run_scenario(service, scenario, OWNER, max_new_tokens=3)))
         n = len(scenario.prompts)
         assert [s.phase for s in steps] == ["off"] * n + ["on"] * n
         assert {s.result.cache_status for s in steps[:n]} == {"off"}
@@ -85,3 +89,7 @@ def test_scenario_runs_off_then_on_from_a_cold_cache_and_leaves_nothing(service)
         assert on[0] == "miss" and all(status in ("hit", "partial") for status in on[1:]), (scenario.name, on)
         assert [s.result.text for s in steps[:n]] == [s.result.text for s in steps[n:]]  # greedy: same answers
     assert service.engine.cache.stats()["namespaces"] == 0
+
+
+async def collect(steps):
+    return [step async for step in steps]

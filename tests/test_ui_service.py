@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ui.service import Busy, EngineService, NotReady
+from ui.sessions import Session
 from ui.settings import AppSettings
 
 SYSTEM = "You are a terse assistant. Reply with one word."
@@ -17,8 +18,13 @@ def make_service(engine, **settings) -> EngineService:
     return service
 
 
+def who(name: str) -> Session:
+    """A named session, as ui.sessions resolves a bearer id or a page cookie."""
+    return Session(key=name, client="session:" + name, anonymous=False)
+
+
 def ask(service: EngineService, session: str, prompt: str, **kwargs):
-    return service.generate(service.namespace_for(session), prompt=prompt, system_prompt=SYSTEM, max_new_tokens=3, **kwargs)
+    return service.generate(who(session), prompt=prompt, system_prompt=SYSTEM, max_new_tokens=3, **kwargs)
 
 
 @pytest.mark.parametrize(
@@ -31,8 +37,8 @@ def ask(service: EngineService, session: str, prompt: str, **kwargs):
 def test_namespaces_follow_the_cache_mode(tiny_engine, settings, same_namespace):
     """Shared mode: one namespace for all; per-session: one per session, stable for a session."""
     service = make_service(tiny_engine, **settings)
-    assert (service.namespace_for("alice") == service.namespace_for("bob")) is same_namespace
-    assert service.namespace_for("alice") == service.namespace_for("alice")
+    assert (service.namespace_for(who("alice")) == service.namespace_for(who("bob"))) is same_namespace
+    assert service.namespace_for(who("alice")) == service.namespace_for(who("alice"))
 
 
 def test_per_session_sessions_do_not_hit_each_other(tiny_engine):
@@ -49,7 +55,7 @@ def test_shared_mode_inspector_shows_text_only_of_own_tokens(tiny_engine):
     mine = ask(service, "alice", "My own question about apples")
     ask(service, "bob", "Bob's confidential question about zebras")
     own = [tuple(mine.prompt_token_ids) + tuple(mine.token_ids)]
-    rows = service.entries(service.namespace_for("alice"), own)
+    rows = service.entries(who("alice"), own)
     previews = [row["preview"] for row in rows]
     assert any("apples" in p for p in previews)
     assert not any("zebras" in p for p in previews)
@@ -62,7 +68,7 @@ def test_per_session_inspector_lists_only_own_entries(tiny_engine):
     service = make_service(tiny_engine, cache_mode="per-session")
     ask(service, "alice", "Alice asks about apples")
     ask(service, "bob", "Bob asks about zebras")
-    rows = service.entries(service.namespace_for("alice"))
+    rows = service.entries(who("alice"))
     assert rows and all("zebras" not in row["preview"] for row in rows)
     assert any("apples" in row["preview"] for row in rows)
 
@@ -72,8 +78,8 @@ def test_per_session_inspector_lists_only_own_entries(tiny_engine):
     [
         (dict(cache_mode="shared", host="127.0.0.1"), "all", False, False),  # local shared: the owner clears it all
         (dict(cache_mode="per-session", host="127.0.0.1"), "session", False, True),
-        (dict(cache_mode="shared", host="0.0.0.0"), "nothing", True, True),  # public shared: nobody wipes everyone's
-        (dict(cache_mode="shared", host="127.0.0.1", on_space=True), "nothing", True, True),
+        (dict(cache_mode="shared", host="0.0.0.0", allow_shared_public=True), "nothing", True, True),  # public shared: nobody wipes everyone's
+        (dict(cache_mode="shared", host="127.0.0.1", on_space=True, allow_shared_public=True), "nothing", True, True),
     ],
 )
 def test_clear_only_clears_what_the_session_may(tiny_engine, settings, cleared, alice_left, bob_left):
@@ -81,18 +87,18 @@ def test_clear_only_clears_what_the_session_may(tiny_engine, settings, cleared, 
     service = make_service(tiny_engine, **settings)
     ask(service, "alice", "Alice asks about apples")
     ask(service, "bob", "Bob asks about zebras")
-    assert service.clear(service.namespace_for("alice"))["cleared"] == cleared
-    assert bool(service.entries(service.namespace_for("alice"))) is alice_left
-    assert bool(service.entries(service.namespace_for("bob"))) is bob_left
+    assert service.clear(who("alice"))["cleared"] == cleared
+    assert bool(service.entries(who("alice"))) is alice_left
+    assert bool(service.entries(who("bob"))) is bob_left
 
 
 def test_bad_input_raises_value_error_before_queueing(tiny_engine):
     """The engine's ValueError reaches the caller (the UI turns it into gr.Error); the pool slot is not taken."""
     service = make_service(tiny_engine, concurrency=1, max_queue=1)
     with pytest.raises(ValueError, match="non-empty"):
-        service.stream("", prompt="   ")
+        service.stream(who(""), prompt="   ")
     with pytest.raises(ValueError, match="context window"):
-        list(service.stream("", prompt="x " * 2000, max_new_tokens=4))  # too long: raised by the worker, re-raised here
+        list(service.stream(who(""), prompt="x " * 2000, max_new_tokens=4))  # too long: raised by the worker, re-raised here
     assert ask(service, "alice", "still serving").text is not None
 
 
@@ -100,11 +106,11 @@ def test_not_ready_and_busy_are_distinct_errors(tiny_engine):
     """Before the model loads: NotReady. With every slot taken: Busy (REST answers 503 for both)."""
     waiting = EngineService(AppSettings(concurrency=1, max_queue=1), loader=lambda *a, **k: tiny_engine)
     with pytest.raises(NotReady):
-        waiting.stream("", prompt="hi")
+        waiting.stream(who(""), prompt="hi")
     service = make_service(tiny_engine, concurrency=1, max_queue=1)
-    streams = [service.stream("", prompt=f"question {i} " * 3, max_new_tokens=2) for i in range(2)]
+    streams = [service.stream(who(""), prompt=f"question {i} " * 3, max_new_tokens=2) for i in range(2)]
     with pytest.raises(Busy):
-        service.stream("", prompt="one too many")
+        service.stream(who(""), prompt="one too many")
     for stream in streams:
         list(stream)
     assert ask(service, "alice", "room again").text is not None
@@ -122,4 +128,4 @@ def test_a_model_that_cannot_load_is_reported_not_fatal():
     status = service.status()
     assert not status["ready"] and "hub is unreachable" in status["error"]
     with pytest.raises(NotReady, match="hub is unreachable"):
-        service.stream("", prompt="hi")
+        service.stream(who(""), prompt="hi")

@@ -30,7 +30,10 @@ def test_default_cache_mode_is_shared_only_when_local(host, on_space, mode):
         ([], {}, dict(host="127.0.0.1", port=7860, cache_mode="shared", model=None, cache_budget_mb=None)),
         ([], {"GRADIO_SERVER_NAME": "0.0.0.0", "GRADIO_SERVER_PORT": "9000"}, dict(host="0.0.0.0", port=9000, cache_mode="per-session")),
         ([], {"SPACE_ID": "me/demo", "GRADIO_SERVER_NAME": "0.0.0.0"}, dict(cache_mode="per-session", on_space=True)),
-        (["--host", "0.0.0.0", "--cache-mode", "shared"], {}, dict(cache_mode="shared")),
+        (["--host", "0.0.0.0", "--cache-mode", "shared", "--allow-shared-public"], {}, dict(cache_mode="shared", allow_shared_public=True)),
+        (["--public"], {}, dict(cache_mode="per-session", public=True, is_local=False, prompt_token_limit=1024)),
+        ([], {}, dict(is_local=True, prompt_token_limit=None, trust_proxy=False, session_cache_share=0.25)),
+        (["--max-prompt-tokens", "64", "--session-cache-share", "0.5"], {"SPACE_ID": "me/demo"}, dict(prompt_token_limit=64, session_cache_share=0.5, trust_proxy=True)),
         (["--cache-mode", "per-session"], {}, dict(cache_mode="per-session", host="127.0.0.1")),
         (["--port", "7000", "--model", "some/model", "--cache-budget-mb", "64"], {"GRADIO_SERVER_PORT": "9000"}, dict(port=7000, model="some/model", cache_budget_mb=64.0)),
     ],
@@ -47,3 +50,12 @@ def test_bad_settings_are_refused():
         AppSettings(cache_mode="everyone")
     with pytest.raises(SystemExit):
         parse_settings(["--cache-mode", "everyone"], {})
+
+
+@pytest.mark.parametrize("argv, environ", [(["--host", "0.0.0.0", "--cache-mode", "shared"], {}), (["--cache-mode", "shared"], {"SPACE_ID": "me/demo"}), (["--cache-mode", "shared", "--public"], {})])
+def test_shared_cache_on_a_public_server_needs_the_explicit_flag(argv, environ, capsys):
+    """A shared cache where strangers connect is a prefix oracle: refuse to start without --allow-shared-public, saying why."""
+    with pytest.raises(SystemExit):
+        parse_settings(argv, environ)
+    assert "--allow-shared-public" in capsys.readouterr().err
+    assert parse_settings([*argv, "--allow-shared-public"], environ).cache_mode == "shared"

@@ -15,6 +15,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from engine import GenerationResult
+from ui.limits import MAX_CHART_RECORDS
 
 STATUS_COLORS = {"hit": "#16a34a", "partial": "#f59e0b", "miss": "#dc2626", "skipped": "#a8a29e", "off": "#6366f1"}
 STATUS_TEXT = {
@@ -72,16 +73,32 @@ class RequestRecord:
 
 @dataclass
 class SessionHistory:
-    """One browser session's requests (kept in ``gr.State``, so visitors never see each other's)."""
+    """One page session's requests, kept in ``gr.State`` and bound to the session that made them.
 
+    Gradio keys ``gr.State`` by the client-sent ``session_hash``, which anyone can copy, so the
+    history records its ``owner`` (the server-issued session key) and :meth:`owned_by` hands a
+    caller someone else's history never: a stranger gets a fresh one.
+    """
+
+    owner: str | None = None
     records: list[RequestRecord] = field(default_factory=list)
     # Token sequences this session sent and received: the cache paths whose text it may see.
     sequences: list[tuple[int, ...]] = field(default_factory=list)
     max_sequences: int = 64
+    max_records: int = MAX_CHART_RECORDS
+    added: int = 0  # requests ever added: numbers the records even after old ones are dropped
+
+    def owned_by(self, session_key: str) -> "SessionHistory":
+        """This history when it belongs to ``session_key`` (or to nobody yet), else a fresh one for it."""
+        if self.owner is None:
+            self.owner = session_key
+        return self if self.owner == session_key else SessionHistory(owner=session_key)
 
     def add(self, result: GenerationResult, label: str = "playground", own_sequence: bool = True) -> RequestRecord:
-        record = RequestRecord.of(result, index=len(self.records) + 1, label=label)
+        self.added += 1
+        record = RequestRecord.of(result, index=self.added, label=label)
         self.records.append(record)
+        del self.records[: -self.max_records]
         if own_sequence:
             self.sequences.append(tuple(result.prompt_token_ids) + tuple(result.token_ids))
             del self.sequences[: -self.max_sequences]
@@ -89,6 +106,7 @@ class SessionHistory:
 
     def reset_charts(self) -> None:
         self.records.clear()
+        self.added = 0
 
 
 def reused_tokens(result: GenerationResult) -> int:

@@ -10,10 +10,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import AsyncIterator
 
 from engine import GenerationResult
 from ui.service import EngineService
+from ui.sessions import Session
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 SCENARIOS_PATH = ASSETS / "scenarios.json"
@@ -65,20 +66,23 @@ def load_examples(path: Path = EXAMPLES_PATH) -> list[list[str]]:
     return [list(pair) for pair in json.loads(path.read_text(encoding="utf-8"))["examples"]]
 
 
-def run_scenario(service: EngineService, scenario: Scenario, namespace: str, max_new_tokens: int | None = None) -> Iterator[ScenarioStep]:
+async def run_scenario(service: EngineService, scenario: Scenario, session: Session, max_new_tokens: int | None = None) -> AsyncIterator[ScenarioStep]:
     """Yield each request's result: every prompt with the prefix cache off, then every prompt with it on.
 
+    Closing the iteration (a page that went away) cancels the request that is running.
+
     Args:
-        namespace: The session's namespace; the run uses a cold scratch namespace under it.
+        session: Whose run it is; it uses a cold scratch namespace under the session's own.
         max_new_tokens: Overrides the scenario's own setting.
     """
-    scratch = service.scratch_namespace(namespace)
+    scratch = service.scratch_namespace(service.namespace_for(session))
     try:
         for phase, prefix_cache in (("off", False), ("on", True)):
             history: list[dict[str, str]] = []
             for index, prompt in enumerate(scenario.prompts):
                 message = scenario.message(prompt)
-                result = service.generate(
+                result = await service.stream(
+                    session,
                     scratch,
                     prompt=message,
                     system_prompt=scenario.system_prompt,
@@ -86,7 +90,7 @@ def run_scenario(service: EngineService, scenario: Scenario, namespace: str, max
                     max_new_tokens=max_new_tokens or scenario.max_new_tokens,
                     use_cache=True,
                     use_prefix_cache=prefix_cache,
-                )
+                ).aresult()
                 yield ScenarioStep(phase, index, result)
                 if scenario.conversation:
                     history += [{"role": "user", "content": message}, {"role": "assistant", "content": result.text}]

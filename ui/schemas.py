@@ -1,7 +1,8 @@
-"""REST request bodies, validated with pydantic, and readable messages for what is wrong with them.
+"""Request bodies, validated with pydantic, and readable messages for what is wrong with them.
 
-The limits here are the server's, not the model's: the engine still checks the context window
-(a prompt whose tokens do not fit is its ``ValueError``, answered 400).
+:func:`parse_body` is the one validation of a generation request, whichever door it came in by:
+the page's events, gradio_client and REST all call it, with strict types (a prompt is a str, a
+flag a real bool, max_new_tokens an int) and the limits of ``ui.limits`` and ``engine.sampling``.
 """
 
 from __future__ import annotations
@@ -10,9 +11,8 @@ import unicodedata
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-MAX_NEW_TOKENS = 512  # a serving cap: a 2-core CPU decodes ~15 tokens/s
-MAX_PROMPT_CHARS = 32_000  # about SmolLM2's 8k-token context window; longer text cannot fit anyway
-MAX_BODY_BYTES = 256 * 1024  # larger REST bodies get 413 before they are parsed
+from engine.sampling import SEED_MAX, TEMPERATURE_MAX, TOP_P_MAX, TOP_P_MIN_EXCLUSIVE
+from ui.limits import MAX_NEW_TOKENS, MAX_PROMPT_CHARS
 _ALLOWED_CONTROLS = frozenset("\t\n\r")
 
 
@@ -26,9 +26,9 @@ class GenerateBody(BaseModel):
     max_new_tokens: int = Field(ge=1, le=MAX_NEW_TOKENS, description="tokens to generate at most")
     use_cache: bool = Field(description="KV cache during decoding")
     use_prefix_cache: bool = Field(description="reuse KV across requests (needs use_cache)")
-    temperature: float = Field(0.0, ge=0.0, le=2.0, allow_inf_nan=False, description="0 is greedy")
-    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False, description="nucleus sampling mass")
-    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="seed for repeatable sampling")
+    temperature: float = Field(0.0, ge=0.0, le=TEMPERATURE_MAX, allow_inf_nan=False, description="0 is greedy")
+    top_p: float = Field(1.0, gt=TOP_P_MIN_EXCLUSIVE, le=TOP_P_MAX, allow_inf_nan=False, description="nucleus sampling mass")
+    seed: int | None = Field(None, ge=0, le=SEED_MAX, description="seed for repeatable sampling")
 
     @field_validator("prompt")
     @classmethod
@@ -51,7 +51,7 @@ class BadRequest(ValueError):
 
 
 def parse_body(raw: bytes | dict) -> GenerateBody:
-    """Validate a REST body (raw JSON bytes) or the arguments of a UI / gradio_client call (a dict).
+    """Validate a REST body (raw JSON bytes) or the arguments of a page / gradio_client call (a dict).
 
     Raises:
         BadRequest: with :func:`describe`'s message.

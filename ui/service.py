@@ -1,27 +1,34 @@
-"""The served engine: loaded in the background, shared by UI and REST through one bounded worker pool.
+"""The served engine: loaded in the background, shared by UI and REST through one bounded, fair worker pool.
 
 The engine is thread-safe, but the machine has few cores: every generation, whichever door it came
-in by (the Gradio queue, gradio_client or plain REST), runs on one pool of ``concurrency`` threads,
-with at most ``max_queue`` more waiting. The pool thread runs the engine's own stream, so the
-engine's clock starts when the work starts (queueing is not counted as TTFT) and an abandoned
-stream still finishes and frees its slot.
+in by (the Gradio queue, gradio_client or plain REST), becomes a :class:`Job` run by one of
+``concurrency`` worker threads. Waiting jobs are served round robin across clients (one queue per
+session, not one FIFO), a client may have ``max_inflight_per_session`` jobs queued or running, and
+at most ``concurrency + max_queue`` exist at once; beyond that :class:`Busy` (503 with Retry-After).
+A job's clock starts when the work starts (queueing is not counted as TTFT). Cancelling a job (a
+client that disconnected, or abandoned the stream) stops it within one decode step.
 
 This module also owns cache isolation: which prefix-cache namespace a session uses, and what of
 the cache a session may see or clear. It never shows the text of another session's prompts.
+Sessions themselves come from ``ui.sessions``.
 """
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import logging
 import queue
 import threading
 import uuid
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Iterator, Sequence
+from collections import OrderedDict, deque
+from typing import Any, AsyncIterator, Callable, Iterator, Sequence
+
+import anyio
 
 from cache import DEFAULT_NAMESPACE
-from engine import Engine, GenerationResult, final_result
+from engine import Engine, EngineConfig, GenerationResult, final_result
+from ui.limits import RETRY_AFTER_S
+from ui.sessions import Session
 from ui.settings import AppSettings
 
 log = logging.getLogger(__name__)
@@ -34,7 +41,124 @@ class NotReady(RuntimeError):
 
 
 class Busy(RuntimeError):
-    """Too many requests are waiting: REST answers 503."""
+    """Too many requests, from this client or from everyone: REST answers 503 with Retry-After."""
+
+    retry_after_s = RETRY_AFTER_S
+
+
+class Job:
+    """One generation: queued, then run by a worker. Iterate it for text deltas and the result.
+
+    Leaving the iteration early (or calling :meth:`cancel`) stops the work within one decode step.
+    """
+
+    def __init__(self, client: str, namespace: str, kwargs: dict[str, Any], on_cancel: Callable[["Job"], None], on_end: Callable[["Job"], None]) -> None:
+        self.client = client  # what the per-client limit and the round robin count
+        self.namespace = namespace
+        self.kwargs = kwargs
+        self.cancelled = threading.Event()
+        self._items: queue.SimpleQueue = queue.SimpleQueue()
+        self._on_cancel = on_cancel
+        self._on_end = on_end
+
+    def cancel(self) -> None:
+        """Stop the job: one still waiting leaves the queue now, a running one at its next token."""
+        if not self.cancelled.is_set():
+            self.cancelled.set()
+            self._on_cancel(self)
+
+    def __iter__(self) -> Iterator[str | GenerationResult]:
+        try:
+            while True:
+                kind, value = self._items.get()
+                if kind == "done":
+                    return
+                if kind == "error":
+                    raise value
+                yield value
+        finally:
+            self.cancel()  # no-op after a normal end
+
+    def result(self) -> GenerationResult:
+        return final_result(iter(self))
+
+    async def aresult(self) -> GenerationResult:
+        """:meth:`result` for async handlers: cancelling the awaiting task cancels the job."""
+        try:
+            return await anyio.to_thread.run_sync(self.result, abandon_on_cancel=True)
+        finally:
+            self.cancel()
+
+    async def aiter(self) -> AsyncIterator[str | GenerationResult]:
+        """Iterate from async code; closing or cancelling the iteration cancels the job."""
+        try:
+            while True:
+                kind, value = await anyio.to_thread.run_sync(self._items.get, abandon_on_cancel=True)
+                if kind == "done":
+                    return
+                if kind == "error":
+                    raise value
+                yield value
+        finally:
+            self.cancel()
+
+    # ------------------------------------------------------------------ the worker's side
+
+    def run(self, engine: Engine) -> None:
+        try:
+            if self.cancelled.is_set():
+                return
+            stream = engine.stream(cache_key=self.namespace, **self.kwargs)
+            try:
+                for item in stream:
+                    if self.cancelled.is_set():
+                        return
+                    self._items.put(("item", item))
+            finally:
+                stream.close()  # runs the engine's own cleanup: the matched cache path is unlocked
+        except Exception as exc:  # handed to the consumer, which re-raises it in its own thread
+            self._items.put(("error", exc))
+        finally:
+            self._items.put(("done", None))
+            self._on_end(self)
+
+
+class FairQueue:
+    """Jobs waiting for a worker, served round robin across clients rather than first come first served.
+
+    One client sending forty requests waits behind itself: each other client's next job is taken
+    before that client's second. An OrderedDict of per-client deques gives O(1) rotation.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._waiting: OrderedDict[str, deque[Job]] = OrderedDict()
+
+    def put(self, job: Job) -> None:
+        with self._cond:
+            self._waiting.setdefault(job.client, deque()).append(job)
+            self._cond.notify()
+
+    def get(self) -> Job:
+        with self._cond:
+            while not self._waiting:
+                self._cond.wait()
+            client, jobs = self._waiting.popitem(last=False)
+            job = jobs.popleft()
+            if jobs:
+                self._waiting[client] = jobs  # back of the rotation
+            return job
+
+    def remove(self, job: Job) -> bool:
+        """Take a waiting job out; False when a worker already has it."""
+        with self._cond:
+            jobs = self._waiting.get(job.client)
+            if jobs is None or job not in jobs:
+                return False
+            jobs.remove(job)
+            if not jobs:
+                del self._waiting[job.client]
+            return True
 
 
 class EngineService:
@@ -43,7 +167,7 @@ class EngineService:
     Example:
         >>> service = EngineService(AppSettings()); service.start_loading()
         >>> service.wait_ready(timeout=60)
-        >>> service.generate(service.namespace_for("alice"), prompt="Hi", max_new_tokens=8).text
+        >>> service.generate(session, prompt="Hi", max_new_tokens=8).text   # session: from ui.sessions
     """
 
     def __init__(self, settings: AppSettings, loader: Loader = Engine.from_pretrained) -> None:
@@ -53,8 +177,12 @@ class EngineService:
         self._loaded = threading.Event()
         self.load_error: str | None = None
         self.progress_lines: list[str] = []
-        self._pool = ThreadPoolExecutor(max_workers=settings.concurrency, thread_name_prefix="generate")
-        self._slots = threading.BoundedSemaphore(settings.concurrency + settings.max_queue)
+        self._waiting = FairQueue()
+        self._lock = threading.Lock()
+        self._inflight: dict[str, int] = {}  # client -> jobs queued or running; a client at 0 is forgotten
+        self._ephemeral: set[str] = set()  # namespaces of anonymous calls, dropped when their job ends
+        for i in range(settings.concurrency):
+            threading.Thread(target=self._work, name=f"generate-{i}", daemon=True).start()
 
     # ------------------------------------------------------------------ loading
 
@@ -68,7 +196,7 @@ class EngineService:
             log.info("%s", line)
 
         try:
-            self._engine = self._loader(self.settings.model, progress=progress, cache_budget_mb=self.settings.cache_budget_mb)
+            self._engine = self._loader(self.settings.model, progress=progress, **self._engine_settings())
             info = self._engine.info()
             progress(f"Ready: {info['model']} on {info['device']} ({info['dtype']}).")
         except Exception as exc:  # shown on the page and by /health; the server keeps running
@@ -103,16 +231,31 @@ class EngineService:
             "dtype": info.get("dtype"),
             "parameters": info.get("parameters"),
             "context_length": info.get("context_length"),
+            "max_prompt_tokens": self.settings.prompt_token_limit or info.get("context_length"),
+            "inflight": self.inflight,
         }
+
+    @property
+    def inflight(self) -> int:
+        """Generations queued or running, all clients together."""
+        with self._lock:
+            return sum(self._inflight.values())
+
+    def _engine_settings(self) -> dict[str, Any]:
+        """The app's engine settings, each passed only where this engine version has the field."""
+        settings = {"cache_budget_mb": self.settings.cache_budget_mb, "max_prompt_tokens": self.settings.prompt_token_limit}
+        if self.settings.per_session:
+            settings["namespace_quota"] = self.settings.session_cache_share
+        known = {f.name for f in dataclasses.fields(EngineConfig)}
+        return {name: value for name, value in settings.items() if name in known and value is not None}
 
     # ------------------------------------------------------------------ sessions and namespaces
 
-    def namespace_for(self, session_id: str | None) -> str:
+    def namespace_for(self, session: Session) -> str:
         """The prefix-cache namespace of a session: one shared namespace, or one per session."""
         if not self.settings.per_session:
             return DEFAULT_NAMESPACE
-        digest = hashlib.sha256((session_id or "anonymous").encode("utf-8", "surrogatepass")).hexdigest()[:16]
-        return f"session-{digest}"
+        return f"session-{session.key[-32:]}"
 
     @staticmethod
     def scratch_namespace(namespace: str) -> str:
@@ -121,48 +264,66 @@ class EngineService:
 
     # ------------------------------------------------------------------ generation
 
-    def stream(self, namespace: str, **kwargs: Any) -> Iterator[str | GenerationResult]:
-        """Like ``Engine.stream`` with ``cache_key=namespace``, run on the shared pool.
+    def stream(self, session: Session, namespace: str | None = None, **kwargs: Any) -> Job:
+        """Queue a request (``Engine.stream`` arguments) in ``session``'s namespace (or ``namespace``).
+
+        Returns a :class:`Job`: iterate it (or ``aiter``) for text deltas, then the result.
 
         Raises:
             ValueError: bad input (raised here, before anything is queued, except a prompt too
-                long for the context window, which surfaces on the first ``next``).
-            NotReady, Busy: the model is not loaded, or too many requests are waiting.
+                long for the context window, which surfaces on the first item).
+            NotReady, Busy: the model is not loaded, or this client or the server has too many
+                requests queued or running.
         """
         engine = self.engine
+        namespace = namespace or self.namespace_for(session)
         engine.make_request(cache_key=namespace, **kwargs)  # validate now, so the caller gets a ValueError at once
-        if not self._slots.acquire(blocking=False):
-            raise Busy(f"the server is busy ({self.settings.max_queue} requests waiting); try again shortly")
-        items: queue.SimpleQueue = queue.SimpleQueue()
-        try:
-            self._pool.submit(self._run, engine, namespace, kwargs, items)
-        except BaseException:
-            self._slots.release()
-            raise
-        return _drain(items)
+        limit = self.settings.anonymous_inflight_limit if session.anonymous else self.settings.max_inflight_per_session
+        with self._lock:
+            if sum(self._inflight.values()) >= self.settings.concurrency + self.settings.max_queue:
+                raise Busy(f"the server is busy ({self.settings.max_queue} requests waiting); try again in a few seconds")
+            if self._inflight.get(session.client, 0) >= limit:
+                raise Busy(f"this session already has {limit} requests queued or running; wait for one to finish")
+            self._inflight[session.client] = self._inflight.get(session.client, 0) + 1
+            if session.anonymous and self.settings.per_session:
+                self._ephemeral.add(namespace)
+        job = Job(session.client, namespace, kwargs, on_cancel=self._cancelled, on_end=self._ended)
+        self._waiting.put(job)
+        return job
 
-    def generate(self, namespace: str, **kwargs: Any) -> GenerationResult:
+    def generate(self, session: Session, namespace: str | None = None, **kwargs: Any) -> GenerationResult:
         """Run one request to completion on the pool."""
-        return final_result(self.stream(namespace, **kwargs))
+        return self.stream(session, namespace, **kwargs).result()
 
-    def _run(self, engine: Engine, namespace: str, kwargs: dict[str, Any], items: queue.SimpleQueue) -> None:
-        try:
-            for item in engine.stream(cache_key=namespace, **kwargs):
-                items.put(("item", item))
-        except Exception as exc:  # handed to the consumer, which re-raises it in its own thread
-            items.put(("error", exc))
-        finally:
-            items.put(("done", None))
-            self._slots.release()
+    def _work(self) -> None:
+        while True:
+            job = self._waiting.get()
+            job.run(self._engine)
+
+    def _cancelled(self, job: Job) -> None:
+        if self._waiting.remove(job):  # never reached a worker: its slot is free now
+            self._ended(job)
+
+    def _ended(self, job: Job) -> None:
+        with self._lock:
+            left = self._inflight.get(job.client, 0) - 1
+            if left > 0:
+                self._inflight[job.client] = left
+            else:
+                self._inflight.pop(job.client, None)
+            ephemeral = job.namespace in self._ephemeral
+            self._ephemeral.discard(job.namespace)
+        if ephemeral:
+            self.drop_namespace(job.namespace)  # an anonymous call's namespace lives for that call only
 
     # ------------------------------------------------------------------ what a session may see and do
 
-    def stats(self, namespace: str) -> dict[str, Any]:
+    def stats(self, session: Session) -> dict[str, Any]:
         """Prefix-cache stats as a session may see them: its own namespace, or the shared one."""
-        stats = self.engine.cache.stats(namespace=namespace)
+        stats = self.engine.cache.stats(namespace=self.namespace_for(session))
         return {**stats, "cache_mode": self.settings.cache_mode, "scope": "session" if self.settings.per_session else "shared"}
 
-    def clear(self, namespace: str) -> dict[str, Any]:
+    def clear(self, session: Session) -> dict[str, Any]:
         """Clear what this session may clear: everything (local, shared mode), else its own namespace.
 
         A shared cache on a public server is never cleared by a visitor: that would let anyone wipe
@@ -173,7 +334,7 @@ class EngineService:
             cache.clear()
             return {"cleared": "all", "message": "cleared the whole prefix cache"}
         if self.settings.per_session:
-            cache.clear(namespace)
+            cache.clear(self.namespace_for(session))
             return {"cleared": "session", "message": "cleared this session's prefix cache"}
         return {"cleared": "nothing", "message": "the shared cache of a public server cannot be cleared by a visitor"}
 
@@ -182,7 +343,7 @@ class EngineService:
         if self._engine is not None:
             self._engine.cache.clear(namespace)
 
-    def entries(self, namespace: str, own_sequences: Sequence[Sequence[int]] = ()) -> list[dict[str, Any]]:
+    def entries(self, session: Session, own_sequences: Sequence[Sequence[int]] = ()) -> list[dict[str, Any]]:
         """The cache inspector's rows for a session, with a text preview only of the session's own tokens.
 
         In per-session mode the namespace holds only the session's own requests. In shared mode
@@ -192,7 +353,7 @@ class EngineService:
         engine = self.engine
         own_all = self.settings.per_session
         rows, stack = [], []  # stack: (end position, path tokens) of the ancestors of the current node
-        for entry in engine.cache.entries(namespace):
+        for entry in engine.cache.entries(self.namespace_for(session)):
             while stack and stack[-1][0] != entry.start:
                 stack.pop()
             path = (stack[-1][1] if stack else ()) + entry.token_ids
@@ -214,17 +375,6 @@ class EngineService:
 
 
 # ---------------------------------------------------------------------- helpers
-
-
-def _drain(items: queue.SimpleQueue) -> Iterator[str | GenerationResult]:
-    while True:
-        kind, value = items.get()
-        if kind == "item":
-            yield value
-        elif kind == "error":
-            raise value
-        else:
-            return
 
 
 def _is_prefix(prefix: Sequence[int], sequence: Sequence[int]) -> bool:

@@ -15,6 +15,7 @@ from typing import Literal, Mapping, Sequence
 
 CacheMode = Literal["shared", "per-session"]
 CACHE_MODES: tuple[str, ...] = ("shared", "per-session")
+PUBLIC_MAX_PROMPT_TOKENS = 1024  # one prompt's prefill on a 2-core CPU: a few seconds, not a minute
 
 
 @dataclass(frozen=True)
@@ -29,19 +30,36 @@ class AppSettings:
     on_space: bool = False  # running on Hugging Face Spaces (SPACE_ID is set)
     concurrency: int = 2  # generations at once, UI and REST together (2 CPU cores: more only contends)
     max_queue: int = 32  # requests waiting beyond that are refused (503 / gr.Error)
+    public: bool = False  # behave as on a public address although bound to loopback (tests use it)
+    allow_shared_public: bool = False  # a shared cache on a public server is a prefix oracle: opt in
+    trust_proxy: bool = False  # take the client address from X-Forwarded-For (only behind a proxy you run)
+    max_prompt_tokens: int | None = None  # None: the context window locally, PUBLIC_MAX_PROMPT_TOKENS when public
+    session_cache_share: float = 0.25  # per-session mode: the share of the cache budget one session may hold
+    max_inflight_per_session: int = 2  # queued or running requests of one session (or one anonymous address)
 
     def __post_init__(self) -> None:
         if self.cache_mode not in CACHE_MODES:
             raise ValueError(f"cache_mode must be one of {', '.join(CACHE_MODES)}, got {self.cache_mode!r}")
         if not 1 <= self.port <= 65535:
             raise ValueError(f"port must be between 1 and 65535, got {self.port}")
-        if self.concurrency < 1 or self.max_queue < 1:
-            raise ValueError("concurrency and max_queue must be >= 1")
+        if self.concurrency < 1 or self.max_queue < 1 or self.max_inflight_per_session < 1:
+            raise ValueError("concurrency, max_queue and max_inflight_per_session must be >= 1")
+        if not 0 < self.session_cache_share <= 1:
+            raise ValueError(f"session_cache_share must be in (0, 1], got {self.session_cache_share}")
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
+            raise ValueError(f"max_prompt_tokens must be >= 1, got {self.max_prompt_tokens}")
+        if self.cache_mode == "shared" and not self.is_local and not self.allow_shared_public:
+            raise ValueError(
+                "a shared prefix cache on a public server lets anyone learn other visitors' prompts from "
+                "timing and reused-token counts; use --cache-mode per-session (the default there), or pass "
+                "--allow-shared-public if every visitor may see what the others send"
+            )
+
 
     @property
     def is_local(self) -> bool:
         """Only this machine can reach the server: bound to loopback and not on a Space."""
-        return not self.on_space and is_loopback(self.host)
+        return not self.on_space and not self.public and is_loopback(self.host)
 
     @property
     def per_session(self) -> bool:
@@ -51,6 +69,18 @@ class AppSettings:
     def may_clear_everything(self) -> bool:
         """Clearing the whole cache is a local, shared-mode privilege; otherwise a session clears its own."""
         return self.is_local and not self.per_session
+
+    @property
+    def prompt_token_limit(self) -> int | None:
+        """The engine's ``max_prompt_tokens``: as given, else a small cap on a public server, else the context."""
+        if self.max_prompt_tokens is not None:
+            return self.max_prompt_tokens
+        return None if self.is_local else PUBLIC_MAX_PROMPT_TOKENS
+
+    @property
+    def anonymous_inflight_limit(self) -> int:
+        """Callers without a session share a limit per address; locally that address is the owner's own."""
+        return self.concurrency + self.max_queue if self.is_local else self.max_inflight_per_session
 
 
 def parse_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> AppSettings:
@@ -69,9 +99,23 @@ def parse_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str]
         "(default: shared on loopback, per-session on a public address or a Space)",
     )
     parser.add_argument("--concurrency", type=int, default=AppSettings.concurrency, help="generations at once (default 2)")
+    parser.add_argument("--max-prompt-tokens", type=int, default=None, help=f"longest prompt in tokens (default: the context window locally, {PUBLIC_MAX_PROMPT_TOKENS} on a public server)")
+    parser.add_argument("--session-cache-share", type=float, default=AppSettings.session_cache_share, help="per-session mode: share of the cache budget one session may hold (default 0.25)")
+    parser.add_argument("--max-inflight-per-session", type=int, default=AppSettings.max_inflight_per_session, help="queued or running requests per session (default 2)")
+    parser.add_argument("--trust-proxy", action="store_true", help="take client addresses from X-Forwarded-For (default: only on a Space)")
+    parser.add_argument("--allow-shared-public", action="store_true", help="allow --cache-mode shared on a public server (every visitor can probe the others' prefixes)")
+    parser.add_argument("--public", action="store_true", help=argparse.SUPPRESS)  # a loopback server that behaves as a public one (tests)
     args = parser.parse_args(argv)
     on_space = bool(environ.get("SPACE_ID"))
-    mode = args.cache_mode or default_cache_mode(args.host, on_space)
+    public = args.public or environ.get("KVCI_PUBLIC", "") not in ("", "0")
+    mode = args.cache_mode or default_cache_mode(args.host, on_space or public)
+    try:
+        return _settings_from(args, mode, on_space, public)
+    except ValueError as exc:
+        parser.error(str(exc))  # exits with the message and status 2
+
+
+def _settings_from(args: argparse.Namespace, mode: CacheMode, on_space: bool, public: bool) -> AppSettings:
     return AppSettings(
         host=args.host,
         port=args.port,
@@ -80,6 +124,12 @@ def parse_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str]
         cache_mode=mode,
         on_space=on_space,
         concurrency=args.concurrency,
+        public=public,
+        allow_shared_public=args.allow_shared_public,
+        trust_proxy=args.trust_proxy or on_space,
+        max_prompt_tokens=args.max_prompt_tokens,
+        session_cache_share=args.session_cache_share,
+        max_inflight_per_session=args.max_inflight_per_session,
     )
 
 

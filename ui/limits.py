@@ -1,0 +1,15 @@
+"""The server's limits on requests: one set, used by every entry point (page, gradio_client, REST).
+
+These are serving caps, not the model's: the engine still checks its context window and
+``max_prompt_tokens`` (a prompt whose tokens do not fit is its ``ValueError``, answered 400).
+Sampling bounds live with the sampler (``engine.sampling``) so the engine checks the same ones.
+"""
+
+from __future__ import annotations
+
+MAX_NEW_TOKENS = 512  # a serving cap: a 2-core CPU decodes ~15 tokens/s
+MAX_PROMPT_CHARS = 32_000  # about SmolLM2's 8k-token context window; longer text cannot fit anyway
+MAX_BODY_BYTES = 256 * 1024  # any larger request body (REST or /gradio_api) gets 413 before it is parsed
+RETRY_AFTER_S = 5  # what a 503 (busy) asks the client to wait
+MAX_CHART_RECORDS = 200  # a page session's chart history keeps the newest this many requests
+SESSION_STATE_TTL_S = 3600  # a page session's gr.State is dropped this long after its last change

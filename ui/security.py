@@ -1,0 +1,174 @@
+"""What every HTTP request passes before any route sees it: one ASGI middleware around the whole app.
+
+In order, for each request:
+
+1. **Host** (a loopback server only): ``localhost``, ``127.0.0.1`` or ``[::1]`` with any port, else
+   421. A page on another site that re-points its own name at 127.0.0.1 (DNS rebinding) is refused.
+2. **Methods** on the REST routes: anything else gets 405 with ``Allow`` (Gradio is mounted at "/",
+   so without this an unknown method would fall through to it).
+3. **Origin** on state-changing methods: a request whose ``Origin`` names another site is refused
+   (403). Browsers always send Origin on cross-site POSTs; curl and scripts send none and pass.
+4. **Content-Type**: a POST with a body must be ``application/json`` (415), so a cross-site "simple"
+   request (text/plain, forms) never reaches a route.
+5. **Body size**: any body over ``MAX_BODY_BYTES`` gets 413, REST and ``/gradio_api/*`` alike, before
+   it is parsed, with or without Content-Length.
+6. **No CORS**: no ``Access-Control-Allow-*`` header leaves the app; cross-origin callers get nothing.
+7. **Page sessions**: loading the page without a valid session cookie sets a fresh one (``ui.sessions``).
+
+Knows nothing about the engine; the routes still validate what they receive.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Awaitable, Callable
+from urllib.parse import urlsplit
+
+from starlette.datastructures import Headers
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ui.limits import MAX_BODY_BYTES
+from ui.sessions import COOKIE_NAME, SessionIssuer
+
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "[::1]", "::1"})
+STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+PAGE_PATH = "/"
+UPLOAD_PREFIX = "/gradio_api/upload"  # multipart by design (the page has no file inputs, but Gradio serves it)
+
+
+class Guard:
+    """The middleware. ``routes`` gives the REST routes (read at the first request, when all exist).
+
+    Example:
+        >>> app.add_middleware(Guard, check_host=True, issuer=SessionIssuer(False), routes=lambda: api.routes)
+    """
+
+    def __init__(self, app: ASGIApp, check_host: bool, issuer: SessionIssuer, routes: Callable[[], list]) -> None:
+        self.app = app
+        self.check_host = check_host
+        self.issuer = issuer
+        self._routes = routes
+        self._methods: dict[str, set[str]] | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        refusal = self._refusal(scope["method"], scope["path"], headers)
+        if refusal is not None:
+            await _respond(send, *refusal)
+            return
+        if scope["method"] in STATE_CHANGING:
+            body = await _read_capped(receive, headers)
+            if body is None:
+                await _respond(send, 413, f"the request body is over the limit of {MAX_BODY_BYTES // 1024} KiB; send a shorter prompt")
+                return
+            receive = _replay(body, receive)
+        new_cookie = None
+        if scope["method"] == "GET" and scope["path"] == PAGE_PATH and self.issuer.cookie_id(_cookie(headers)) is None:
+            new_cookie = self.issuer.new_cookie()
+        await self.app(scope, receive, _filtered(send, new_cookie))
+
+    def _refusal(self, method: str, path: str, headers: Headers) -> tuple[int, str, dict[str, str]] | None:
+        """(status, message, extra headers) for a request refused before any route, else None."""
+        host = headers.get("host", "")
+        if self.check_host and _hostname(host) not in LOOPBACK_NAMES:
+            return 421, f"this server answers only to localhost, 127.0.0.1 or [::1], not {host[:100]!r}", {}
+        allowed = self._rest_methods().get(path)
+        if allowed is not None and method not in allowed:
+            return 405, f"{path} allows {', '.join(sorted(allowed))}, not {method[:20]}", {"Allow": ", ".join(sorted(allowed))}
+        if method not in STATE_CHANGING:
+            return None
+        origin = headers.get("origin")
+        if origin is not None and urlsplit(origin).netloc.lower() != host.lower():
+            return 403, "cross-site requests are refused: this server takes state-changing requests only from its own page or from scripts", {}
+        if _has_body(headers) and not path.startswith(UPLOAD_PREFIX):
+            content_type = headers.get("content-type", "").split(";")[0].strip().lower()
+            if content_type != "application/json":
+                return 415, f"send the body as application/json, not {content_type[:60] or 'no content type'!r}", {}
+        return None
+
+    def _rest_methods(self) -> dict[str, set[str]]:
+        if self._methods is None:
+            methods: dict[str, set[str]] = {}
+            for route in self._routes():
+                if isinstance(route, Route) and route.methods and "{" not in route.path:
+                    methods.setdefault(route.path, set()).update(route.methods | ({"HEAD"} if "GET" in route.methods else set()))
+            self._methods = methods
+        return self._methods
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _hostname(host: str) -> str:
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host.split("]")[0] + "]"
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def _cookie(headers: Headers) -> str | None:
+    for part in headers.get("cookie", "").split(";"):
+        name, _, value = part.strip().partition("=")
+        if name == COOKIE_NAME:
+            return value
+    return None
+
+
+def _has_body(headers: Headers) -> bool:
+    return headers.get("content-length", "0") not in ("", "0") or "transfer-encoding" in headers
+
+
+async def _read_capped(receive: Receive, headers: Headers) -> bytes | None:
+    """The whole body, or None when it is (or declares itself) over the limit; never reads past it."""
+    declared = headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        return None
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            break  # the client went away; the route will see the disconnect
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    return b"".join(chunks)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A receive that hands the app the body already read, then the client's later messages (disconnect)."""
+    pending = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def replay() -> Message:
+        return pending.pop() if pending else await receive()
+
+    return replay
+
+
+def _filtered(send: Send, new_cookie: str | None) -> Callable[[Message], Awaitable[None]]:
+    """Drop every CORS header from responses; add the page session's cookie where one was issued."""
+
+    async def filtered(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            headers = [(k, v) for k, v in message.get("headers", []) if not k.lower().startswith(b"access-control-")]
+            if new_cookie is not None:
+                headers.append((b"set-cookie", new_cookie.encode("latin-1")))
+            message = {**message, "headers": headers}
+        await send(message)
+
+    return filtered
+
+
+async def _respond(send: Send, status: int, detail: str, extra: dict[str, str] | None = None) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(k.lower().encode(), v.encode()) for k, v in (extra or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

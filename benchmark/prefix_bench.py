@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import random
 import sys
@@ -56,7 +57,7 @@ from benchmark.common import (
     timed,
     write_results,
 )
-from cache import PrefixCache
+from cache import PrefixCache, SizedKV, SlotAllocator
 from engine import Engine
 from engine.kv import kv_bytes_per_token
 
@@ -521,32 +522,6 @@ def _wall_decode_rate(res: Any) -> float:
 # ---------------------------------------------------------------------- 5. lookup overhead
 
 
-class SyntheticKV:
-    """A stand-in KV segment: the size of real KV, no tensors. Enough for ``PrefixCache``."""
-
-    __slots__ = ("tokens", "bytes_per_token")
-
-    def __init__(self, tokens: int, bytes_per_token: int) -> None:
-        self.tokens, self.bytes_per_token = tokens, bytes_per_token
-
-    def __len__(self) -> int:
-        return self.tokens
-
-    @property
-    def nbytes(self) -> int:
-        return self.tokens * self.bytes_per_token
-
-    def slice(self, start: int, stop: int) -> "SyntheticKV":
-        return SyntheticKV(stop - start, self.bytes_per_token)
-
-
-class SyntheticLogits:
-    __slots__ = ("nbytes",)
-
-    def __init__(self, nbytes: int) -> None:
-        self.nbytes = nbytes
-
-
 def bench_lookup(engine: Engine, cfg: BenchConfig) -> dict[str, Any]:
     """``match_prefix`` time on a realistic prompt against the number of cached entries.
 
@@ -561,12 +536,12 @@ def bench_lookup(engine: Engine, cfg: BenchConfig) -> dict[str, Any]:
     shared = [rng.randrange(vocab) for _ in range(half)]
     rows = []
     for entries in cfg.lookup_entries:
-        cache = PrefixCache(budget_bytes=1 << 62, min_tokens=engine.cache.min_tokens)
+        cache = PrefixCache(SlotAllocator(1 << 40, bpt), min_tokens=engine.cache.min_tokens)  # sizes only, no tensors
         stored = []
         t0 = time.perf_counter()
         for _ in range(entries):
             seq = shared + [rng.randrange(vocab) for _ in range(cfg.lookup_prompt_tokens - half)]
-            cache.insert(seq, SyntheticKV(len(seq), bpt), SyntheticLogits(vocab * 4))
+            cache.insert(seq, SizedKV(len(seq), logits_slots=math.ceil(vocab * 4 / bpt)))
             stored.append(seq)
         build_s = time.perf_counter() - t0
         probes = {
@@ -596,7 +571,7 @@ def bench_lookup(engine: Engine, cfg: BenchConfig) -> dict[str, Any]:
 def bench_memory(engine: Engine, cfg: BenchConfig) -> dict[str, Any]:
     """Bytes per cached token against theory, and N prompts sharing one prefix against N copies."""
     vocab = engine.model.config.get_text_config(decoder=True).vocab_size
-    logits_bytes = vocab * torch.empty((), dtype=torch.float32).element_size()  # the engine stores float32 logits
+    logits_bytes = engine.pool.logits_slot_count * engine.pool.slot_bytes  # float32 logits, in whole slots
     theory = kv_bytes_per_token(engine.model.config, engine.dtype)
     system = text_of_tokens(engine.tokenizer, cfg.memory_prefix_tokens)
 

@@ -1,8 +1,10 @@
-"""The prefix cache: a token-level radix tree of opaque KV segments with LRU eviction.
+"""The prefix cache: a token-level radix tree of slot indices into a KV pool, with LRU eviction.
 
-It never imports a model, a tokenizer or torch; the engine adapts its tensors to :class:`KVSegment`.
+It never imports a model, a tokenizer or torch; the engine's pool (``engine/kv_pool.py``)
+implements :class:`SlotPool` and copies the bytes.
 """
 
-from cache.prefix_cache import DEFAULT_NAMESPACE, CacheEntry, KVSegment, PrefixCache, PrefixMatch
+from cache.prefix_cache import DEFAULT_NAMESPACE, CacheEntry, PrefixCache, PrefixMatch
+from cache.slots import KVSource, SimulatedPool, SizedKV, Slot, SlotAllocator, SlotPool
 
-__all__ = ["DEFAULT_NAMESPACE", "CacheEntry", "KVSegment", "PrefixCache", "PrefixMatch"]
+__all__ = ["DEFAULT_NAMESPACE", "CacheEntry", "KVSource", "PrefixCache", "PrefixMatch", "SimulatedPool", "SizedKV", "Slot", "SlotAllocator", "SlotPool"]

@@ -1,23 +1,42 @@
-"""A token-level radix tree of KV segments: the cross-request prefix cache.
+"""A token-level radix tree over a slot pool: the cross-request prefix cache.
 
-Prompts that share a prefix share the tree's path for it, so the prefix's KV is stored once. Each
-node holds the KV of the tokens on its edge and, where an inserted sequence ended, the logits that
-predict the token after it (so an exact hit needs no model call at all).
+Prompts that share a prefix share the tree's path for it, so the prefix's KV is stored once. A
+node holds the token ids on its edge and, for each, the index of the pool slot holding that
+token's KV; where an inserted sequence ended it also holds the slots of the logits predicting the
+next token (so an exact hit needs no model call at all). Splitting an edge copies indices, never
+KV; freeing a node hands its slots back in O(1) per slot.
 
-This module knows nothing about models, tensors or tokenizers. Keys are sequences of token ids;
-values are opaque handles that only need ``nbytes``, ``len()`` and ``slice(start, stop)`` (see
-:class:`KVSegment`). Turning those handles into a model's cache is the engine's job.
+This module knows nothing about models, tensors or tokenizers: the pool (:class:`SlotPool`) hands
+out slot indices, and an insert's :class:`KVSource` copies bytes into them. The pool's size is the
+byte budget, so nothing the cache holds can live outside it.
 
-Memory is bounded by a byte budget: unreferenced leaves are evicted least recently used first.
-Nodes on the path of a running request are locked (``lock_ref > 0``) and never evicted. Entries
-live in namespaces: a lookup only ever sees entries inserted under the same namespace. Every public
-method takes one re-entrant lock, so the cache can be shared by request threads.
+Concurrency: one lock guards the tree. An insert reserves slots under it (evicting if it must),
+copies KV *outside* it while the attach path stays locked against eviction, then publishes under
+it, re-walking the tree: tokens another insert stored meanwhile are freed, not duplicated, and if
+the namespace was cleared meanwhile everything reserved is freed. A failing copy (out of memory)
+is logged and counted (``failed_inserts``); the tree is left as it was.
+
+Eviction: unlocked leaves, least recently used first, from heaps with lazy invalidation (a stale
+entry is skipped when popped; a heap is compacted when stale entries outnumber live nodes), so an
+evicting insert costs O(log n) per node whatever the number of nodes or namespaces. Running totals
+of evictable and locked slots, per namespace and overall, say whether an insert can fit *before*
+anything is evicted: one that cannot is rejected and evicts nothing.
+
+Namespaces: a lookup only sees entries inserted under the same namespace. One namespace may hold
+at most ``namespace_quota`` of the pool; over its share it evicts its own entries first. While the
+pool has free slots, one namespace's inserts never evict another's; once the pool is full, room is
+made by LRU across all namespaces (so a busy namespace can still push out an idle one's entries).
+Evictions are counted against the namespace whose insert caused them, never the victim's, so a
+namespace's stats say nothing about what other namespaces send. A namespace with no entries and
+no request for ``namespace_idle_s`` is forgotten with its counters.
 
 Example:
-    >>> cache = PrefixCache(budget_bytes=1 << 20, min_tokens=2)
-    >>> cache.insert([1, 2, 3, 4], segment_of_4_tokens, last_logits=logits)
+    >>> cache = PrefixCache.simulated(num_slots=1000, min_tokens=2)
+    >>> cache.insert([1, 2, 3, 4], cache.pool.source([1, 2, 3, 4], logits="after 4"))
+    4
     >>> match = cache.match_prefix([1, 2, 3, 9])   # partial hit: 3 tokens reused
-    >>> ...                                         # use match.segments, then:
+    >>> cache.pool.read(match.slots)                # the engine reads KV from these slots
+    [1, 2, 3]
     >>> cache.release(match)
 """
 
@@ -25,46 +44,42 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import logging
+import math
 import threading
 import time
+from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Iterator, Literal, Sequence
+
+from cache.slots import KVSource, SimulatedPool, Slot, SlotPool
+
+log = logging.getLogger(__name__)
 
 DEFAULT_NAMESPACE = ""
 MatchKind = Literal["hit", "partial", "miss", "skipped"]
-
-
-@runtime_checkable
-class KVSegment(Protocol):
-    """What the cache needs of a stored value: its token count, its size, and a copying slice."""
-
-    @property
-    def nbytes(self) -> int: ...
-
-    def __len__(self) -> int: ...
-
-    def slice(self, start: int, stop: int) -> "KVSegment":
-        """Tokens ``[start, stop)`` as a segment with its own storage (so freeing one piece frees it)."""
-        ...
+SWEEP_INTERVAL_S = 1.0  # idle namespaces are looked for at most this often
+SWEEP_BATCH = 256  # namespaces looked at per sweep, at most (the sweep runs under the tree lock)
 
 
 @dataclass(frozen=True)
 class PrefixMatch:
     """The result of :meth:`PrefixCache.match_prefix`.
 
-    ``segments`` are ``(segment, tokens_used)`` pairs from the root down; their ``tokens_used`` add
-    up to ``length``. The last pair may use only the start of its segment. ``last_logits`` is set
-    only on an exact hit. The matched path stays locked against eviction until
-    :meth:`PrefixCache.release`.
+    ``slots`` are the pool slots of the first ``length`` tokens, in order. ``logits_slots`` hold
+    the stored logits, set only on an exact hit. The matched path stays locked (its slots are
+    neither evicted nor reused, even across a clear) until :meth:`PrefixCache.release`.
     """
 
     kind: MatchKind
     length: int
     prompt_length: int
     namespace: str
-    segments: tuple[tuple[KVSegment, int], ...] = ()
-    last_logits: Any = None
-    _locked: tuple["_Node", ...] = field(default=(), repr=False, compare=False)
+    slots: tuple[Slot, ...] = ()
+    logits_slots: tuple[Slot, ...] = ()
+    lock_wait_s: float = 0.0  # time this lookup waited for the tree lock
+    _node: "_Node | None" = field(default=None, repr=False, compare=False)  # deepest locked node
 
 
 @dataclass(frozen=True)
@@ -82,27 +97,52 @@ class CacheEntry:
 
 
 class PrefixCache:
-    """Radix tree keyed by token ids, with LRU eviction under a byte budget.
+    """Radix tree keyed by token ids, holding slot indices of a pool, with LRU eviction.
 
     Args:
-        budget_bytes: Upper bound on the bytes of all stored segments and logits. Never exceeded:
-            an insert that cannot fit after evicting every unlocked leaf is dropped.
+        pool: Where KV lives; its ``capacity * slot_bytes`` is the budget.
         min_tokens: Sequences shorter than this are neither looked up (nor counted in the stats)
             nor inserted: their prefill is too cheap to be worth the bookkeeping.
+        namespace_quota: The share of the pool one namespace may hold, in (0, 1].
+        namespace_idle_s: A namespace with no entries and no request for this long is forgotten.
+        clock: Monotonic seconds, for idleness (tests pass a fake one).
     """
 
-    def __init__(self, budget_bytes: int = 512 << 20, min_tokens: int = 20) -> None:
-        if budget_bytes < 0:
-            raise ValueError(f"budget_bytes must be >= 0, got {budget_bytes}")
+    def __init__(
+        self,
+        pool: SlotPool,
+        min_tokens: int = 20,
+        namespace_quota: float = 1.0,
+        namespace_idle_s: float = 600.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         if min_tokens < 1:
             raise ValueError(f"min_tokens must be >= 1, got {min_tokens}")
-        self.budget_bytes = budget_bytes
+        if not 0 < namespace_quota <= 1:
+            raise ValueError(f"namespace_quota must be in (0, 1], got {namespace_quota}")
+        if namespace_idle_s < 0:
+            raise ValueError(f"namespace_idle_s must be >= 0, got {namespace_idle_s}")
+        self.pool = pool
         self.min_tokens = min_tokens
-        self._lock = threading.RLock()
-        self._clock = itertools.count(1)  # LRU order: a counter, so ties cannot happen
-        self._roots: dict[str, _Node] = {}
-        self._counters: dict[str, _Counters] = {}
-        self._cached_bytes = 0
+        self.namespace_quota = namespace_quota
+        self.namespace_idle_s = namespace_idle_s
+        self._quota_slots = int(namespace_quota * pool.capacity)
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._local = threading.local()  # per-thread lock wait of the last public call
+        self._ticks = itertools.count(1)  # LRU order: a counter, so ties cannot happen
+        self._namespaces: OrderedDict[str, _Namespace] = OrderedDict()  # least recently active first
+        self._totals = _Counters()  # every namespace's counters, including forgotten ones
+        self._all = _Totals()  # sizes over all namespaces
+        self._heap: list[tuple[int, int, _Node]] = []  # evictable leaves of every namespace
+        self._pending = 0  # slots reserved by inserts still copying
+        self._doomed = 0  # slots of cleared nodes a running request still holds
+        self._last_sweep = clock()
+
+    @classmethod
+    def simulated(cls, num_slots: int, slot_bytes: int = 1, **kwargs: Any) -> "PrefixCache":
+        """A cache over a :class:`SimulatedPool` (no tensors), for tests and benchmarks."""
+        return cls(SimulatedPool(num_slots, slot_bytes), **kwargs)
 
     # ------------------------------------------------------------------ public API
 
@@ -111,27 +151,28 @@ class PrefixCache:
 
         Exact hit: the whole sequence is cached and logits are stored at its end. A shared prefix
         shorter than ``min_tokens`` (a chat template's first few tokens) is not reused: a miss.
-        Otherwise at least one token is left to compute (a prompt that is a strict prefix of a cached sequence
-        reuses all but its last token), because the caller needs logits for the last position.
+        Otherwise at least one token is left to compute (a prompt that is a strict prefix of a
+        cached sequence reuses all but its last token), because the caller needs logits for the
+        last position.
 
         Args:
             tokens: The prompt's token ids.
             namespace: Only entries inserted under this namespace can match.
 
         Returns:
-            A :class:`PrefixMatch`; pass it to :meth:`release` when the KV has been used.
+            A :class:`PrefixMatch`; pass it to :meth:`release` when its slots have been read.
         """
         key = tuple(tokens)
-        with self._lock:
-            if len(key) < self.min_tokens:
-                return PrefixMatch("skipped", 0, len(key), namespace)
-            node_path, matched = self._walk(self._roots.get(namespace), key)
-            end_node = node_path[-1] if node_path else None
+        self._local.wait_s = 0.0
+        if len(key) < self.min_tokens:
+            return PrefixMatch("skipped", 0, len(key), namespace)
+        with self._locked():
+            ns = self._active_namespace(namespace)
+            path, matched = _walk(ns.root, key)
             exact = (
                 matched == len(key)
-                and end_node is not None
-                and end_node.last_logits is not None
-                and sum(len(n.key) for n in node_path) == matched  # ends at the node's end, not mid-edge
+                and path[-1].logits is not None
+                and sum(len(n.key) for n in path) == matched  # ends at the node's end, not mid-edge
             )
             if exact:
                 kind: MatchKind = "hit"
@@ -141,99 +182,70 @@ class PrefixCache:
                 if usable < self.min_tokens:  # a few shared template tokens are not worth a reuse
                     usable = 0
                 kind = "partial" if usable > 0 else "miss"
-
-            segments, used_nodes, remaining = [], [], usable
-            for node in node_path:
-                if remaining == 0:
+            slots: list[Slot] = []
+            deepest = None
+            for node in path:
+                if len(slots) == usable:
                     break
-                take = min(len(node.key), remaining)
-                segments.append((node.kv, take))
-                used_nodes.append(node)
-                remaining -= take
-            self._touch(used_nodes, hit=True)
-            for node in used_nodes:
-                node.lock_ref += 1
-
-            counters = self._counters_for(namespace)
-            counters.count(kind, usable, len(key))
+                slots.extend(node.value[: usable - len(slots)])
+                deepest = node
+            if deepest is not None:
+                self._touch(deepest, hit=True)
+                self._inc_lock(deepest)
+            ns.counters.count(kind, usable, len(key))
+            self._totals.count(kind, usable, len(key))
             return PrefixMatch(
                 kind=kind,
                 length=usable,
                 prompt_length=len(key),
                 namespace=namespace,
-                segments=tuple(segments),
-                last_logits=end_node.last_logits if exact else None,
-                _locked=tuple(used_nodes),
+                slots=tuple(slots),
+                logits_slots=tuple(path[-1].logits) if exact else (),
+                lock_wait_s=self._local.wait_s,
+                _node=deepest,
             )
 
     def release(self, match: PrefixMatch) -> None:
         """Unlock the path locked by ``match_prefix``. Call exactly once per match."""
-        with self._lock:
-            for node in match._locked:
-                assert node.lock_ref > 0, "release() called twice for the same match"
-                node.lock_ref -= 1
+        self._local.wait_s = 0.0
+        if match._node is not None:
+            with self._locked():
+                self._dec_lock(match._node)
 
-    def insert(
-        self,
-        tokens: Sequence[int],
-        kv: KVSegment,
-        last_logits: Any = None,
-        namespace: str = DEFAULT_NAMESPACE,
-    ) -> int:
+    def insert(self, tokens: Sequence[int], kv: KVSource, namespace: str = DEFAULT_NAMESPACE) -> int:
         """Store the KV of ``tokens`` (only the part not cached yet) and the logits at its end.
 
         Args:
             tokens: The full sequence, from position 0.
-            kv: KV for every token of ``tokens`` (``len(kv) >= len(tokens)``); the cache slices
-                out the uncached part, so the caller's segment is never kept or changed.
-            last_logits: Logits predicting the token after ``tokens`` (anything with ``nbytes``),
-                or None.
+            kv: KV for every token of ``tokens`` (``len(kv) >= len(tokens)``); the cache asks it to
+                write only the uncached part, outside the tree lock.
             namespace: The namespace to store under.
 
         Returns:
-            The number of tokens newly stored (0 when already cached, too short, or over budget).
+            The number of tokens newly stored (0 when already cached, too short, over budget or
+            quota, or when the copy failed).
         """
         key = tuple(tokens)
         if len(kv) < len(key):
             raise ValueError(f"kv holds {len(kv)} tokens but {len(key)} tokens were given")
-        with self._lock:
-            if len(key) < self.min_tokens:
-                return 0
-            root = self._roots.setdefault(namespace, _Node(key=(), parent=None))
-            node_path, matched = self._walk(root, key)
-            parent = root
-            if node_path:
-                depth = sum(len(n.key) for n in node_path)
-                parent = node_path[-1]
-                if depth > matched:  # the sequence leaves (or ends inside) the last node's edge
-                    parent = self._split(parent, len(parent.key) - (depth - matched))
-            new_tokens = key[matched:]
-            new_kv = kv.slice(matched, len(key)) if new_tokens else None
-            logits_needed = last_logits is not None and (new_tokens or parent.last_logits is None)
-            needed = (new_kv.nbytes if new_kv is not None else 0) + (_nbytes(last_logits) if logits_needed else 0)
-            path = _ancestors(parent)
-            for node in path:
-                node.lock_ref += 1  # keep the attach point alive while making room
-            try:
-                if not self._make_room(needed):
-                    self._counters_for(namespace).rejected_inserts += 1
-                    if not root.children:
-                        del self._roots[namespace]
-                    return 0
-            finally:
-                for node in path:
-                    node.lock_ref -= 1
-            end = parent
-            if new_tokens:
-                end = _Node(key=new_tokens, parent=parent, kv=new_kv)
-                parent.children[new_tokens[0]] = end
-                self._cached_bytes += new_kv.nbytes
-            if logits_needed:
-                end.last_logits = last_logits
-                self._cached_bytes += _nbytes(last_logits)
-            self._touch(_ancestors(end), hit=False)
-            assert self._cached_bytes <= self.budget_bytes, "budget exceeded after insert"
-            return len(new_tokens)
+        self._local.wait_s = 0.0
+        if len(key) < self.min_tokens:
+            return 0
+        with self._locked():
+            reservation = self._reserve(key, kv.logits_slots, namespace)
+        if reservation is None:
+            return 0
+        try:
+            kv.write(reservation.start, reservation.slots, reservation.logits_slots)
+        except BaseException as exc:
+            with self._locked():
+                self._abandon(reservation, failed=isinstance(exc, Exception))
+            if not isinstance(exc, Exception):
+                raise
+            log.warning("prefix-cache insert of %d tokens failed, nothing stored: %r", len(reservation.slots), exc)
+            return 0
+        with self._locked():
+            return self._publish(reservation)
 
     def evict(self, num_bytes: int) -> int:
         """Evict unlocked leaves, least recently used first, until ``num_bytes`` are freed.
@@ -241,44 +253,48 @@ class PrefixCache:
         Returns:
             The bytes actually freed (less than asked when everything left is locked).
         """
-        with self._lock:
-            return self._evict(num_bytes)
+        self._local.wait_s = 0.0
+        with self._locked():
+            return self._evict_from(self._heap, math.ceil(num_bytes / self.pool.slot_bytes), None) * self.pool.slot_bytes
 
     def clear(self, namespace: str | None = None) -> None:
         """Drop every entry and counter, or only those of one namespace.
 
-        Requests already running keep the KV they matched; their later inserts start afresh.
+        Requests already running keep the KV they matched: locked slots are freed only when the
+        request releases them. Inserts still copying into a cleared namespace store nothing.
         """
-        with self._lock:
-            names = list(self._roots) if namespace is None else [namespace]
+        self._local.wait_s = 0.0
+        with self._locked():
+            names = list(self._namespaces) if namespace is None else [namespace]
             for name in names:
-                root = self._roots.pop(name, None)
-                if root is not None:
-                    self._cached_bytes -= sum(n.nbytes for n in _descendants(root))
+                ns = self._namespaces.pop(name, None)
+                if ns is not None:
+                    self._drop(ns)
             if namespace is None:
-                self._counters.clear()
-            else:
-                self._counters.pop(namespace, None)
+                self._totals = _Counters()
 
     def stats(self, namespace: str | None = None) -> dict[str, Any]:
         """Counters and sizes, for all namespaces or one.
 
         ``hit_rate`` counts exact and partial hits; ``token_hit_rate`` is the share of looked-up
         prompt tokens that were reused; ``total_requests`` counts lookups of sequences of at least
-        ``min_tokens`` tokens (``hits + partial_hits + misses``).
+        ``min_tokens`` tokens (``hits + partial_hits + misses``). A namespace's ``evictions``
+        counts the entries its own inserts evicted, whichever namespace they belonged to.
         """
-        with self._lock:
-            names = list(self._roots) if namespace is None else [namespace]
-            nodes = [n for name in names if name in self._roots for n in _descendants(self._roots[name])]
-            counters = _Counters()
-            for name, c in self._counters.items():
-                if namespace is None or name == namespace:
-                    counters.add(c)
+        self._local.wait_s = 0.0
+        with self._locked():
+            if namespace is None:
+                counters, sizes = self._totals, self._all
+                namespaces = sum(1 for ns in self._namespaces.values() if ns.sizes.nodes)
+            else:
+                ns = self._namespaces.get(namespace)
+                counters, sizes = (ns.counters, ns.sizes) if ns is not None else (_Counters(), _Totals())
+                namespaces = int(sizes.nodes > 0)
             total = counters.hits + counters.partial_hits + counters.misses
             return {
-                "cache_size": len(nodes),
-                "cached_tokens": sum(len(n.key) for n in nodes),
-                "cached_bytes": sum(n.nbytes for n in nodes),
+                "cache_size": sizes.nodes,
+                "cached_tokens": sizes.tokens,
+                "cached_bytes": sizes.slots * self.pool.slot_bytes,
                 "budget_bytes": self.budget_bytes,
                 "hits": counters.hits,
                 "partial_hits": counters.partial_hits,
@@ -290,28 +306,28 @@ class PrefixCache:
                 "token_hit_rate": counters.tokens_saved / counters.prompt_tokens if counters.prompt_tokens else 0.0,
                 "evictions": counters.evictions,
                 "rejected_inserts": counters.rejected_inserts,
-                "namespaces": len(names) if namespace is None else int(namespace in self._roots),
+                "failed_inserts": counters.failed_inserts,
+                "namespaces": namespaces,
             }
 
     def entries(self, namespace: str | None = None) -> list[CacheEntry]:
         """Every node, depth first, for one namespace or all of them."""
-        with self._lock:
-            names = list(self._roots) if namespace is None else [namespace]
+        self._local.wait_s = 0.0
+        with self._locked():
+            names = list(self._namespaces) if namespace is None else [namespace]
             result = []
             for name in names:
-                root = self._roots.get(name)
-                if root is None:
-                    continue
-                for node in _descendants(root):
+                ns = self._namespaces.get(name)
+                for node in _descendants(ns.root) if ns is not None else ():
                     result.append(
                         CacheEntry(
                             namespace=name,
                             start=node.depth - len(node.key),
                             token_ids=node.key,
-                            nbytes=node.nbytes,
+                            nbytes=node.num_slots * self.pool.slot_bytes,
                             hits=node.hits,
                             last_used=node.last_used,
-                            has_logits=node.last_logits is not None,
+                            has_logits=node.logits is not None,
                             locked=node.lock_ref > 0,
                         )
                     )
@@ -319,110 +335,307 @@ class PrefixCache:
 
     @property
     def cached_bytes(self) -> int:
-        with self._lock:
-            return self._cached_bytes
+        """Bytes of the slots the tree's entries hold (not counting inserts still copying)."""
+        return self._all.slots * self.pool.slot_bytes
 
-    # ------------------------------------------------------------------ internals
+    @property
+    def budget_bytes(self) -> int:
+        return self.pool.capacity * self.pool.slot_bytes
 
-    def _walk(self, root: "_Node | None", key: tuple[int, ...]) -> tuple[list["_Node"], int]:
-        """Follow ``key`` from ``root``: the nodes entered (the last maybe only partly) and tokens matched."""
-        path: list[_Node] = []
-        matched = 0
-        node = root
-        while node is not None and matched < len(key):
-            child = node.children.get(key[matched])
-            if child is None:
-                break
-            common = _common_prefix_len(child.key, key, matched)
-            path.append(child)
-            matched += common
-            if common < len(child.key):
-                break
-            node = child
-        return path, matched
+    def last_lock_wait_s(self) -> float:
+        """Seconds the calling thread's last public call waited for the tree lock."""
+        return getattr(self._local, "wait_s", 0.0)
+
+    def check_invariants(self) -> None:
+        """Assert that the running totals and the pool agree with the tree (tests call this)."""
+        with self._locked():
+            nodes = [n for ns in self._namespaces.values() for n in _descendants(ns.root)]
+            assert self._all.nodes == len(nodes), "node count drifted"
+            assert self._all.slots == sum(n.num_slots for n in nodes), "slot count drifted"
+            assert self._all.evictable == sum(n.num_slots for n in nodes if n.lock_ref == 0), "evictable count drifted"
+            assert self.pool.capacity - self.pool.num_free == self._all.slots + self._pending + self._doomed, "slots leaked"
+            for ns in self._namespaces.values():
+                mine = _descendants(ns.root)
+                assert ns.sizes.slots == sum(n.num_slots for n in mine), f"namespace {ns.name!r} slot count drifted"
+                assert ns.sizes.evictable == sum(n.num_slots for n in mine if n.lock_ref == 0)
+                for heap in (ns.heap, self._heap):
+                    live = {id(e[2]) for e in heap if self._valid(e)}
+                    assert all(id(n) in live for n in mine if _evictable(n)), "an evictable leaf is missing from a heap"
+
+    # ------------------------------------------------------------------ insert, in three phases
+
+    def _reserve(self, key: tuple[int, ...], logits_slots: int, name: str) -> "_Reservation | None":
+        """Phase 1, under the lock: lock the attach point, make room, take the slots."""
+        ns = self._active_namespace(name)
+        parent, matched = self._attach_point(ns, key)
+        new_tokens = len(key) - matched
+        logits = logits_slots if logits_slots and (new_tokens or parent.logits is None) else 0
+        needed = new_tokens + logits
+        if needed == 0:
+            self._touch(parent, hit=False)
+            self._push_if_evictable(parent)
+            return None
+        self._inc_lock(parent)  # the attach path must outlive the copy
+        if not self._make_room(ns, needed):
+            self._dec_lock(parent)
+            self._count(ns, "rejected_inserts")
+            return None
+        slots = self.pool.alloc(needed)
+        ns.pending += needed
+        self._pending += needed
+        return _Reservation(ns, parent, key, matched, slots[:new_tokens], slots[new_tokens:])
+
+    def _publish(self, r: "_Reservation") -> int:
+        """Phase 3, under the lock: attach what no other insert stored meanwhile; free the rest."""
+        self._unreserve(r)
+        if r.ns.dropped:  # cleared while copying
+            self._dec_lock(r.parent)
+            self.pool.free(r.slots + r.logits_slots)
+            return 0
+        # The path to r.parent stayed locked, so at least r.start tokens still match.
+        parent, matched = self._attach_point(r.ns, r.key)
+        duplicate = matched - r.start
+        assert duplicate >= 0, "a locked path lost tokens"
+        self.pool.free(r.slots[:duplicate])
+        end = parent
+        if matched < len(r.key):
+            end = _Node(r.key[matched:], parent, r.slots[duplicate:], r.ns)
+            parent.children[end.key[0]] = end
+            self._add_node(end)
+        if r.logits_slots and end.logits is None:
+            end.logits = r.logits_slots
+            self._resize(end, len(r.logits_slots))
+        elif r.logits_slots:
+            self.pool.free(r.logits_slots)
+        self._dec_lock(r.parent)
+        self._touch(end, hit=False)
+        self._push_if_evictable(end)
+        return len(r.key) - matched
+
+    def _abandon(self, r: "_Reservation", failed: bool) -> None:
+        """The copy raised: free the reservation, leave the tree as it was."""
+        self._unreserve(r)
+        self._dec_lock(r.parent)
+        self.pool.free(r.slots + r.logits_slots)
+        if failed:
+            self._count(r.ns, "failed_inserts")
+
+    def _unreserve(self, r: "_Reservation") -> None:
+        n = len(r.slots) + len(r.logits_slots)
+        r.ns.pending -= n
+        self._pending -= n
+
+    def _make_room(self, ns: "_Namespace", needed: int) -> bool:
+        """Evict so that ``needed`` slots are free within ``ns``'s quota; False (evicting nothing) if impossible."""
+        own_excess = ns.sizes.slots + ns.pending + needed - self._quota_slots
+        shortfall = needed - self.pool.num_free
+        if needed > self._quota_slots or own_excess > ns.sizes.evictable or shortfall > self._all.evictable:
+            return False
+        if own_excess > 0:
+            self._evict_from(ns.heap, own_excess, ns)
+        shortfall = needed - self.pool.num_free
+        if shortfall > 0:
+            self._evict_from(self._heap, shortfall, ns)
+        assert self.pool.num_free >= needed, "evictable totals promised more than eviction freed"
+        return True
+
+    # ------------------------------------------------------------------ tree helpers
+
+    def _attach_point(self, ns: "_Namespace", key: tuple[int, ...]) -> tuple["_Node", int]:
+        """The node where ``key``'s uncached part would hang, splitting an edge ``key`` leaves mid-way."""
+        path, matched = _walk(ns.root, key)
+        if not path:
+            return ns.root, matched
+        node, depth = path[-1], sum(len(n.key) for n in path)
+        if depth > matched:  # the sequence leaves (or ends inside) the last node's edge
+            node = self._split(node, len(node.key) - (depth - matched))
+        return node, matched
 
     def _split(self, node: "_Node", at: int) -> "_Node":
-        """Cut ``node``'s edge after ``at`` tokens; returns the new upper node.
+        """Cut ``node``'s edge after ``at`` tokens; returns the new upper node. Copies slot indices, not KV.
 
         ::
 
             parent -[a b c d]-> node      becomes      parent -[a b]-> upper -[c d]-> node
 
-        The logits stay with ``node``: they belong to the end of the original edge.
+        The logits stay with ``node``: they belong to the end of the original edge. ``upper``
+        takes ``node``'s lock count, so a release walking up from ``node`` unlocks it too.
         """
         assert 0 < at < len(node.key), f"split at {at} of an edge of {len(node.key)} tokens"
-        upper = _Node(key=node.key[:at], parent=node.parent, kv=node.kv.slice(0, at))
-        upper.hits, upper.last_access, upper.last_used = node.hits, node.last_access, node.last_used
-        # upper stays unlocked: while node is locked, upper has a child and so is not evictable.
-        lower_kv = node.kv.slice(at, len(node.key))
-        self._cached_bytes += upper.kv.nbytes + lower_kv.nbytes - node.kv.nbytes
+        upper = _Node(node.key[:at], node.parent, node.value[:at], node.ns)
+        upper.lock_ref, upper.hits, upper.last_access, upper.last_used = node.lock_ref, node.hits, node.last_access, node.last_used
         node.parent.children[upper.key[0]] = upper
-        node.key, node.kv, node.parent = node.key[at:], lower_kv, upper
+        node.key, node.value, node.parent = node.key[at:], node.value[at:], upper
         upper.children[node.key[0]] = node
+        node.ns.sizes.nodes += 1  # slots and tokens are unchanged: they only moved to upper
+        self._all.nodes += 1
         return upper
 
-    def _make_room(self, needed: int) -> bool:
-        if needed > self.budget_bytes:
-            return False
-        overflow = self._cached_bytes + needed - self.budget_bytes
-        if overflow > 0:
-            self._evict(overflow)
-        return self._cached_bytes + needed <= self.budget_bytes
+    def _add_node(self, node: "_Node") -> None:
+        for sizes in (node.ns.sizes, self._all):
+            sizes.nodes += 1
+            sizes.tokens += len(node.key)
+        self._resize(node, len(node.value))
 
-    def _evict(self, num_bytes: int) -> int:
-        # A heap of evictable leaves by LRU priority; a parent left childless joins it.
-        heap = [(_lru_priority(n), id(n), n) for root in self._roots.values() for n in _descendants(root) if n.evictable]
-        heapq.heapify(heap)
+    def _resize(self, node: "_Node", slots: int) -> None:
+        """Count ``slots`` more (or fewer) slots held by ``node``."""
+        for sizes in (node.ns.sizes, self._all):
+            sizes.slots += slots
+            if node.lock_ref == 0:
+                sizes.evictable += slots
+
+    def _delete_leaf(self, node: "_Node") -> None:
+        assert _evictable(node), "only unlocked leaves are deleted"
+        self.pool.free(node.value + list(node.logits or ()))
+        self._resize(node, -node.num_slots)
+        for sizes in (node.ns.sizes, self._all):
+            sizes.nodes -= 1
+            sizes.tokens -= len(node.key)
+        del node.parent.children[node.key[0]]
+        node.alive = False
+        self._push_if_evictable(node.parent)
+
+    def _evict_from(self, heap: list, num_slots: int, cause: "_Namespace | None") -> int:
+        """Delete LRU leaves popped from ``heap`` until ``num_slots`` are freed; count them against ``cause``."""
         freed = 0
-        while freed < num_bytes and heap:
-            _, _, node = heapq.heappop(heap)
-            parent = node.parent
-            freed += node.nbytes
-            self._cached_bytes -= node.nbytes
-            del parent.children[node.key[0]]
-            self._counters_for(self._namespace_of(parent)).evictions += 1
-            if parent.evictable:
-                heapq.heappush(heap, (_lru_priority(parent), id(parent), parent))
+        while freed < num_slots and heap:
+            entry = heapq.heappop(heap)
+            if not self._valid(entry):
+                continue
+            node = entry[2]
+            freed += node.num_slots
+            self._delete_leaf(node)
+            self._count(cause, "evictions")
         return freed
 
-    def _namespace_of(self, node: "_Node") -> str:
+    def _inc_lock(self, node: "_Node") -> None:
         while node.parent is not None:
+            if node.lock_ref == 0 and not node.doomed:
+                for sizes in (node.ns.sizes, self._all):
+                    sizes.evictable -= node.num_slots
+            node.lock_ref += 1
             node = node.parent
-        return next((name for name, root in self._roots.items() if root is node), DEFAULT_NAMESPACE)
 
-    def _touch(self, nodes: Sequence["_Node"], hit: bool) -> None:
-        now, tick = time.time(), next(self._clock)
-        for node in nodes:
+    def _dec_lock(self, node: "_Node") -> None:
+        """Unlock from the deepest locked node to the root (splits since the lock are on the way)."""
+        while node.parent is not None:
+            assert node.lock_ref > 0, "release() called twice for the same match"
+            node.lock_ref -= 1
+            if node.lock_ref == 0 and node.doomed:  # cleared while in use: its slots are free only now
+                self.pool.free(node.value + list(node.logits or ()))
+                self._doomed -= node.num_slots
+            elif node.lock_ref == 0:
+                for sizes in (node.ns.sizes, self._all):
+                    sizes.evictable += node.num_slots
+                self._push_if_evictable(node)
+            node = node.parent
+
+    def _touch(self, node: "_Node", hit: bool) -> None:
+        """Mark ``node`` and its ancestors used now."""
+        now, tick = time.time(), next(self._ticks)
+        while node.parent is not None:
             node.last_access, node.last_used = tick, now
-            if hit:
-                node.hits += 1
+            node.hits += hit
+            node = node.parent
 
-    def _counters_for(self, namespace: str) -> "_Counters":
-        return self._counters.setdefault(namespace, _Counters())
+    # ------------------------------------------------------------------ heaps
+
+    def _push_if_evictable(self, node: "_Node") -> None:
+        if not _evictable(node):
+            return
+        entry = (_lru_priority(node), next(self._ticks), node)
+        for heap, live in ((self._heap, self._all.nodes), (node.ns.heap, node.ns.sizes.nodes)):
+            heapq.heappush(heap, entry)
+            if len(heap) > 2 * live + 64:  # stale entries dominate: compact (amortised O(1) per push)
+                heap[:] = [e for e in heap if self._valid(e)]
+                heapq.heapify(heap)
+
+    @staticmethod
+    def _valid(entry: tuple[int, int, "_Node"]) -> bool:
+        """A heap entry still names an evictable leaf, at the priority it was pushed with."""
+        node = entry[2]
+        return _evictable(node) and entry[0] == _lru_priority(node)
+
+    # ------------------------------------------------------------------ namespaces
+
+    def _active_namespace(self, name: str) -> "_Namespace":
+        """The namespace record for a request now (created if new), after an occasional idle sweep."""
+        now = self._clock()
+        if now - self._last_sweep >= SWEEP_INTERVAL_S:
+            self._sweep(now)
+        ns = self._namespaces.get(name)
+        if ns is None:
+            ns = self._namespaces[name] = _Namespace(name)
+        else:
+            self._namespaces.move_to_end(name)
+        ns.last_active = now
+        return ns
+
+    def _sweep(self, now: float) -> None:
+        """Forget namespaces with no entries and no request for ``namespace_idle_s`` (oldest first, bounded work)."""
+        self._last_sweep = now
+        for _ in range(min(SWEEP_BATCH, len(self._namespaces))):
+            name, ns = next(iter(self._namespaces.items()))
+            if now - ns.last_active < self.namespace_idle_s:
+                break
+            if ns.sizes.nodes == 0 and ns.pending == 0:
+                del self._namespaces[name]
+                ns.dropped = True
+            else:  # idle but holding entries: keep it, look at the next one
+                self._namespaces.move_to_end(name)
+
+    def _drop(self, ns: "_Namespace") -> None:
+        """Remove a namespace's entries: free unlocked slots now, locked ones at their release."""
+        ns.dropped = True
+        for node in _descendants(ns.root):
+            node.alive = False
+            if node.lock_ref == 0:
+                self.pool.free(node.value + list(node.logits or ()))
+            else:
+                node.doomed = True
+                self._doomed += node.num_slots
+        for name in ("nodes", "tokens", "slots", "evictable"):
+            setattr(self._all, name, getattr(self._all, name) - getattr(ns.sizes, name))
+        ns.sizes, ns.heap = _Totals(), []
+
+    def _count(self, ns: "_Namespace | None", name: str) -> None:
+        for counters in (ns.counters if ns is not None else None, self._totals):
+            if counters is not None:
+                setattr(counters, name, getattr(counters, name) + 1)
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        t0 = time.perf_counter()
+        with self._lock:
+            self._local.wait_s = getattr(self._local, "wait_s", 0.0) + time.perf_counter() - t0
+            yield
 
 
 # ---------------------------------------------------------------------- helpers
 
 
 class _Node:
-    """One edge of the tree: the tokens on it, their KV, and (maybe) the logits after its last token."""
+    """One edge of the tree: its tokens, their slots, and (maybe) the slots of the logits after its last token."""
 
-    __slots__ = ("key", "kv", "parent", "children", "last_logits", "lock_ref", "hits", "last_access", "last_used")
+    __slots__ = ("key", "value", "logits", "parent", "children", "ns", "lock_ref", "hits", "last_access", "last_used", "alive", "doomed")
 
-    def __init__(self, key: tuple[int, ...], parent: "_Node | None", kv: KVSegment | None = None) -> None:
+    def __init__(self, key: tuple[int, ...], parent: "_Node | None", value: list[Slot], ns: "_Namespace | None") -> None:
         self.key = key
-        self.kv = kv
+        self.value = value  # one slot per token of key
+        self.logits: list[Slot] | None = None
         self.parent = parent
         self.children: dict[int, _Node] = {}  # keyed by the first token of the child's edge
-        self.last_logits: Any = None
-        self.lock_ref = 0
+        self.ns = ns
+        self.lock_ref = 0  # running requests (and copying inserts) whose path goes through here
         self.hits = 0
         self.last_access = 0
         self.last_used = 0.0
+        self.alive = True  # False once evicted or cleared
+        self.doomed = False  # cleared while locked: free the slots at the last release
 
     @property
-    def nbytes(self) -> int:
-        return (self.kv.nbytes if self.kv is not None else 0) + _nbytes(self.last_logits)
+    def num_slots(self) -> int:
+        return len(self.value) + (len(self.logits) if self.logits else 0)
 
     @property
     def depth(self) -> int:
@@ -433,9 +646,43 @@ class _Node:
             node = node.parent
         return depth
 
-    @property
-    def evictable(self) -> bool:
-        return not self.children and self.lock_ref == 0 and self.parent is not None
+
+@dataclass
+class _Totals:
+    """Running sizes, in nodes, tokens and slots; ``evictable`` counts slots of unlocked nodes."""
+
+    nodes: int = 0
+    tokens: int = 0
+    slots: int = 0
+    evictable: int = 0
+
+
+class _Namespace:
+    """A namespace's root, counters, sizes and its own LRU heap (for evicting within its quota)."""
+
+    __slots__ = ("name", "root", "counters", "sizes", "heap", "pending", "last_active", "dropped")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.root = _Node((), None, [], self)
+        self.counters = _Counters()
+        self.sizes = _Totals()
+        self.heap: list[tuple[int, int, _Node]] = []
+        self.pending = 0  # slots reserved by this namespace's inserts still copying
+        self.last_active = 0.0
+        self.dropped = False
+
+
+@dataclass
+class _Reservation:
+    """Slots taken for an insert's copy: ``slots`` for tokens ``key[start:]``, then the logits'."""
+
+    ns: _Namespace
+    parent: _Node  # the locked attach point
+    key: tuple[int, ...]
+    start: int
+    slots: list[Slot]
+    logits_slots: list[Slot]
 
 
 @dataclass
@@ -445,8 +692,9 @@ class _Counters:
     misses: int = 0
     tokens_saved: int = 0
     prompt_tokens: int = 0  # of the counted lookups, for the token-weighted hit rate
-    evictions: int = 0
+    evictions: int = 0  # entries evicted to make room for this namespace's inserts
     rejected_inserts: int = 0
+    failed_inserts: int = 0
 
     def count(self, kind: MatchKind, reused: int, prompt_tokens: int) -> None:
         if kind == "hit":
@@ -458,14 +706,32 @@ class _Counters:
         self.tokens_saved += reused
         self.prompt_tokens += prompt_tokens
 
-    def add(self, other: "_Counters") -> None:
-        for name in self.__dataclass_fields__:
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-
 
 def _lru_priority(node: _Node) -> int:
     """Eviction order: the least recently used leaf goes first."""
     return node.last_access
+
+
+def _evictable(node: _Node) -> bool:
+    return node.alive and not node.children and node.lock_ref == 0 and node.parent is not None
+
+
+def _walk(root: _Node, key: tuple[int, ...]) -> tuple[list[_Node], int]:
+    """Follow ``key`` from ``root``: the nodes entered (the last maybe only partly) and tokens matched."""
+    path: list[_Node] = []
+    matched = 0
+    node = root
+    while matched < len(key):
+        child = node.children.get(key[matched])
+        if child is None:
+            break
+        common = _common_prefix_len(child.key, key, matched)
+        path.append(child)
+        matched += common
+        if common < len(child.key):
+            break
+        node = child
+    return path, matched
 
 
 def _common_prefix_len(edge: tuple[int, ...], key: tuple[int, ...], offset: int) -> int:
@@ -476,15 +742,6 @@ def _common_prefix_len(edge: tuple[int, ...], key: tuple[int, ...], offset: int)
     return i
 
 
-def _ancestors(node: _Node) -> list[_Node]:
-    """The path from just below the root down to ``node`` (empty for a root)."""
-    path = []
-    while node.parent is not None:
-        path.append(node)
-        node = node.parent
-    return path[::-1]
-
-
 def _descendants(root: _Node) -> list[_Node]:
     """Every node below ``root``, depth first, parents before children."""
     result, stack = [], list(root.children.values())[::-1]
@@ -493,7 +750,3 @@ def _descendants(root: _Node) -> list[_Node]:
         result.append(node)
         stack.extend(list(node.children.values())[::-1])
     return result
-
-
-def _nbytes(value: Any) -> int:
-    return 0 if value is None else int(value.nbytes)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_type_hints
 
 ENV_PREFIX = "KVCI_"  # KVCI_MODEL, KVCI_DEVICE, KVCI_DTYPE, KVCI_CACHE_BUDGET_MB, ...
 
@@ -27,6 +27,9 @@ class EngineConfig:
     cache_budget_mb: float = 512.0  # byte budget of the prefix cache
     min_cached_tokens: int = 20  # shorter prompts are neither cached nor counted
     kv_storage: str = "cpu"  # where cached KV lives: "cpu" (moved to the device on a hit) or "device"
+    max_prompt_tokens: int | None = None  # longer prompts are refused; None: the model's context window
+    namespace_quota: float = 1.0  # share of the cache budget one prefix-cache namespace may hold, in (0, 1]
+    namespace_idle_s: float = 600.0  # an empty namespace with no request for this long is forgotten
     model_cache_dir: str | None = None  # converted models; default $XDG_CACHE_HOME/kv-cache-inference
 
     def __post_init__(self) -> None:
@@ -34,6 +37,12 @@ class EngineConfig:
             raise ValueError(f"cache_budget_mb must be >= 0, got {self.cache_budget_mb}")
         if self.min_cached_tokens < 1:
             raise ValueError(f"min_cached_tokens must be >= 1, got {self.min_cached_tokens}")
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
+            raise ValueError(f"max_prompt_tokens must be >= 1 or None, got {self.max_prompt_tokens}")
+        if not 0 < self.namespace_quota <= 1:
+            raise ValueError(f"namespace_quota must be in (0, 1], got {self.namespace_quota}")
+        if self.namespace_idle_s < 0:
+            raise ValueError(f"namespace_idle_s must be >= 0, got {self.namespace_idle_s}")
         if self.kv_storage not in ("cpu", "device"):
             raise ValueError(f"kv_storage must be 'cpu' or 'device', got {self.kv_storage!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
@@ -43,12 +52,13 @@ class EngineConfig:
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> "EngineConfig":
         """Defaults, then ``KVCI_*`` environment variables, then explicit ``overrides`` (None ignored)."""
         environ = os.environ if environ is None else environ
+        hints = get_type_hints(cls)
         values: dict[str, Any] = {}
         for f in fields(cls):
             raw = environ.get(ENV_PREFIX + f.name.upper())
             if raw is None or raw == "":
                 continue
-            kind = type(f.default) if f.default is not None else str
+            kind = next(t for t in get_args(hints[f.name]) or (hints[f.name],) if t is not type(None))  # int | None -> int
             try:
                 values[f.name] = kind(raw)
             except ValueError as exc:

@@ -12,6 +12,7 @@ wrong output when the cache already holds the whole prompt, which is exactly an 
 
 from __future__ import annotations
 
+import secrets
 import threading
 import time
 from dataclasses import dataclass, field
@@ -22,7 +23,8 @@ import torch
 from cache import DEFAULT_NAMESPACE, PrefixCache, PrefixMatch
 from engine import loading
 from engine.config import EngineConfig
-from engine.kv import TensorKV, build_model_cache, has_sliding_layers, kv_bytes_per_token, new_model_cache
+from engine.kv import has_sliding_layers, kv_bytes_per_token, new_model_cache
+from engine.kv_pool import KVPool
 from engine.sampling import SamplingParams, sample_next_token
 
 CacheStatus = str  # "hit" | "partial" | "miss" | "skipped" (prompt under min_cached_tokens) | "off"
@@ -99,9 +101,18 @@ class Engine:
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.storage_device = torch.device("cpu") if self.config.kv_storage == "cpu" else self.device
-        self.cache = PrefixCache(self.config.cache_budget_bytes, self.config.min_cached_tokens)
+        pin = self.storage_device.type == "cpu" and self.device.type == "cuda"  # pinned host memory: fast copies
+        self.pool = KVPool(model.config, self.dtype, self.config.cache_budget_bytes, self.storage_device, pin_memory=pin)
+        self.cache = PrefixCache(
+            self.pool, self.config.min_cached_tokens, namespace_quota=self.config.namespace_quota, namespace_idle_s=self.config.namespace_idle_s
+        )
         text_config = model.config.get_text_config(decoder=True)
         self.context_length: int = int(getattr(text_config, "max_position_embeddings", 2048))
+        self.max_prompt_tokens: int = min(self.config.max_prompt_tokens or self.context_length, self.context_length)
+        # No token is longer than this many characters, so a text longer than max_prompt_tokens times
+        # it has too many tokens for sure: a cheap check before tokenizing a huge text.
+        self._longest_token_chars = max(len(t) for t in tokenizer.get_vocab())
+        self._control_texts = tuple(t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values())
         self.eos_token_ids = _eos_token_ids(model, tokenizer)
         self.supports_prefix_cache = not has_sliding_layers(model.config)
         self._tokenizer_lock = threading.Lock()  # Rust tokenizers raise "Already borrowed" under concurrent use
@@ -153,7 +164,7 @@ class Engine:
         # 1. Tokenize, eagerly, so that a prompt too long for the context raises here and not mid-stream.
         with run.clock.span("tokenize_ms"):
             run.prompt_ids = self.tokenize(run.request)
-        self._check_fits(len(run.prompt_ids), run.request.max_new_tokens)
+        self.check_prompt_tokens(len(run.prompt_ids), run.request.max_new_tokens)
         return self._stream_text(run)
 
     def make_request(
@@ -189,10 +200,17 @@ class Engine:
             raise ValueError(f"{self.name} has sliding-window attention layers, which the prefix cache does not support; set use_prefix_cache=False")
         if not isinstance(cache_key, str):
             raise ValueError("cache_key must be a string")
+        history_turns = _validate_history(history)
+        chars = len(prompt) + len(system_prompt or "") + sum(len(content) for _, content in history_turns)
+        if chars > self.max_prompt_tokens * self._longest_token_chars:
+            raise ValueError(
+                f"the prompt is {chars} characters, more than the {self.max_prompt_tokens} tokens allowed "
+                f"(max_prompt_tokens; the context window is {self.context_length} tokens): shorten it"
+            )
         return GenerationRequest(
             prompt=prompt,
             system_prompt=system_prompt or None,
-            history=_validate_history(history),
+            history=history_turns,
             max_new_tokens=max_new_tokens,
             use_cache=use_cache,
             use_prefix_cache=use_prefix_cache,
@@ -202,20 +220,40 @@ class Engine:
         )
 
     def tokenize(self, request: GenerationRequest) -> list[int]:
-        """Step 1: the prompt's token ids, through the chat template unless ``raw`` (or no template)."""
+        """Step 1: the prompt's token ids, through the chat template unless ``raw`` (or no template).
+
+        Text the user typed is always plain text: a ``<|im_start|>system`` inside a prompt, the
+        system prompt or the history becomes ordinary tokens, never a control token, so nobody can
+        forge a turn of the conversation.
+        """
         with self._tokenizer_lock:
             if request.raw or not getattr(self.tokenizer, "chat_template", None):
                 text = request.prompt if request.system_prompt is None else f"{request.system_prompt}\n\n{request.prompt}"
-                return list(self.tokenizer(text).input_ids)
+                return list(self.tokenizer(text, split_special_tokens=True).input_ids)
             messages = [{"role": "system", "content": request.system_prompt}] if request.system_prompt else []
             messages += [{"role": role, "content": content} for role, content in request.history]
             messages.append({"role": "user", "content": request.prompt})
+            if any(t in m["content"] for m in messages for t in self._control_texts):
+                return self._tokenize_chat_as_text(messages)
             ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
             return list(ids)
 
     def decode(self, token_ids: Sequence[int]) -> str:
         with self._tokenizer_lock:
             return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
+
+    def check_prompt_tokens(self, prompt_tokens: int, max_new_tokens: int) -> None:
+        """Raise ``ValueError`` if a tokenized prompt is over ``max_prompt_tokens`` or, with the new tokens, the context."""
+        if prompt_tokens > self.max_prompt_tokens:
+            raise ValueError(
+                f"the prompt is {prompt_tokens} tokens, more than the {self.max_prompt_tokens} allowed "
+                f"(max_prompt_tokens; the context window is {self.context_length} tokens): shorten it"
+            )
+        if prompt_tokens + max_new_tokens > self.context_length:
+            raise ValueError(
+                f"the prompt is {prompt_tokens} tokens and max_new_tokens is {max_new_tokens}, "
+                f"but the context window is {self.context_length} tokens: shorten the prompt or ask for fewer tokens"
+            )
 
     def info(self) -> dict[str, Any]:
         """What the page shows about the loaded model."""
@@ -234,18 +272,29 @@ class Engine:
     # ------------------------------------------------------------------ the request flow
 
     def _stream_text(self, run: "_Run") -> Iterator[str | GenerationResult]:
-        """Wrap the token generator: detokenize incrementally, then yield the result."""
-        emitted = ""
+        """Wrap the token generator: detokenize incrementally, then yield the result.
+
+        Each step decodes only a short window of recent tokens (the prefix and read offsets of
+        vLLM's and TGI's detokenizers), not the whole output: O(n) in all, not O(n^2).
+        """
+        pieces: list[str] = []
+        prefix_offset = read_offset = 0  # tokens [prefix_offset, read_offset) were emitted last; context for the next
         for _ in self._generate_tokens(run):
-            text = self.decode(run.generated)
-            if not text.endswith("\ufffd") and len(text) > len(emitted):  # hold back half a UTF-8 character
-                yield text[len(emitted) :]
-                emitted = text
-        # 8. Return text, token ids and timings.
-        text = self.decode(run.generated)
-        if len(text) > len(emitted):
-            yield text[len(emitted) :]
-        yield run.result(text)
+            delta = self._new_text(run.generated, prefix_offset, read_offset)
+            if delta and not delta.endswith("\ufffd"):  # hold back half a UTF-8 character
+                pieces.append(delta)
+                yield delta
+                prefix_offset, read_offset = read_offset, len(run.generated)
+        # 8. Return text, token ids and timings: the text is exactly what was streamed.
+        pieces.append(self._new_text(run.generated, prefix_offset, read_offset))
+        if pieces[-1]:
+            yield pieces[-1]
+        yield run.result("".join(pieces))
+
+    def _new_text(self, ids: list[int], prefix_offset: int, read_offset: int) -> str:
+        """Text of ``ids[read_offset:]``, decoded with ``ids[prefix_offset:read_offset]`` before it as context."""
+        before = self.decode(ids[prefix_offset:read_offset])
+        return self.decode(ids[prefix_offset:])[len(before) :]
 
     def _generate_tokens(self, run: "_Run") -> Iterator[int]:
         """Steps 2-7 (``stream`` tokenizes, ``_stream_text`` returns). Yields each new token id as soon as it exists."""
@@ -257,6 +306,7 @@ class Engine:
             with clock.span("cache_lookup_ms"):
                 match = self.cache.match_prefix(run.prompt_ids, request.cache_key)
             run.cache_status = match.kind
+            run.lookup_lock_wait_s = match.lock_wait_s
         try:
             # 3-5. Reuse the matched KV and prefill only the rest; an exact hit runs no model at all.
             logits, model_cache = self._prefill(run, match)
@@ -272,6 +322,7 @@ class Engine:
             # the user's wait), so concurrent and later requests can hit while this one decodes.
             if match is not None and match.kind != "hit":
                 self._insert(run, model_cache, len(run.prompt_ids), logits)
+            inserted = len(run.prompt_ids) if match is not None else 0
             while not self._finished(run, token):
                 if model_cache is None and request.use_cache:  # exact hit: KV moves only now, after TTFT
                     model_cache = self._reuse(run, match)
@@ -281,8 +332,9 @@ class Engine:
                 run.generated.append(token)
                 yield token
 
-            # 6b. Insert prompt + generated tokens, so the next turn of a conversation hits the whole history.
-            if match is not None and model_cache is not None:
+            # 6b. Insert prompt + generated tokens, so the next turn of a conversation hits the whole history
+            # (not when only one token was generated: its KV is not in the cache, so 6a said it all).
+            if match is not None and model_cache is not None and len(run.generated) > 1:
                 assert model_cache.get_seq_length() == len(run.prompt_ids) + len(run.generated) - 1, "KV length drifted"
                 self._insert(run, model_cache, len(run.prompt_ids) + len(run.generated) - 1, logits)
         finally:
@@ -301,7 +353,8 @@ class Engine:
         run.reused_tokens = reused = match.length if match is not None else 0
         if match is not None and match.kind == "hit":
             run.prefill_tokens = 0
-            return match.last_logits, None
+            with clock.span("transfer_ms"):
+                return self.pool.read_logits(match.logits_slots, self.device), None
         model_cache = None
         if request.use_cache:
             model_cache = self._reuse(run, match) if reused else new_model_cache(self.model.config, run.capacity)
@@ -314,7 +367,7 @@ class Engine:
     def _reuse(self, run: "_Run", match: PrefixMatch) -> Any:
         """Step 3: the matched KV as a fresh model cache on the device (timed as ``transfer_ms``)."""
         with run.clock.span("transfer_ms"):
-            return build_model_cache(match.segments, self.model.config, self.device, self.dtype, run.capacity)
+            return self.pool.read_kv(match.slots, self.model.config, self.device, run.capacity)
 
     def _decode_one_token(self, run: "_Run", token: int, model_cache: Any) -> torch.Tensor:
         if model_cache is None:  # no KV cache: the whole sequence again, every step
@@ -329,12 +382,18 @@ class Engine:
         return out.logits[0, -1].float()
 
     def _insert(self, run: "_Run", model_cache: Any, num_tokens: int, logits: torch.Tensor) -> None:
-        """Step 6: hand the first ``num_tokens`` tokens' KV and the logits after them to the prefix cache."""
+        """Step 6: the first ``num_tokens`` tokens' KV and the logits after them into the prefix cache.
+
+        The cache copies them straight from the live model cache into its pool (outside its lock),
+        and only the tokens it does not hold yet. Sequences too short to cache copy nothing. A
+        failed copy (out of memory) is the cache's to count: the reply goes on.
+        """
+        if num_tokens < self.cache.min_tokens:
+            return
         sequence = (run.prompt_ids + run.generated)[:num_tokens]
         with run.clock.span("insert_ms"):
-            kv = TensorKV.from_model_cache(model_cache, num_tokens, self.storage_device)
-            stored_logits = logits.detach().to(self.storage_device).clone()
-            self.cache.insert(sequence, kv, stored_logits, run.request.cache_key)
+            self.cache.insert(sequence, self.pool.source(model_cache, num_tokens, logits), run.request.cache_key)
+        run.lock_wait_s += self.cache.last_lock_wait_s()
 
     def _finished(self, run: "_Run", token: int) -> bool:
         if token in self.eos_token_ids:
@@ -345,12 +404,26 @@ class Engine:
             return True
         return False
 
-    def _check_fits(self, prompt_tokens: int, max_new_tokens: int) -> None:
-        if prompt_tokens + max_new_tokens > self.context_length:
-            raise ValueError(
-                f"the prompt is {prompt_tokens} tokens and max_new_tokens is {max_new_tokens}, "
-                f"but the context window is {self.context_length} tokens: shorten the prompt or ask for fewer tokens"
-            )
+    def _tokenize_chat_as_text(self, messages: list[dict[str, str]]) -> list[int]:
+        """The chat template's tokens with every message's content tokenized as plain text.
+
+        The template is rendered with a unique placeholder per content; its own pieces are
+        tokenized normally (their control tokens are real) and each content with
+        ``split_special_tokens=True``. Caller holds the tokenizer lock.
+        """
+        nonce = secrets.token_hex(8)
+        placeholders = [f"\u2063{nonce}{i}\u2063" for i in range(len(messages))]
+        rendered = self.tokenizer.apply_chat_template(
+            [{**m, "content": p} for m, p in zip(messages, placeholders)], add_generation_prompt=True, tokenize=False
+        )
+        if any(rendered.count(p) != 1 for p in placeholders):
+            raise ValueError(f"{self.name}'s chat template does not keep message text as it is, so control-token text in it cannot be made safe: remove it")
+        ids: list[int] = []
+        for message, placeholder in zip(messages, placeholders):
+            template_piece, rendered = rendered.split(placeholder, 1)
+            ids += self.tokenizer(template_piece, add_special_tokens=False).input_ids
+            ids += self.tokenizer(message["content"], add_special_tokens=False, split_special_tokens=True).input_ids
+        return ids + list(self.tokenizer(rendered, add_special_tokens=False).input_ids)
 
 
 def final_result(stream: Iterator[str | GenerationResult]) -> GenerationResult:
@@ -419,6 +492,8 @@ class _Run:
         self.cache_status: CacheStatus = "off" if not request.use_prefix_cache else "miss"
         self.prefill_tokens = 0
         self.reused_tokens = 0
+        self.lookup_lock_wait_s = 0.0  # of the prefix-cache lookup, before the first token
+        self.lock_wait_s = 0.0  # of the inserts
         self.finish_reason = "length"
 
     @property
@@ -429,14 +504,16 @@ class _Run:
     def result(self, text: str) -> GenerationResult:
         c = self.clock
         first = (c.first_token_at or c.end) - c.start
-        # ttft_ms: model-critical time to the first token (tokenize + prefill + first sample);
-        # cache bookkeeping and transfers are left out. wall_ttft_ms: all of it, as a user waits.
-        ttft = c.ms("tokenize_ms") + c.ms("prefill_ms") + c.ms("first_sample_ms")
+        # ttft_ms: critical time to the first token (tokenize + waiting for the cache lock + prefill
+        # + first sample); cache bookkeeping and transfers are left out. wall_ttft_ms: all of it, as a user waits.
+        lookup_wait_ms = self.lookup_lock_wait_s * 1000
+        ttft = c.ms("tokenize_ms") + lookup_wait_ms + c.ms("prefill_ms") + c.ms("first_sample_ms")
         decode_steps = max(len(self.generated) - 1, 0)
         decode_ms = c.ms("decode_ms")
         timings = {
             "tokenize_ms": c.ms("tokenize_ms"),
             "cache_lookup_ms": c.ms("cache_lookup_ms"),
+            "cache_lock_wait_ms": lookup_wait_ms + self.lock_wait_s * 1000,
             "transfer_ms": c.ms("transfer_ms"),
             "prefill_ms": c.ms("prefill_ms"),
             "insert_ms": c.ms("insert_ms"),

@@ -1,57 +1,13 @@
-"""Adapters between transformers' ``DynamicCache`` and the prefix cache's opaque KV segments.
+"""The model cache of one request: a preallocated ``DynamicCache``, and KV sizes.
 
-A :class:`TensorKV` is the per-layer keys and values of a run of tokens. The prefix cache only
-calls ``len``, ``nbytes`` and ``slice``; this module turns a matched path back into a
-``DynamicCache`` on the model's device. Cached tensors are never handed to the model as they are:
-the model's cache always starts from a copy, so a later decode cannot change what is stored.
+Moving KV between a model cache and the prefix cache's pool is ``engine/kv_pool.py``'s job.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
-
-
-class TensorKV:
-    """Keys and values of consecutive tokens for every layer.
-
-    Each tensor is ``[batch=1, kv_heads, tokens, head_dim]``. ``slice`` copies onto
-    ``storage_device``, so a segment built from views of a live model cache can be handed to the
-    prefix cache, which then stores only the tokens it did not have.
-    """
-
-    __slots__ = ("keys", "values", "storage_device")
-
-    def __init__(self, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], storage_device: torch.device | str = "cpu") -> None:
-        assert len(keys) == len(values) and len(keys) > 0, "one key and one value tensor per layer"
-        self.keys = tuple(keys)
-        self.values = tuple(values)
-        self.storage_device = torch.device(storage_device)
-
-    def __len__(self) -> int:
-        return self.keys[0].shape[-2]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.keys) + sum(t.nbytes for t in self.values)
-
-    def slice(self, start: int, stop: int) -> "TensorKV":
-        def piece(t: torch.Tensor) -> torch.Tensor:
-            # .clone() after .to(): a same-device .to() returns a view, and views would keep the
-            # whole original tensor alive (and make the byte budget lie).
-            return t[:, :, start:stop, :].to(self.storage_device).clone()
-
-        return TensorKV([piece(k) for k in self.keys], [piece(v) for v in self.values], self.storage_device)
-
-    @classmethod
-    def from_model_cache(cls, cache: DynamicCache, num_tokens: int, storage_device: torch.device | str) -> "TensorKV":
-        """Views of the first ``num_tokens`` tokens of a live model cache (no copy until sliced)."""
-        keys = [layer.keys[:, :, :num_tokens, :] for layer in cache.layers]
-        values = [layer.values[:, :, :num_tokens, :] for layer in cache.layers]
-        return cls(keys, values, storage_device)
 
 
 class GrowingKVLayer(DynamicLayer):
@@ -111,25 +67,6 @@ def new_model_cache(config, capacity: int) -> DynamicCache:
     cache = DynamicCache(config=config)
     if not _has_sliding(cache):
         cache.layers = [GrowingKVLayer(capacity) for _ in cache.layers]
-    return cache
-
-
-def build_model_cache(segments: Sequence[tuple[TensorKV, int]], config, device: torch.device, dtype: torch.dtype, capacity: int = 0) -> DynamicCache:
-    """Copy the used part of each matched segment into a fresh model cache on ``device``.
-
-    Args:
-        segments: ``(segment, tokens_used)`` pairs from the root down, as the prefix cache returns them.
-        capacity: Tokens to preallocate (the request's prompt + max_new_tokens).
-    """
-    cache = new_model_cache(config, capacity)
-    # Each update copies into the layer's own buffer, so the model never holds a stored tensor and
-    # its later writes cannot change what the prefix cache keeps.
-    for i, layer in enumerate(cache.layers):
-        for segment, used in segments:
-            # k, v: [1, kv_heads, used, head_dim]
-            k = segment.keys[i][:, :, :used, :].to(device=device, dtype=dtype)
-            v = segment.values[i][:, :, :used, :].to(device=device, dtype=dtype)
-            layer.update(k, v)
     return cache
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from engine import Engine, EngineConfig, GenerationResult
-from engine.kv import build_model_cache, kv_bytes_per_token
+from engine.kv import kv_bytes_per_token
 
 SYSTEM = "You are a careful assistant. Answer briefly and precisely, in plain words. " * 3
 QUESTIONS = ["What is machine learning?", "Name three prime numbers.", "Why is the sky blue?"]
@@ -99,7 +99,7 @@ def test_reused_kv_plus_suffix_equals_full_prefill(tiny_engine):
     match = tiny_engine.cache.match_prefix(ids)
     try:
         assert match.kind == "partial"
-        reused = build_model_cache(match.segments, model.config, tiny_engine.device, tiny_engine.dtype)
+        reused = tiny_engine.pool.read_kv(match.slots, model.config, tiny_engine.device)
         with torch.inference_mode():
             model(input_ids=torch.tensor([ids[match.length :]]), cache=reused, use_cache=True)
             full = model(input_ids=torch.tensor([ids]), use_cache=True).cache
@@ -111,14 +111,15 @@ def test_reused_kv_plus_suffix_equals_full_prefill(tiny_engine):
 
 
 def test_cached_tensors_are_never_mutated_by_decoding(tiny_engine):
-    """Decoding on top of reused KV leaves the stored segments bit-for-bit unchanged."""
+    """Decoding on top of reused KV leaves the pool's stored bytes bit-for-bit unchanged."""
     tiny_engine.generate(QUESTIONS[0], system_prompt=SYSTEM, max_new_tokens=N)
-    stored = [node.kv for node in _nodes(tiny_engine)]
-    snapshot = [[t.clone() for t in kv.keys + kv.values] for kv in stored]
-    again = tiny_engine.generate(QUESTIONS[0], system_prompt=SYSTEM, max_new_tokens=N)  # exact hit, then decode
+    used = tiny_engine.pool.capacity - tiny_engine.pool.num_free  # slots are handed out from the start
+    snapshot = tiny_engine.pool.storage[:used].clone()
+    again = tiny_engine.generate(QUESTIONS[0], system_prompt=SYSTEM, max_new_tokens=1)  # exact hit: stores nothing new
     assert again.cache_status == "hit"
-    for kv, tensors in zip(stored, snapshot):
-        assert all(torch.equal(a, b) for a, b in zip(kv.keys + kv.values, tensors))
+    assert torch.equal(tiny_engine.pool.storage[:used], snapshot)
+    decoded = tiny_engine.generate(QUESTIONS[0], system_prompt=SYSTEM, max_new_tokens=N)  # exact hit, then decode
+    assert decoded.cache_status == "hit" and torch.equal(tiny_engine.pool.storage[:used], snapshot)
 
 
 @pytest.mark.parametrize("kv_storage", ["cpu", "device"])
@@ -129,17 +130,19 @@ def test_kv_storage_options_give_same_tokens(tiny_engine, kv_storage):
     for status in ("miss", "hit"):
         result = engine.generate(QUESTIONS[2], system_prompt=SYSTEM, max_new_tokens=N)
         assert (result.cache_status, result.token_ids) == (status, expected)
-    assert {n.kv.keys[0].device.type for n in _nodes(engine)} == {engine.storage_device.type}
+    assert engine.pool.storage.device.type == engine.storage_device.type
 
 
 def test_cached_bytes_follow_theory(tiny_engine):
-    """Bytes per cached token are 2 x layers x kv_heads x head_dim x element size (plus stored logits)."""
+    """A slot is one token's KV, 2 x layers x kv_heads x head_dim x element size; logits take whole slots."""
     result = tiny_engine.generate(QUESTIONS[0], system_prompt=SYSTEM, max_new_tokens=1)
     stats = tiny_engine.cache.stats()
     per_token = kv_bytes_per_token(tiny_engine.model.config, tiny_engine.dtype)
-    logits_bytes = len(tiny_engine.tokenizer) * 4
+    logits_bytes = math.ceil(len(tiny_engine.tokenizer) * 4 / per_token) * per_token
+    assert tiny_engine.pool.slot_bytes == per_token
     assert stats["cached_tokens"] == result.timings["prompt_tokens"]
     assert stats["cached_bytes"] == per_token * stats["cached_tokens"] + logits_bytes
+    assert tiny_engine.pool.capacity * per_token <= stats["budget_bytes"] <= tiny_engine.config.cache_budget_bytes
 
 
 # ---------------------------------------------------------------------- the real bundled model
@@ -283,13 +286,6 @@ def test_concurrent_requests_match_sequential(tiny_engine):
     s = tiny_engine.cache.stats()
     assert s["total_requests"] == len(jobs) == s["hits"] + s["partial_hits"] + s["misses"]
     assert s["hits"] > 0 and not any(e.locked for e in tiny_engine.cache.entries())
-
-
-def _nodes(engine: Engine):
-    """The tree's nodes (test-only peek at internals, to check the stored tensors themselves)."""
-    from cache.prefix_cache import _descendants
-
-    return [n for root in engine.cache._roots.values() for n in _descendants(root)]
 
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 
 import pytest
 
@@ -300,3 +301,246 @@ def test_shared_prefix_shorter_than_min_tokens_is_a_miss():
     s = cache.stats()
     assert (s["partial_hits"], s["misses"], s["tokens_saved"]) == (1, 1, 6)
     assert s["token_hit_rate"] == 6 / (6 + 8)
+
+
+# ---------------------------------------------------------------------- the pool: faults, locks, accounting
+
+
+class SlowKV:
+    """A source whose copy blocks until told to go on (or raises), to catch the tree mid-insert."""
+
+    def __init__(self, cache, seq, logits=None, fail=None):
+        self.inner = cache.pool.source(seq, logits)
+        self.started, self.go, self.fail = threading.Event(), threading.Event(), fail
+
+    def __len__(self):
+        return len(self.inner)
+
+    @property
+    def logits_slots(self):
+        return self.inner.logits_slots
+
+    def write(self, start, slots, logits_slots):
+        self.started.set()
+        self.go.wait(10)
+        if self.fail is not None:
+            raise self.fail
+        self.inner.write(start, slots, logits_slots)
+
+
+def insert_in_thread(cache, kv, seq, namespace=DEFAULT_NAMESPACE):
+    result = []
+    thread = threading.Thread(target=lambda: result.append(cache.insert(seq, kv, namespace)))
+    thread.start()
+    assert kv.started.wait(10)
+    return thread, result
+
+
+def test_failed_write_is_counted_and_leaves_the_tree_unchanged():
+    """A copy that raises (out of memory) stores nothing, frees its slots, and is counted; the cache goes on."""
+    cache = make(slots=100)
+    put(cache, [1, 2, 3], "a")
+    before = (cache.entries(), cache.pool.num_free)
+    kv = SlowKV(cache, [1, 2, 3, 4, 5], "b", fail=MemoryError("injected out of memory"))
+    kv.go.set()
+    assert cache.insert([1, 2, 3, 4, 5], kv) == 0
+    assert (cache.entries(), cache.pool.num_free) == before
+    assert cache.stats()["failed_inserts"] == 1
+    cache.check_invariants()
+    assert put(cache, [1, 2, 3, 4, 5], "b") == 2
+
+
+def test_insert_too_large_evicts_nothing():
+    """An insert that cannot fit even after evicting every unlocked entry evicts nothing: earlier entries still hit."""
+    cache = make(slots=20)
+    for first in (10, 20, 30):
+        put(cache, [first, 1, 2], first)  # 4 slots each: 12 of 20 used
+    assert put(cache, list(range(100, 125))) == 0  # 25 slots > 20
+    s = cache.stats()
+    assert (s["rejected_inserts"], s["evictions"], s["cache_size"]) == (1, 0, 3)
+    assert all(cache.match_prefix([first, 1, 2]).kind == "hit" for first in (10, 20, 30))
+    # Locked entries are not evictable: an insert that would need them is rejected untouched too.
+    assert put(cache, list(range(100, 110))) == 0
+    assert cache.stats()["cache_size"] == 3 and cache.stats()["evictions"] == 0
+
+
+def test_lookup_in_another_namespace_does_not_wait_for_a_copy():
+    """A slow copy runs outside the tree lock: a lookup meanwhile returns at once and reports its (tiny) wait."""
+    cache = make(slots=100)
+    put(cache, [7, 8, 9], "x", namespace="bob")
+    kv = SlowKV(cache, [1, 2, 3, 4])
+    thread, result = insert_in_thread(cache, kv, [1, 2, 3, 4], namespace="alice")
+    t0 = time.perf_counter()
+    match = cache.match_prefix([7, 8, 9], namespace="bob")
+    elapsed = time.perf_counter() - t0
+    kv.go.set()
+    thread.join()
+    assert match.kind == "hit" and elapsed < 0.5 and match.lock_wait_s < 0.5
+    assert result == [4] and cache.match_prefix([1, 2, 3, 4, 5], namespace="alice").length == 4
+    cache.release(match)
+    cache.check_invariants()
+
+
+def test_concurrent_inserts_of_one_sequence_store_it_once():
+    """Two inserts of the same tokens overlap: the second to publish frees its copy instead of duplicating it."""
+    cache = make(slots=100)
+    seq = [1, 2, 3, 4, 5, 6]
+    kv = SlowKV(cache, seq, "slow")
+    thread, result = insert_in_thread(cache, kv, seq)
+    assert put(cache, seq[:4] + [9, 9], "fast") == 6  # shares a prefix with the copy in flight
+    kv.go.set()
+    thread.join()
+    assert result == [2]  # [1 2 3 4] was stored by the other insert meanwhile
+    assert cache.stats()["cached_tokens"] == 8
+    assert matched_tokens(cache, cache.match_prefix(seq + [0])) == seq
+    cache.check_invariants()
+
+
+def test_clear_during_a_copy_frees_everything():
+    """A namespace cleared while an insert copies into it: the insert stores nothing and leaks no slot."""
+    cache = make(slots=100)
+    kv = SlowKV(cache, [1, 2, 3, 4], "x")
+    thread, result = insert_in_thread(cache, kv, [1, 2, 3, 4])
+    cache.clear()
+    kv.go.set()
+    thread.join()
+    assert result == [0] and cache.pool.num_free == 100 and cache.entries() == []
+    cache.check_invariants()
+
+
+def test_split_while_matched_copies_nothing_and_leaks_nothing():
+    """Splitting a node a request holds moves slot indices only: usage stays within the pool, all freed after."""
+    cache = make(slots=12)
+    put(cache, [1, 2, 3, 4, 5], "a")  # 6 slots
+    match = cache.match_prefix([1, 2, 3, 4, 5])
+    assert put(cache, [1, 2, 8, 9], "b") == 2  # splits the locked edge after [1 2]: 3 more slots
+    assert cache.pool.num_used == 9 and cache.cached_bytes == 9 * SLOT_BYTES
+    assert matched_tokens(cache, match) == [1, 2, 3, 4, 5]
+    cache.check_invariants()
+    cache.release(match)  # walks up through the new upper node too
+    assert not any(e.locked for e in cache.entries())
+    cache.evict(10**6)
+    assert cache.pool.num_free == 12
+    cache.check_invariants()
+
+
+def test_clear_while_matched_keeps_slots_until_release():
+    """Clearing a namespace a request holds: its slots are not reused until the release, then freed."""
+    cache = make(slots=8)
+    seq = [1, 2, 3, 4]
+    put(cache, seq, "x")  # 5 slots
+    match = cache.match_prefix(seq)
+    cache.clear()
+    assert cache.pool.num_free == 3 and cache.cached_bytes == 0
+    assert put(cache, [5, 6, 7, 8], "y") == 0  # needs 5 slots: the held ones are not handed out
+    assert cache.pool.read(match.slots) == seq and logits_of(cache, match) == "x"
+    cache.release(match)
+    assert cache.pool.num_free == 8
+    assert put(cache, [5, 6, 7, 8], "y") == 4
+    cache.check_invariants()
+
+
+def test_quota_evicts_own_entries_first_and_spares_others_while_there_is_room():
+    """A namespace over its share evicts its own LRU entries; another namespace's survive while the pool has room."""
+    cache = make(slots=40, namespace_quota=0.25)  # 10 slots per namespace
+    put(cache, [1, 1, 1], "b", namespace="bob")
+    for first in range(10, 16):  # alice fills her share and goes on
+        put(cache, [first, 1, 2], first, namespace="alice")
+    alice, bob = cache.stats("alice"), cache.stats("bob")
+    assert alice["cached_bytes"] <= 10 * SLOT_BYTES and alice["evictions"] == 4
+    assert bob["cache_size"] == 1 and bob["evictions"] == 0  # the evictions are counted against their cause
+    assert cache.match_prefix([1, 1, 1], namespace="bob").kind == "hit"
+    assert cache.match_prefix([15, 1, 2], namespace="alice").kind == "hit"
+    assert put(cache, list(range(100, 111)), namespace="alice") == 0  # 11 slots > her share: rejected
+    cache.check_invariants()
+
+
+def test_full_pool_evicts_across_namespaces_counted_against_the_cause():
+    """Once the pool is full, LRU runs across namespaces; the victim's stats show nothing of it."""
+    cache = make(slots=8)
+    put(cache, [1, 1, 1], namespace="bob")  # 3 slots
+    put(cache, [2, 2, 2, 2, 2], namespace="alice")  # 5 slots: the pool is full
+    assert put(cache, [3, 3, 3], namespace="carol") == 3  # bob's entry is the oldest
+    assert cache.stats("bob")["cache_size"] == 0 and cache.stats("bob")["evictions"] == 0
+    assert cache.stats("carol")["evictions"] == 1 and cache.stats()["evictions"] == 1
+
+
+def test_idle_namespaces_and_their_counters_are_dropped():
+    """A namespace with no entries and no request for namespace_idle_s is forgotten, counters and all."""
+    now = [0.0]
+    cache = make(slots=100, namespace_idle_s=60, clock=lambda: now[0])
+    for i in range(1000):
+        cache.release(cache.match_prefix([1, 2, 3], namespace=f"visitor-{i}"))  # misses: counters only
+    put(cache, [1, 2, 3], namespace="keeper")
+    assert len(cache._namespaces) == 1001
+    now[0] = 61.0
+    for _ in range(10):  # each request may sweep (bounded work, at most once a second)
+        cache.release(cache.match_prefix([9, 9, 9], namespace="keeper"))
+        now[0] += 1.5
+    assert set(cache._namespaces) == {"keeper"}
+    assert cache.stats("visitor-3")["misses"] == 0 and cache.stats()["total_requests"] == 1010
+
+
+def test_evicting_insert_cost_does_not_grow_with_namespaces():
+    """An evicting insert with 10,000 namespaces costs about what it costs with 10 (medians, same run)."""
+
+    def median_evicting_insert_us(namespaces):
+        cache = make(slots=4 * namespaces, min_tokens=1)
+        for i in range(namespaces):
+            put(cache, [i, 1, 2, 3], namespace=f"ns-{i}")  # the pool is now full
+        times = []
+        for j in range(300):
+            seq = [10**6 + j, 1, 2, 3]
+            t0 = time.perf_counter()
+            put(cache, seq, namespace=f"ns-{j % namespaces}")
+            times.append(time.perf_counter() - t0)
+        assert cache.stats()["evictions"] >= 300
+        return sorted(times)[len(times) // 2] * 1e6
+
+    few, many = median_evicting_insert_us(10), median_evicting_insert_us(10_000)
+    assert many < 3 * few + 20, f"{many:.1f} µs with 10,000 namespaces vs {few:.1f} µs with 10"
+
+
+@pytest.mark.parametrize("pool_slots", [10_000, 60])  # never evicts: compared with a reference; evicts: invariants
+def test_model_check_against_a_reference(pool_slots):
+    """Random insert / match / release / evict / clear: the tree agrees with a set of sequences, slots never leak."""
+    rng = random.Random(pool_slots)
+    cache = make(slots=pool_slots, min_tokens=2)
+    stored: dict[str, set[tuple[int, ...]]] = {"a": set(), "b": set()}
+    held = []
+    for step in range(1500):
+        ns = rng.choice("ab")
+        seq = tuple(rng.choice([[1, 2, 3], [1, 2, 4], [5]])) + tuple(rng.randrange(4) for _ in range(rng.randrange(0, 8)))
+        op = rng.random()
+        if op < 0.4:
+            put(cache, list(seq), "x" if rng.random() < 0.5 else None, namespace=ns)
+            stored[ns].add(seq)
+        elif op < 0.8:
+            match = cache.match_prefix(list(seq), namespace=ns)
+            assert matched_tokens(cache, match) == list(seq[: match.length])
+            if pool_slots == 10_000 and len(seq) >= 2:
+                longest = max((_common(seq, s) for s in stored[ns]), default=0)
+                expected = min(longest, len(seq) - 1) if match.kind != "hit" else len(seq)
+                assert match.length == (expected if expected >= 2 else 0)
+            held.append(match)
+        elif op < 0.9 and held:
+            cache.release(held.pop(rng.randrange(len(held))))
+        elif op < 0.95 and pool_slots != 10_000:  # the reference knows nothing of eviction
+            cache.evict(rng.randrange(1, 100) * SLOT_BYTES)
+        elif op >= 0.95:
+            cache.clear(ns)
+            stored[ns] = set()
+        cache.check_invariants()
+        assert cache.pool.num_used + cache.pool.num_free == cache.pool.capacity
+        assert len(cache.pool.owned) == cache.pool.num_used  # no slot owned twice (the pool asserts it)
+    for match in held:
+        cache.release(match)
+    cache.clear()
+    assert cache.pool.num_free == cache.pool.capacity
+
+
+def _common(a, b):
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n

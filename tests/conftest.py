@@ -109,12 +109,13 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch_app(log_dir: Path, *flags: str) -> AppServer:
+def launch_app(log_dir: Path, *flags: str, env_extra: dict[str, str] | None = None) -> AppServer:
     """Start `python app.py` on a free port and wait until /health says the model is loaded."""
     port = _free_port()
     log_path = log_dir / f"app-{port}.log"
-    env = {k: v for k, v in os.environ.items() if k not in ("SPACE_ID", "GRADIO_SERVER_NAME", "GRADIO_SERVER_PORT")}
+    env = {k: v for k, v in os.environ.items() if k not in ("SPACE_ID", "GRADIO_SERVER_NAME", "GRADIO_SERVER_PORT") and not k.startswith("KVCI_")}
     env["GRADIO_ANALYTICS_ENABLED"] = "False"
+    env.update(env_extra or {})
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             [sys.executable, "app.py", "--host", "127.0.0.1", "--port", str(port), *flags],
@@ -163,6 +164,34 @@ def app_server(tmp_path_factory, bundled_folder):
 def app_server_per_session(tmp_path_factory, bundled_folder):
     """The app with one prefix-cache namespace per session, as on a public host."""
     server = launch_app(tmp_path_factory.mktemp("app-per-session"), "--cache-mode", "per-session")
+    yield server
+    stop_app(server)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_folder(tmp_path_factory, tokenizer):
+    """The tiny random Llama saved as a model folder, so an app can load it with --model in a second."""
+    folder = tmp_path_factory.mktemp("tiny-model")
+    make_tiny_model(tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+PUBLIC_MAX_PROMPT_TOKENS = 256
+
+
+@pytest.fixture(scope="session")
+def app_server_public(tmp_path_factory, tiny_model_folder):
+    """The app as on a public host (--public on loopback): per-session, a 1 MiB cache budget, short
+    prompts only, namespaces forgotten after 2 s idle, the tiny model (fast, deterministic)."""
+    server = launch_app(
+        tmp_path_factory.mktemp("app-public"),
+        "--public",
+        "--model", str(tiny_model_folder),
+        "--cache-budget-mb", "1",
+        "--max-prompt-tokens", str(PUBLIC_MAX_PROMPT_TOKENS),
+        env_extra={"KVCI_NAMESPACE_IDLE_S": "2", "KVCI_MIN_CACHED_TOKENS": "8"},
+    )
     yield server
     stop_app(server)
 

@@ -365,25 +365,27 @@ class PrefixCache:
     # ------------------------------------------------------------------ insert, in three phases
 
     def _reserve(self, key: tuple[int, ...], logits_slots: int, name: str) -> "_Reservation | None":
-        """Phase 1, under the lock: lock the attach point, make room, take the slots."""
+        """Phase 1, under the lock: lock the matched path, make room, take the slots. Changes no edge."""
         ns = self._active_namespace(name)
-        parent, matched = self._attach_point(ns, key)
+        path, matched = _walk(ns.root, key)
+        anchor = path[-1] if path else ns.root  # the edge may go on past `matched`: it is split at publish, if at all
+        logits_here = anchor.logits is not None and sum(len(n.key) for n in path) == matched
         new_tokens = len(key) - matched
-        logits = logits_slots if logits_slots and (new_tokens or parent.logits is None) else 0
+        logits = logits_slots if logits_slots and (new_tokens or not logits_here) else 0
         needed = new_tokens + logits
         if needed == 0:
-            self._touch(parent, hit=False)
-            self._push_if_evictable(parent)
+            self._touch(anchor, hit=False)
+            self._push_if_evictable(anchor)
             return None
-        self._inc_lock(parent)  # the attach path must outlive the copy
+        self._inc_lock(anchor)  # the matched path must outlive the copy
         if not self._make_room(ns, needed):
-            self._dec_lock(parent)
+            self._dec_lock(anchor)
             self._count(ns, "rejected_inserts")
             return None
         slots = self.pool.alloc(needed)
         ns.pending += needed
         self._pending += needed
-        return _Reservation(ns, parent, key, matched, slots[:new_tokens], slots[new_tokens:])
+        return _Reservation(ns, anchor, key, matched, slots[:new_tokens], slots[new_tokens:])
 
     def _publish(self, r: "_Reservation") -> int:
         """Phase 3, under the lock: attach what no other insert stored meanwhile; free the rest."""
@@ -678,7 +680,7 @@ class _Reservation:
     """Slots taken for an insert's copy: ``slots`` for tokens ``key[start:]``, then the logits'."""
 
     ns: _Namespace
-    parent: _Node  # the locked attach point
+    parent: _Node  # the deepest node of the matched path, locked during the copy
     key: tuple[int, ...]
     start: int
     slots: list[Slot]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import psutil
+import torch
 import pytest
 
 from engine import Engine, EngineConfig
@@ -81,3 +82,23 @@ def test_flood_stays_within_budget_and_memory_settles(tiny_model, tokenizer):
     assert stats["evictions"] > 100 and stats["misses"] + stats["partial_hits"] + stats["hits"] == 500
     growth_mb = (max(rss[-100:]) - rss[-100]) / (1 << 20)
     assert growth_mb < 32, f"RSS grew by {growth_mb:.1f} MiB over the last 100 requests"
+
+
+def test_out_of_memory_in_the_kv_copy_does_not_kill_the_reply(tiny_engine, monkeypatch):
+    """An insert whose copy runs out of memory: the reply completes with the right tokens, the failure is
+    counted, and the tree is exactly as before."""
+    expected = tiny_engine.generate(QUESTION, system_prompt=SYSTEM, max_new_tokens=6, use_prefix_cache=False).token_ids
+    tiny_engine.generate("Another question, cached first.", system_prompt=SYSTEM, max_new_tokens=2)
+    shape = lambda: ([(e.start, e.token_ids, e.nbytes, e.has_logits) for e in tiny_engine.cache.entries()], tiny_engine.pool.num_free)
+    before = shape()
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("injected: CUDA out of memory")
+
+    monkeypatch.setattr(tiny_engine.pool, "write_kv", out_of_memory)
+    result = tiny_engine.generate(QUESTION, system_prompt=SYSTEM, max_new_tokens=6)
+    assert result.token_ids == expected and result.cache_status == "partial"
+    assert tiny_engine.cache.stats()["failed_inserts"] == 2  # the prompt, then prompt + reply
+    assert shape() == before
+    tiny_engine.cache.check_invariants()
+    assert_cache_consistent(tiny_engine)

@@ -103,7 +103,7 @@ class SlotAllocator:
         slots = self._free[len(self._free) - reused :]
         del self._free[len(self._free) - reused :]
         fresh = n - reused
-        slots.extend(Slot(i) for i in range(self._next, self._next + fresh))
+        slots.extend(range(self._next, self._next + fresh))  # type: ignore[arg-type]  # Slot is an int
         self._next += fresh
         return slots
 

@@ -488,7 +488,7 @@ class PrefixCache:
 
     def _delete_leaf(self, node: "_Node") -> None:
         assert _evictable(node), "only unlocked leaves are deleted"
-        self.pool.free(node.value + list(node.logits or ()))
+        self.pool.free(node.slots())
         self._resize(node, -node.num_slots)
         for sizes in (node.ns.sizes, self._all):
             sizes.nodes -= 1
@@ -524,7 +524,7 @@ class PrefixCache:
             assert node.lock_ref > 0, "release() called twice for the same match"
             node.lock_ref -= 1
             if node.lock_ref == 0 and node.doomed:  # cleared while in use: its slots are free only now
-                self.pool.free(node.value + list(node.logits or ()))
+                self.pool.free(node.slots())
                 self._doomed -= node.num_slots
             elif node.lock_ref == 0:
                 for sizes in (node.ns.sizes, self._all):
@@ -592,7 +592,7 @@ class PrefixCache:
         for node in _descendants(ns.root):
             node.alive = False
             if node.lock_ref == 0:
-                self.pool.free(node.value + list(node.logits or ()))
+                self.pool.free(node.slots())
             else:
                 node.doomed = True
                 self._doomed += node.num_slots
@@ -638,6 +638,10 @@ class _Node:
     @property
     def num_slots(self) -> int:
         return len(self.value) + (len(self.logits) if self.logits else 0)
+
+    def slots(self) -> list[Slot]:
+        """Every slot the node holds: its tokens' KV, then its logits'."""
+        return self.value + (self.logits or [])
 
     @property
     def depth(self) -> int:

@@ -48,11 +48,11 @@ def page(chromium, app_server):
 
 
 def test_empty_prompt_shows_the_engine_message_and_the_page_keeps_working(page, app_server):
-    """Bad input in the UI is a gr.Error carrying the engine's ValueError message."""
+    """Bad input in the UI is a gr.Error carrying the validation message (the same as REST's)."""
     page.goto(app_server.url)
     page.get_by_text("Model:").first.wait_for()
     page.locator("#kv-generate").click()
-    page.get_by_text("prompt must be a non-empty string").first.wait_for()
+    page.get_by_text("prompt: String should have at least 1 character").first.wait_for()
 
 
 def test_generate_in_the_browser_streams_text_and_draws_both_charts(page, app_server):

@@ -1,0 +1,216 @@
+"""Bounded work and local safety against the running app: the guard, size limits, cancellation, per-session limits, memory.
+
+The attacks of issue 8 that are not about reading others' data: cross-site requests to a local
+server, DNS rebinding, wrong methods, a 14 MB page event, tiny temperatures, abandoned work that
+kept running, one client taking every slot, and bookkeeping that grew with every session id.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from test_app_isolation import Page, bearer, body, secret_system_prompt
+from ui.limits import MAX_BODY_BYTES
+
+LONG = 300  # new tokens: ~20 s of decoding for the bundled model on 2 cores, far longer than any check below
+
+
+def inflight(url: str) -> int:
+    return httpx.get(url + "/health", timeout=10).json()["inflight"]
+
+
+def wait_inflight(url: str, expected: int, within_s: float) -> float:
+    """Seconds until /health shows ``expected`` requests in flight; fails after ``within_s``."""
+    start = time.monotonic()
+    while time.monotonic() - start < within_s:
+        if inflight(url) == expected:
+            return time.monotonic() - start
+        time.sleep(0.05)
+    pytest.fail(f"{inflight(url)} requests still in flight after {within_s} s (expected {expected})")
+
+
+# ---------------------------------------------------------------------- the guard (ui/security.py)
+
+
+@pytest.mark.parametrize(
+    "headers, content, status",
+    [
+        ({"Origin": "https://evil.example", "Content-Type": "text/plain"}, b'{"x": 1}', 403),  # a page on another site
+        ({"Origin": "null", "Content-Type": "application/json"}, b"{}", 403),  # a sandboxed frame or a file
+        ({"Content-Type": "text/plain"}, b"anything", 415),
+        ({"Content-Type": "application/x-www-form-urlencoded"}, b"a=1", 415),
+    ],
+)
+def test_cross_site_and_non_json_posts_are_refused(app_server, headers, content, status):
+    """Attack 7: a web page could POST /cache/clear to a local server with text/plain and get 200."""
+    response = httpx.post(app_server.url + "/cache/clear", headers=headers, content=content)
+    assert response.status_code == status, response.text
+    assert "access-control-allow-origin" not in response.headers
+
+
+def test_scripts_and_the_own_page_still_post(app_server):
+    """curl sends no Origin (and here no body): allowed. The page's own origin with JSON: allowed."""
+    assert httpx.post(app_server.url + "/cache/clear").status_code == 200
+    same_origin = httpx.post(app_server.url + "/cache/clear", headers={"Origin": app_server.url, "Content-Type": "application/json"}, content=b"{}")
+    assert same_origin.status_code == 200
+
+
+@pytest.mark.parametrize("host, status", [("evil.example", 421), ("evil.example:7860", 421), ("127.0.0.1.evil.example", 421), ("localhost:{port}", 200), ("127.0.0.1:{port}", 200), ("[::1]:{port}", 200)])
+def test_a_loopback_server_checks_the_host_header(app_server, host, status):
+    """Attack 7: DNS rebinding. A loopback server answers only to loopback names."""
+    port = app_server.url.rsplit(":", 1)[1]
+    response = httpx.get(app_server.url + "/health", headers={"Host": host.format(port=port)})
+    assert response.status_code == status, response.text
+
+
+@pytest.mark.parametrize("method, path", [("GET", "/generate"), ("PUT", "/generate"), ("DELETE", "/cache/clear"), ("GET", "/cache/clear"), ("POST", "/cache/stats"), ("GET", "/session"), ("POST", "/health")])
+def test_wrong_methods_on_rest_routes_get_405(app_server, method, path):
+    """Gradio is mounted at "/", so a wrong method used to fall through to it; now it is a 405 with Allow."""
+    response = httpx.request(method, app_server.url + path)
+    assert response.status_code == 405 and response.headers["allow"], response.text
+
+
+def test_no_cors_headers_for_other_origins(app_server):
+    """Routes other than the page let no other origin read them: no Access-Control-Allow-* at all."""
+    for method, path in (("GET", "/cache/stats"), ("GET", "/health"), ("OPTIONS", "/gradio_api/run/predict"), ("GET", "/config")):
+        response = httpx.request(method, app_server.url + path, headers={"Origin": "http://localhost:9999", "Access-Control-Request-Method": "POST"})
+        assert not any(name.startswith("access-control-allow") for name in response.headers), (path, response.headers)
+
+
+@pytest.mark.parametrize("path", ["/gradio_api/queue/join", "/gradio_api/run/predict", "/generate"])
+def test_a_14_mb_body_is_refused_fast_and_the_app_keeps_serving(app_server_public, path):
+    """Attack 5: a 14 MB page event was tokenized for 7 s holding the tokenizer lock; now any body over the cap is a 413."""
+    big = b'{"fn_index": 0, "data": ["' + b"a" * 14_000_000 + b'"], "session_hash": "x"}'
+    start = time.monotonic()
+    response = httpx.post(app_server_public.url + path, content=big, headers={"Content-Type": "application/json"}, timeout=60)
+    assert response.status_code == 413 and time.monotonic() - start < 3, response.text[:200]
+
+    def chunks():  # no Content-Length: the cap counts what arrives
+        for _ in range(MAX_BODY_BYTES // 65536 + 2):
+            yield b"a" * 65536
+
+    assert httpx.post(app_server_public.url + path, content=chunks(), headers={"Content-Type": "application/json"}, timeout=60).status_code == 413
+    assert httpx.post(app_server_public.url + "/generate", json=body("short system prompt", max_new_tokens=1), timeout=60).status_code == 200
+
+
+@pytest.mark.parametrize("temperature, top_p", [(1e-38, 1.0), (1e-38, 1e-46), (0.5, 1e-46), (1e-300, 0.5)])
+def test_tiny_temperatures_and_top_p_are_answered(app_server_public, temperature, top_p):
+    """Attack 6: temperature 1e-38 and top_p 1e-46 gave a 500 (inf / inf in the softmax); now they sample like greedy."""
+    request = body("You answer in one word.", temperature=temperature, top_p=top_p, seed=1)
+    response = httpx.post(app_server_public.url + "/generate", json=request, timeout=60)
+    assert response.status_code == 200, response.text
+    greedy = httpx.post(app_server_public.url + "/generate", json=body("You answer in one word."), timeout=60).json()
+    if temperature < 1e-30:
+        assert response.json()["token_ids"] == greedy["token_ids"]
+
+
+def test_prompts_over_max_prompt_tokens_are_refused(app_server_public):
+    """Attack 5: one 8k-token prompt prefilled for 60 s; a public server caps prompts (here 256 tokens) with a 400."""
+    response = httpx.post(app_server_public.url + "/generate", json=body(None, prompt="word " * 600), timeout=60)
+    assert response.status_code == 400 and "256" in response.json()["detail"], response.text
+
+
+# ---------------------------------------------------------------------- cancellation and per-session limits (bundled model: slow decode)
+
+
+def test_a_dropped_rest_request_frees_its_slot_within_a_second(app_server_per_session):
+    """Attack 5: a client that hangs up used to leave its generation running to the end."""
+    url = app_server_per_session.url
+    request = body(secret_system_prompt(), max_new_tokens=LONG)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url + "/generate", json=request, timeout=httpx.Timeout(10, read=2.0))
+    assert wait_inflight(url, 0, within_s=1.5) < 1.5
+
+
+def test_a_dropped_page_stream_frees_its_slot_within_a_second(app_server_per_session):
+    """Attack 5: a page closed mid-stream (13 s of decoding left) stops at the next token."""
+    url = app_server_per_session.url
+    page = Page(url)
+    for message in page.stream("on_generate", None, "Tell me a very long story about a dragon.", True, True, LONG, 0, None):
+        if message.get("msg") == "process_generating":
+            break  # leaving the with-block closes the event stream, as a closed tab does
+    page.http.close()
+    assert wait_inflight(url, 0, within_s=1.5) < 1.5
+
+
+def test_gradio_client_job_cancel_stops_the_request(app_server_per_session):
+    """Attack 5: job.cancel() from gradio_client used to leave the request running."""
+    gradio_client = pytest.importorskip("gradio_client")
+    url = app_server_per_session.url
+    client = gradio_client.Client(url, verbose=False, headers=bearer(url))
+    job = client.submit("Tell me a very long story about a dragon.", None, LONG, api_name="/generate")
+    wait_inflight(url, 1, within_s=30)
+    time.sleep(0.5)
+    job.cancel()
+    assert wait_inflight(url, 0, within_s=2.0) < 2.0
+
+
+def test_one_session_gets_at_most_two_requests_in_flight_then_503_with_retry_after(app_server_per_session):
+    """Attack 5: one client took every worker slot; now its third concurrent request is refused with Retry-After."""
+    url = app_server_per_session.url
+    headers = bearer(url)
+    request = body(secret_system_prompt(), max_new_tokens=LONG)
+
+    def hold() -> None:  # a request that hangs up after 6 s: its job is cancelled then
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(url + "/generate", json=request, headers=headers, timeout=httpx.Timeout(10, read=6))
+
+    threads = [threading.Thread(target=hold) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    wait_inflight(url, 2, within_s=10)
+    third = httpx.post(url + "/generate", json=request, headers=headers, timeout=30)
+    assert third.status_code == 503 and int(third.headers["retry-after"]) > 0 and "this session" in third.json()["detail"]
+    other = httpx.post(url + "/generate", json=body(secret_system_prompt(), max_new_tokens=1), headers=bearer(url), timeout=60)
+    assert other.status_code == 200  # another session is served meanwhile
+    for thread in threads:
+        thread.join()
+    wait_inflight(url, 0, within_s=2.0)
+
+
+# ---------------------------------------------------------------------- memory
+
+
+def rss_mib(pid: int) -> float:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+SESSIONS = 2000
+RSS_GROWTH_BOUND_MIB = 120
+
+
+def test_rss_settles_after_2000_sessions(app_server_public):
+    """Attack 5: 2,000 session ids added ~700 MiB; now namespaces, counters and page state are freed or bounded."""
+    url = app_server_public.url
+    pid = app_server_public.process.pid
+    page = Page(url, cookie=False)
+
+    def one(i: int) -> None:
+        headers = {"X-Session-Id": f"rss-{i:06d}-{uuid.uuid4().hex}"}
+        response = httpx.post(url + "/generate", json=body(f"Session {i}: you are a terse assistant; answer in one word only.", max_new_tokens=1), headers=headers, timeout=60)
+        assert response.status_code == 200, response.text
+        if i % 4 == 0:  # a page session too: gr.State per session_hash
+            assert page.event("on_inspect", None).status_code == 200
+            page.session_hash = uuid.uuid4().hex
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(one, range(100)))  # warm up allocators and caches
+    before = rss_mib(pid)
+    start = time.monotonic()
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(one, range(100, 100 + SESSIONS)))
+    elapsed = time.monotonic() - start
+    time.sleep(3)  # past the 2 s namespace idle time
+    httpx.post(url + "/generate", json=body("One more request to let idle namespaces go.", max_new_tokens=1), headers=bearer(url), timeout=60)
+    after = rss_mib(pid)
+    print(f"RSS {before:.0f} -> {after:.0f} MiB after {SESSIONS} sessions in {elapsed:.1f} s")
+    assert after - before < RSS_GROWTH_BOUND_MIB, f"RSS grew {after - before:.0f} MiB ({before:.0f} -> {after:.0f})"

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ui.schemas import MAX_BODY_BYTES, MAX_NEW_TOKENS
+from ui.limits import MAX_BODY_BYTES, MAX_NEW_TOKENS
 
 
 def long_system_prompt() -> str:
@@ -172,7 +172,7 @@ def test_rest_body_over_the_cap_is_refused_even_without_content_length(app_serve
             yield b"a" * 65536
         yield b'"}'
 
-    response = httpx.post(app_server.url + "/generate", content=chunks(), timeout=60)
+    response = httpx.post(app_server.url + "/generate", content=chunks(), headers={"Content-Type": "application/json"}, timeout=60)
     assert response.status_code == 413 and "over the limit" in response.json()["detail"]
 
 

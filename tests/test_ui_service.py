@@ -129,3 +129,33 @@ def test_a_model_that_cannot_load_is_reported_not_fatal():
     assert not status["ready"] and "hub is unreachable" in status["error"]
     with pytest.raises(NotReady, match="hub is unreachable"):
         service.stream(who(""), prompt="hi")
+
+
+def test_waiting_jobs_are_served_round_robin_across_clients():
+    """One client's burst does not delay another client's next job behind the whole burst."""
+    from ui.service import FairQueue, Job
+
+    queue = FairQueue()
+    jobs = [Job(client, "ns", {}, on_cancel=lambda job: None, on_end=lambda job: None) for client in ("a", "a", "a", "b", "c")]
+    for job in jobs:
+        queue.put(job)
+    assert queue.remove(jobs[1])  # a cancelled waiting job leaves the queue at once
+    assert [queue.get().client for _ in range(4)] == ["a", "b", "c", "a"]
+
+
+def test_session_ids_resolve_whole_and_cookies_must_be_signed():
+    """ui/sessions.py: bearer and X-Session-Id name the same session; ids are hashed whole; unsigned cookies are nobody's."""
+    from ui.sessions import BadSession, SessionIssuer
+
+    issuer = SessionIssuer(secure_cookie=False, secret=b"k" * 32)
+    token = issuer.new_id()
+    by_bearer = issuer.resolve({"authorization": f"Bearer {token}"}, {}, "10.0.0.1")
+    assert by_bearer == issuer.resolve({"x-session-id": token}, {}, "10.0.0.2") and not by_bearer.anonymous
+    assert issuer.resolve({"x-session-id": "a" * 127 + "1"}, {}, None) != issuer.resolve({"x-session-id": "a" * 127 + "2"}, {}, None)
+    with pytest.raises(BadSession, match="32 to 128 characters"):
+        issuer.resolve({"x-session-id": "a" * 129}, {}, None)
+    cookie = issuer.new_cookie().split(";")[0].split("=", 1)[1]
+    assert not issuer.resolve({}, {"kvci_session": cookie}, None).anonymous
+    forged = issuer.resolve({}, {"kvci_session": cookie[:-1] + ("0" if cookie[-1] != "0" else "1")}, "10.0.0.1")
+    assert forged.anonymous and forged.client == "address:10.0.0.1"
+    assert issuer.resolve({"x-forwarded-for": "1.2.3.4"}, {}, "10.0.0.1").client == "address:10.0.0.1"  # no --trust-proxy

@@ -69,13 +69,8 @@ class Job:
 
     def __iter__(self) -> Iterator[str | GenerationResult]:
         try:
-            while True:
-                kind, value = self._items.get()
-                if kind == "done":
-                    return
-                if kind == "error":
-                    raise value
-                yield value
+            while (item := _unpack(self._items.get())) is not _DONE:
+                yield item
         finally:
             self.cancel()  # no-op after a normal end
 
@@ -92,13 +87,8 @@ class Job:
     async def aiter(self) -> AsyncIterator[str | GenerationResult]:
         """Iterate from async code; closing or cancelling the iteration cancels the job."""
         try:
-            while True:
-                kind, value = await anyio.to_thread.run_sync(self._items.get, abandon_on_cancel=True)
-                if kind == "done":
-                    return
-                if kind == "error":
-                    raise value
-                yield value
+            while (item := _unpack(await anyio.to_thread.run_sync(self._items.get, abandon_on_cancel=True))) is not _DONE:
+                yield item
         finally:
             self.cancel()
 
@@ -375,6 +365,17 @@ class EngineService:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+_DONE = object()
+
+
+def _unpack(message: tuple[str, Any]) -> Any:
+    """A worker's message as the consumer sees it: the item, ``_DONE``, or the worker's error raised here."""
+    kind, value = message
+    if kind == "error":
+        raise value
+    return _DONE if kind == "done" else value
 
 
 def _is_prefix(prefix: Sequence[int], sequence: Sequence[int]) -> bool:

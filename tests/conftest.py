@@ -182,13 +182,14 @@ PUBLIC_MAX_PROMPT_TOKENS = 256
 
 @pytest.fixture(scope="session")
 def app_server_public(tmp_path_factory, tiny_model_folder):
-    """The app as on a public host (--public on loopback): per-session, a 1 MiB cache budget, short
-    prompts only, namespaces forgotten after 2 s idle, the tiny model (fast, deterministic)."""
+    """The app as on a public host (--public on loopback): per-session, an 8 MiB cache budget (about
+    40 cached prompts: each stores ~200 KiB of last logits), short prompts only, namespaces
+    forgotten after 2 s idle, the tiny model (fast, deterministic)."""
     server = launch_app(
         tmp_path_factory.mktemp("app-public"),
         "--public",
         "--model", str(tiny_model_folder),
-        "--cache-budget-mb", "1",
+        "--cache-budget-mb", "8",
         "--max-prompt-tokens", str(PUBLIC_MAX_PROMPT_TOKENS),
         env_extra={"KVCI_NAMESPACE_IDLE_S": "2", "KVCI_MIN_CACHED_TOKENS": "8"},
     )

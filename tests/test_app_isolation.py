@@ -171,7 +171,7 @@ def test_one_session_flooding_the_cache_does_not_evict_another(app_server_public
     request = body(secret_system_prompt())
     httpx.post(url + "/generate", json=request, headers=victim, timeout=60).raise_for_status()
     victim_before = httpx.get(url + "/cache/stats", headers=victim).json()
-    for i in range(20):  # ~20 x 200 tokens x 512 B/token: about 2 MiB, twice the whole 1 MiB budget
+    for i in range(40):  # 40 prompts of ~200 tokens, ~300 KiB each with their logits: over the whole 8 MiB budget
         long_prompt = f"Flood {i} {uuid.uuid4().hex}. " + "word " * 150
         httpx.post(url + "/generate", json=body(None, prompt=long_prompt, max_new_tokens=1), headers=flooder, timeout=60).raise_for_status()
     flooder_stats = httpx.get(url + "/cache/stats", headers=flooder).json()

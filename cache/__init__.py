@@ -5,6 +5,6 @@ implements :class:`SlotPool` and copies the bytes.
 """
 
 from cache.prefix_cache import DEFAULT_NAMESPACE, CacheEntry, PrefixCache, PrefixMatch
-from cache.slots import KVSource, SimulatedPool, SizedKV, Slot, SlotAllocator, SlotPool
+from cache.slots import KVSource, MeteredPool, SimulatedPool, SizedKV, Slot, SlotAllocator, SlotPool
 
-__all__ = ["DEFAULT_NAMESPACE", "CacheEntry", "KVSource", "PrefixCache", "PrefixMatch", "SimulatedPool", "SizedKV", "Slot", "SlotAllocator", "SlotPool"]
+__all__ = ["DEFAULT_NAMESPACE", "CacheEntry", "KVSource", "MeteredPool", "PrefixCache", "PrefixMatch", "SimulatedPool", "SizedKV", "Slot", "SlotAllocator", "SlotPool"]

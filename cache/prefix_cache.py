@@ -16,7 +16,8 @@ it, re-walking the tree: tokens another insert stored meanwhile are freed, not d
 the namespace was cleared meanwhile everything reserved is freed. A failing copy (out of memory)
 is logged and counted (``failed_inserts``); the tree is left as it was.
 
-Eviction: unlocked leaves, least recently used first, from heaps with lazy invalidation (a stale
+Eviction: unlocked leaves in the order of the policy's priority (``cache/policies.py``; least
+recently used first by default), from heaps with lazy invalidation (a stale
 entry is skipped when popped; a heap is compacted when stale entries outnumber live nodes), so an
 evicting insert costs O(log n) per node whatever the number of nodes or namespaces. Running totals
 of evictable and locked slots, per namespace and overall, say whether an insert can fit *before*
@@ -53,6 +54,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Literal, Sequence
 
+from cache.policies import get_priority
 from cache.slots import KVSource, SimulatedPool, Slot, SlotPool
 
 log = logging.getLogger(__name__)
@@ -97,7 +99,7 @@ class CacheEntry:
 
 
 class PrefixCache:
-    """Radix tree keyed by token ids, holding slot indices of a pool, with LRU eviction.
+    """Radix tree keyed by token ids, holding slot indices of a pool, with LRU (or another policy's) eviction.
 
     Args:
         pool: Where KV lives; its ``capacity * slot_bytes`` is the budget.
@@ -106,6 +108,7 @@ class PrefixCache:
         namespace_quota: The share of the pool one namespace may hold, in (0, 1].
         namespace_idle_s: A namespace with no entries and no request for this long is forgotten.
         clock: Monotonic seconds, for idleness (tests pass a fake one).
+        policy: The eviction policy, a name of ``cache.policies.POLICIES`` (``lru``, ``lfu``, ``fifo``, ``mru``).
     """
 
     def __init__(
@@ -115,6 +118,7 @@ class PrefixCache:
         namespace_quota: float = 1.0,
         namespace_idle_s: float = 600.0,
         clock: Callable[[], float] = time.monotonic,
+        policy: str = "lru",
     ) -> None:
         if min_tokens < 1:
             raise ValueError(f"min_tokens must be >= 1, got {min_tokens}")
@@ -123,6 +127,8 @@ class PrefixCache:
         if namespace_idle_s < 0:
             raise ValueError(f"namespace_idle_s must be >= 0, got {namespace_idle_s}")
         self.pool = pool
+        self.policy = policy
+        self._priority = get_priority(policy)
         self.min_tokens = min_tokens
         self.namespace_quota = namespace_quota
         self.namespace_idle_s = namespace_idle_s
@@ -130,11 +136,11 @@ class PrefixCache:
         self._clock = clock
         self._lock = threading.Lock()
         self._local = threading.local()  # per-thread lock wait of the last public call
-        self._ticks = itertools.count(1)  # LRU order: a counter, so ties cannot happen
+        self._ticks = itertools.count(1)  # recency and age: a counter, so ties cannot happen
         self._namespaces: OrderedDict[str, _Namespace] = OrderedDict()  # least recently active first
         self._totals = _Counters()  # every namespace's counters, including forgotten ones
         self._all = _Totals()  # sizes over all namespaces
-        self._heap: list[tuple[int, int, _Node]] = []  # evictable leaves of every namespace
+        self._heap: list[tuple[Any, int, _Node]] = []  # evictable leaves of every namespace
         self._pending = 0  # slots reserved by inserts still copying
         self._doomed = 0  # slots of cleared nodes a running request still holds
         self._last_sweep = clock()
@@ -466,6 +472,7 @@ class PrefixCache:
         assert 0 < at < len(node.key), f"split at {at} of an edge of {len(node.key)} tokens"
         upper = _Node(node.key[:at], node.parent, node.value[:at], node.ns)
         upper.lock_ref, upper.hits, upper.last_access, upper.last_used = node.lock_ref, node.hits, node.last_access, node.last_used
+        upper.created = node.created
         node.parent.children[upper.key[0]] = upper
         node.key, node.value, node.parent = node.key[at:], node.value[at:], upper
         upper.children[node.key[0]] = node
@@ -474,6 +481,7 @@ class PrefixCache:
         return upper
 
     def _add_node(self, node: "_Node") -> None:
+        node.created = next(self._ticks)
         for sizes in (node.ns.sizes, self._all):
             sizes.nodes += 1
             sizes.tokens += len(node.key)
@@ -498,7 +506,7 @@ class PrefixCache:
         self._push_if_evictable(node.parent)
 
     def _evict_from(self, heap: list, num_slots: int, cause: "_Namespace | None") -> int:
-        """Delete LRU leaves popped from ``heap`` until ``num_slots`` are freed; count them against ``cause``."""
+        """Delete leaves popped from ``heap`` (lowest priority first) until ``num_slots`` are freed; count them against ``cause``."""
         freed = 0
         while freed < num_slots and heap:
             entry = heapq.heappop(heap)
@@ -545,18 +553,17 @@ class PrefixCache:
     def _push_if_evictable(self, node: "_Node") -> None:
         if not _evictable(node):
             return
-        entry = (_lru_priority(node), next(self._ticks), node)
+        entry = (self._priority(node), next(self._ticks), node)
         for heap, live in ((self._heap, self._all.nodes), (node.ns.heap, node.ns.sizes.nodes)):
             heapq.heappush(heap, entry)
             if len(heap) > 2 * live + 64:  # stale entries dominate: compact (amortised O(1) per push)
                 heap[:] = [e for e in heap if self._valid(e)]
                 heapq.heapify(heap)
 
-    @staticmethod
-    def _valid(entry: tuple[int, int, "_Node"]) -> bool:
+    def _valid(self, entry: tuple[Any, int, "_Node"]) -> bool:
         """A heap entry still names an evictable leaf, at the priority it was pushed with."""
         node = entry[2]
-        return _evictable(node) and entry[0] == _lru_priority(node)
+        return _evictable(node) and entry[0] == self._priority(node)
 
     # ------------------------------------------------------------------ namespaces
 
@@ -619,7 +626,7 @@ class PrefixCache:
 class _Node:
     """One edge of the tree: its tokens, their slots, and (maybe) the slots of the logits after its last token."""
 
-    __slots__ = ("key", "value", "logits", "parent", "children", "ns", "lock_ref", "hits", "last_access", "last_used", "alive", "doomed")
+    __slots__ = ("key", "value", "logits", "parent", "children", "ns", "lock_ref", "hits", "last_access", "last_used", "created", "alive", "doomed")
 
     def __init__(self, key: tuple[int, ...], parent: "_Node | None", value: list[Slot], ns: "_Namespace | None") -> None:
         self.key = key
@@ -632,6 +639,7 @@ class _Node:
         self.hits = 0
         self.last_access = 0
         self.last_used = 0.0
+        self.created = 0  # the tick at which it was stored (fifo)
         self.alive = True  # False once evicted or cleared
         self.doomed = False  # cleared while locked: free the slots at the last release
 
@@ -673,7 +681,7 @@ class _Namespace:
         self.root = _Node((), None, [], self)
         self.counters = _Counters()
         self.sizes = _Totals()
-        self.heap: list[tuple[int, int, _Node]] = []
+        self.heap: list[tuple[Any, int, _Node]] = []
         self.pending = 0  # slots reserved by this namespace's inserts still copying
         self.last_active = 0.0
         self.dropped = False
@@ -713,11 +721,6 @@ class _Counters:
         self.prompt_tokens += prompt_tokens
 
 
-def _lru_priority(node: _Node) -> int:
-    """Eviction order: the least recently used leaf goes first."""
-    return node.last_access
-
-
 def _evictable(node: _Node) -> bool:
     return node.alive and not node.children and node.lock_ref == 0 and node.parent is not None
 
@@ -741,11 +744,22 @@ def _walk(root: _Node, key: tuple[int, ...]) -> tuple[list[_Node], int]:
 
 
 def _common_prefix_len(edge: tuple[int, ...], key: tuple[int, ...], offset: int) -> int:
+    """Tokens ``edge`` and ``key[offset:]`` share, comparing slices in C rather than token by token.
+
+    Along a matched path whole edges are equal, so one slice comparison settles most calls; where
+    they differ, a binary search over slices finds the point in O(n) compared tokens, O(log n) steps.
+    """
     n = min(len(edge), len(key) - offset)
-    i = 0
-    while i < n and edge[i] == key[offset + i]:
-        i += 1
-    return i
+    if key[offset : offset + n] == (edge if n == len(edge) else edge[:n]):
+        return n
+    lo, hi = 0, n  # edge[:lo] matches, edge[:hi] does not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if key[offset + lo : offset + mid] == edge[lo:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 def _descendants(root: _Node) -> list[_Node]:

@@ -112,6 +112,27 @@ class SlotAllocator:
         assert len(self._free) <= self._next, "more slots freed than were handed out"
 
 
+UNBOUNDED = 1 << 62  # slots of a pool that never runs out: the allocator's memory grows with use, not capacity
+
+
+class MeteredPool(SlotAllocator):
+    """A pool that holds no bytes and remembers its peak use: what a replay (``cache/replay.py``) runs on.
+
+    ``capacity=None`` is an unbounded budget: :data:`UNBOUNDED` slots, never all handed out, so the
+    tree never evicts, while ``num_used`` and ``peak_slots`` still count every slot in use.
+    """
+
+    def __init__(self, capacity: int | None, slot_bytes: int = 1) -> None:
+        super().__init__(UNBOUNDED if capacity is None else capacity, slot_bytes)
+        self.bounded = capacity is not None
+        self.peak_slots = 0
+
+    def alloc(self, n: int) -> list[Slot]:
+        slots = super().alloc(n)
+        self.peak_slots = max(self.peak_slots, self.num_used)
+        return slots
+
+
 class SimulatedPool(SlotAllocator):
     """A pool without tensors: each slot holds one Python value, and ownership is checked.
 

@@ -10,6 +10,8 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, get_args, get_type_hints
 
+from cache.policies import get_priority
+
 ENV_PREFIX = "KVCI_"  # KVCI_MODEL, KVCI_DEVICE, KVCI_DTYPE, KVCI_CACHE_BUDGET_MB, ...
 
 
@@ -30,6 +32,7 @@ class EngineConfig:
     max_prompt_tokens: int | None = None  # longer prompts are refused; None: the model's context window
     namespace_quota: float = 1.0  # share of the cache budget one prefix-cache namespace may hold, in (0, 1]
     namespace_idle_s: float = 600.0  # an empty namespace with no request for this long is forgotten
+    eviction_policy: str = "lru"  # which cached prefix goes first when the budget is full: lru, lfu, fifo, mru (cache.policies)
     model_cache_dir: str | None = None  # converted models; default $XDG_CACHE_HOME/kv-cache-inference
 
     def __post_init__(self) -> None:
@@ -43,6 +46,7 @@ class EngineConfig:
             raise ValueError(f"namespace_quota must be in (0, 1], got {self.namespace_quota}")
         if self.namespace_idle_s < 0:
             raise ValueError(f"namespace_idle_s must be >= 0, got {self.namespace_idle_s}")
+        get_priority(self.eviction_policy)  # ValueError naming the policies for an unknown one
         if self.kv_storage not in ("cpu", "device"):
             raise ValueError(f"kv_storage must be 'cpu' or 'device', got {self.kv_storage!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):

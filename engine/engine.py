@@ -12,8 +12,6 @@ wrong output when the cache already holds the whole prompt, which is exactly an 
 
 from __future__ import annotations
 
-import secrets
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
@@ -22,6 +20,7 @@ import torch
 
 from cache import DEFAULT_NAMESPACE, PrefixCache, PrefixMatch
 from engine import loading
+from engine.chat_tokens import ChatTokenizer
 from engine.config import EngineConfig
 from engine.kv import has_sliding_layers, kv_bytes_per_token, new_model_cache
 from engine.kv_pool import KVPool
@@ -104,7 +103,8 @@ class Engine:
         pin = self.storage_device.type == "cpu" and self.device.type == "cuda"  # pinned host memory: fast copies
         self.pool = KVPool(model.config, self.dtype, self.config.cache_budget_bytes, self.storage_device, pin_memory=pin)
         self.cache = PrefixCache(
-            self.pool, self.config.min_cached_tokens, namespace_quota=self.config.namespace_quota, namespace_idle_s=self.config.namespace_idle_s
+            self.pool, self.config.min_cached_tokens, namespace_quota=self.config.namespace_quota, namespace_idle_s=self.config.namespace_idle_s,
+            policy=self.config.eviction_policy,
         )
         text_config = model.config.get_text_config(decoder=True)
         self.context_length: int = int(getattr(text_config, "max_position_embeddings", 2048))
@@ -112,10 +112,10 @@ class Engine:
         # No token is longer than this many characters, so a text longer than max_prompt_tokens times
         # it has too many tokens for sure: a cheap check before tokenizing a huge text.
         self._longest_token_chars = max(len(t) for t in tokenizer.get_vocab())
-        self._control_texts = tuple(t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values())
         self.eos_token_ids = _eos_token_ids(model, tokenizer)
         self.supports_prefix_cache = not has_sliding_layers(model.config)
-        self._tokenizer_lock = threading.Lock()  # Rust tokenizers raise "Already borrowed" under concurrent use
+        self.chat = ChatTokenizer(tokenizer)  # the chat template's rules, shared with the workload replay
+        self._tokenizer_lock = self.chat.lock  # one lock for every use of the tokenizer
 
     @classmethod
     def from_pretrained(cls, model: str | None = None, config: EngineConfig | None = None, progress=None, **settings: Any) -> "Engine":
@@ -226,17 +226,14 @@ class Engine:
         system prompt or the history becomes ordinary tokens, never a control token, so nobody can
         forge a turn of the conversation.
         """
-        with self._tokenizer_lock:
-            if request.raw or not getattr(self.tokenizer, "chat_template", None):
-                text = request.prompt if request.system_prompt is None else f"{request.system_prompt}\n\n{request.prompt}"
+        if request.raw or not self.chat.has_template:
+            text = request.prompt if request.system_prompt is None else f"{request.system_prompt}\n\n{request.prompt}"
+            with self._tokenizer_lock:
                 return list(self.tokenizer(text, split_special_tokens=True).input_ids)
-            messages = [{"role": "system", "content": request.system_prompt}] if request.system_prompt else []
-            messages += [{"role": role, "content": content} for role, content in request.history]
-            messages.append({"role": "user", "content": request.prompt})
-            if any(t in m["content"] for m in messages for t in self._control_texts):
-                return self._tokenize_chat_as_text(messages)
-            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
-            return list(ids)
+        messages = [{"role": "system", "content": request.system_prompt}] if request.system_prompt else []
+        messages += [{"role": role, "content": content} for role, content in request.history]
+        messages.append({"role": "user", "content": request.prompt})
+        return self.chat.prompt_ids(messages)
 
     def decode(self, token_ids: Sequence[int]) -> str:
         with self._tokenizer_lock:
@@ -403,27 +400,6 @@ class Engine:
             run.finish_reason = "length"
             return True
         return False
-
-    def _tokenize_chat_as_text(self, messages: list[dict[str, str]]) -> list[int]:
-        """The chat template's tokens with every message's content tokenized as plain text.
-
-        The template is rendered with a unique placeholder per content; its own pieces are
-        tokenized normally (their control tokens are real) and each content with
-        ``split_special_tokens=True``. Caller holds the tokenizer lock.
-        """
-        nonce = secrets.token_hex(8)
-        placeholders = [f"\u2063{nonce}{i}\u2063" for i in range(len(messages))]
-        rendered = self.tokenizer.apply_chat_template(
-            [{**m, "content": p} for m, p in zip(messages, placeholders)], add_generation_prompt=True, tokenize=False
-        )
-        if any(rendered.count(p) != 1 for p in placeholders):
-            raise ValueError(f"{self.name}'s chat template does not keep message text as it is, so control-token text in it cannot be made safe: remove it")
-        ids: list[int] = []
-        for message, placeholder in zip(messages, placeholders):
-            template_piece, rendered = rendered.split(placeholder, 1)
-            ids += self.tokenizer(template_piece, add_special_tokens=False).input_ids
-            ids += self.tokenizer(message["content"], add_special_tokens=False, split_special_tokens=True).input_ids
-        return ids + list(self.tokenizer(rendered, add_special_tokens=False).input_ids)
 
 
 def final_result(stream: Iterator[str | GenerationResult]) -> GenerationResult:

@@ -350,7 +350,7 @@ def test_ordinary_prompts_tokenize_as_before(tiny_engine):
     messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": QUESTIONS[0]}]
     reference = tiny_engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
     assert tiny_engine.tokenize(request) == list(reference)
-    assert tiny_engine._tokenize_chat_as_text(messages) == list(reference)  # the safe path agrees on plain text
+    assert tiny_engine.chat._chat_as_text(messages) == list(reference)  # the safe path agrees on plain text
 
 
 def test_streaming_decodes_a_window_not_the_whole_output(tiny_engine, monkeypatch):

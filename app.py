@@ -28,6 +28,7 @@ from engine import GenerationResult
 from ui import charts
 from ui.components import RawSlider, RawTextbox
 from ui.limits import MAX_NEW_TOKENS, SESSION_STATE_TTL_S
+from ui.planner import PlanBody, Planner, build_plan_tab, plan_api, run_rest as run_plan_rest
 from ui.scenarios import load_examples, load_scenarios, run_scenario
 from ui.schemas import BadRequest, GenerateBody, parse_body
 from ui.security import Guard
@@ -43,7 +44,7 @@ SHARED_PUBLIC_WARNING = (
 )
 
 
-def build_demo(service: EngineService, issuer: SessionIssuer) -> gr.Blocks:
+def build_demo(service: EngineService, issuer: SessionIssuer, planner: Planner) -> gr.Blocks:
     """The page. Every UI event is private: scripts use the named API endpoints at the end."""
     scenarios = load_scenarios()
     private = dict(api_visibility="private")
@@ -120,6 +121,7 @@ def build_demo(service: EngineService, issuer: SessionIssuer) -> gr.Blocks:
                 with gr.Row():
                     refresh_button = gr.Button("Refresh", size="sm")
                     clear_button = gr.Button("Clear cache", size="sm", variant="stop")
+            build_plan_tab(planner)
             with gr.Tab("API"):
                 gr.Markdown(_api_help(service))
 
@@ -255,10 +257,11 @@ def build_demo(service: EngineService, issuer: SessionIssuer) -> gr.Blocks:
         gr.api(api_generate, api_name="generate")
         gr.api(api_cache_stats, api_name="cache_stats", concurrency_limit=None)
         gr.api(api_clear_cache, api_name="clear_cache", concurrency_limit=None)
+        gr.api(plan_api(planner), api_name="plan", concurrency_limit=1)  # ui/planner.py: a workload replay, no model work
     return demo
 
 
-def build_rest(service: EngineService, issuer: SessionIssuer) -> FastAPI:
+def build_rest(service: EngineService, issuer: SessionIssuer, planner: Planner) -> FastAPI:
     """REST routes, behind the Guard middleware; defined before Gradio is mounted at "/" so they take precedence."""
     api = FastAPI(title="kv-cache-inference", description="KV cache and prefix cache, measured.", docs_url="/docs", redoc_url=None)
 
@@ -299,6 +302,12 @@ def build_rest(service: EngineService, issuer: SessionIssuer) -> FastAPI:
         """Clear this client's namespace (or everything, for a local shared-mode app); 403 where not allowed."""
         return _rest_call(lambda: service.clear(_session(issuer, request)))
 
+    @api.post("/plan", openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": PlanBody.model_json_schema()}}}})
+    async def rest_plan(request: Request) -> JSONResponse:
+        """Replay a workload trace across budgets and policies (ui/planner.py). Body: PlanBody, the trace up to 2 MiB."""
+        status, body = await asyncio.to_thread(run_plan_rest, planner, await request.body())
+        return JSONResponse(body, status_code=status)
+
     @api.get("/health")
     def health() -> dict:
         """Whether the model is loaded, the loading progress, the cache mode and the requests in flight."""
@@ -315,11 +324,12 @@ def main() -> None:
     service = EngineService(settings)
     service.start_loading()
     issuer = SessionIssuer(secure_cookie=settings.on_space, trust_proxy=settings.trust_proxy)
+    planner = Planner(lambda: service.engine.chat)  # one plan at a time, whichever door
     # Gradio's queue lets every event through (no concurrency limit): admission, per-session limits
     # and round-robin fairness are the service's, the same for page, gradio_client and REST.
     app = gr.mount_gradio_app(
-        build_rest(service, issuer),
-        build_demo(service, issuer).queue(default_concurrency_limit=None, max_size=settings.max_queue),
+        build_rest(service, issuer, planner),
+        build_demo(service, issuer, planner).queue(default_concurrency_limit=None, max_size=settings.max_queue),
         path="/",
         theme=gr.themes.Soft(primary_hue="emerald", secondary_hue="slate"),
         css_paths=[ASSETS / "style.css"],

@@ -13,3 +13,11 @@ MAX_BODY_BYTES = 256 * 1024  # any larger request body (REST or /gradio_api) get
 RETRY_AFTER_S = 5  # what a 503 (busy) asks the client to wait
 MAX_CHART_RECORDS = 200  # a page session's chart history keeps the newest this many requests
 SESSION_STATE_TTL_S = 3600  # a page session's gr.State is dropped this long after its last change
+
+# The workload planner (ui/planner.py): an uploaded trace is bounded in bytes, requests, tokens and time.
+PLAN_MAX_TRACE_BYTES = 2 * 1024 * 1024  # the trace text (UTF-8) of one plan
+PLAN_MAX_BODY_BYTES = PLAN_MAX_TRACE_BYTES + 64 * 1024  # POST /plan and page uploads: the trace plus JSON or multipart framing
+PLAN_MAX_REQUESTS = 20_000
+PLAN_MAX_UNITS = 2_000_000  # tokens (or blocks of a block trace) over all requests
+PLAN_MAX_BUDGETS = 12
+PLAN_TIME_LIMIT_S = 60.0  # a replay still running after this stops with an error

@@ -8,6 +8,7 @@ flag a real bool, max_new_tokens an int) and the limits of ``ui.limits`` and ``e
 from __future__ import annotations
 
 import unicodedata
+from typing import Iterable
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -64,8 +65,11 @@ def parse_body(raw: bytes | dict) -> GenerateBody:
         raise BadRequest(describe(exc)) from None
 
 
-def describe(error: ValidationError) -> str:
-    """One line per problem, ``field: what is wrong``, without echoing the (maybe huge) input."""
+def describe(error: ValidationError, allowed: Iterable[str] | None = None) -> str:
+    """One line per problem, ``field: what is wrong``, without echoing the (maybe huge) input.
+
+    ``allowed`` names the fields an unknown one is refused in favour of (default: ``GenerateBody``'s).
+    """
     lines = []
     for item in error.errors(include_url=False, include_input=False, include_context=False):
         where = ".".join(str(part) for part in item["loc"]) or "body"
@@ -73,7 +77,7 @@ def describe(error: ValidationError) -> str:
         if item["type"] == "missing":
             message = "this field is required"
         elif item["type"] == "extra_forbidden":
-            message = "unknown field (allowed: " + ", ".join(GenerateBody.model_fields) + ")"
+            message = "unknown field (allowed: " + ", ".join(GenerateBody.model_fields if allowed is None else allowed) + ")"
         elif item["type"] == "json_invalid":
             message = f"the body is not valid JSON in UTF-8 ({message})"
         lines.append(f"{where}: {message}")

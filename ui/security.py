@@ -11,7 +11,8 @@ In order, for each request:
 4. **Content-Type**: a POST with a body must be ``application/json`` (415), so a cross-site "simple"
    request (text/plain, forms) never reaches a route.
 5. **Body size**: any body over ``MAX_BODY_BYTES`` gets 413, REST and ``/gradio_api/*`` alike, before
-   it is parsed, with or without Content-Length.
+   it is parsed, with or without Content-Length. Two paths carry a workload trace and get the
+   planner's larger cap, ``PLAN_MAX_BODY_BYTES``: ``POST /plan`` and the page's file upload.
 6. **No CORS**: no ``Access-Control-Allow-*`` header leaves the app; cross-origin callers get nothing.
 7. **Page sessions**: loading the page without a valid session cookie sets a fresh one (``ui.sessions``).
 
@@ -28,13 +29,14 @@ from starlette.datastructures import Headers
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ui.limits import MAX_BODY_BYTES
+from ui.limits import MAX_BODY_BYTES, PLAN_MAX_BODY_BYTES
 from ui.sessions import COOKIE_NAME, SessionIssuer
 
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "[::1]", "::1"})
 STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 PAGE_PATH = "/"
-UPLOAD_PREFIX = "/gradio_api/upload"  # multipart by design (the page has no file inputs, but Gradio serves it)
+UPLOAD_PREFIX = "/gradio_api/upload"  # multipart by design: the planner tab's trace file comes this way
+PLAN_PATHS = ("/plan", UPLOAD_PREFIX)  # bodies up to PLAN_MAX_BODY_BYTES: a workload trace
 
 
 class Guard:
@@ -61,9 +63,10 @@ class Guard:
             await _respond(send, *refusal)
             return
         if scope["method"] in STATE_CHANGING:
-            body = await _read_capped(receive, headers)
+            cap = PLAN_MAX_BODY_BYTES if scope["path"] in PLAN_PATHS else MAX_BODY_BYTES
+            body = await _read_capped(receive, headers, cap)
             if body is None:
-                await _respond(send, 413, f"the request body is over the limit of {MAX_BODY_BYTES // 1024} KiB; send a shorter prompt")
+                await _respond(send, 413, f"the request body is over the limit of {cap // 1024} KiB; send a shorter {'trace' if cap != MAX_BODY_BYTES else 'prompt'}")
                 return
             receive = _replay(body, receive)
         new_cookie = None
@@ -122,10 +125,10 @@ def _has_body(headers: Headers) -> bool:
     return headers.get("content-length", "0") not in ("", "0") or "transfer-encoding" in headers
 
 
-async def _read_capped(receive: Receive, headers: Headers) -> bytes | None:
-    """The whole body, or None when it is (or declares itself) over the limit; never reads past it."""
+async def _read_capped(receive: Receive, headers: Headers, cap: int) -> bytes | None:
+    """The whole body, or None when it is (or declares itself) over ``cap`` bytes; never reads past it."""
     declared = headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+    if declared.isdigit() and int(declared) > cap:
         return None
     chunks, size = [], 0
     while True:
@@ -134,7 +137,7 @@ async def _read_capped(receive: Receive, headers: Headers) -> bytes | None:
             break  # the client went away; the route will see the disconnect
         chunk = message.get("body", b"")
         size += len(chunk)
-        if size > MAX_BODY_BYTES:
+        if size > cap:
             return None
         chunks.append(chunk)
         if not message.get("more_body", False):

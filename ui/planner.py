@@ -1,0 +1,283 @@
+"""The "Plan your workload" tab and its service: replay an uploaded trace across memory budgets and eviction policies.
+
+Three doors, one validation (:func:`parse_plan`) and one bounded runner (:class:`Planner`):
+
+- the page tab: upload a JSONL file, pick a model config, budgets and policies; a progress bar,
+  then a chart, a table and CSV / JSON downloads;
+- gradio_client ``/plan``: the trace as text (the ``/gradio_api`` body cap, 256 KiB, applies);
+- REST ``POST /plan``: JSON ``{"trace": "<jsonl text>", "model": ..., ...}`` up to
+  ``PLAN_MAX_BODY_BYTES`` (the request guard gives this path its own cap).
+
+The trace is bounded in bytes, requests and tokens before any replay, one plan runs at a time on
+the server (a second gets :class:`~ui.service.Busy`), and a replay past ``PLAN_TIME_LIMIT_S`` stops
+with an error. Replays run in throwaway caches over metered pools (``cache.replay``), never in the
+live one; no path the client names is ever opened (the page's upload arrives as bytes), and model
+configs are picked by name from the shipped ones only. Text traces are tokenized by the served
+engine's tokenizer, as its requests are. No business logic here beyond wiring: it is ``cache.replay``'s.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import gradio as gr
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from cache.replay import (
+    DEFAULT_BLOCK_SIZE,
+    DEFAULT_MODEL_CONFIG,
+    DEFAULT_PREFILL_TOKENS_PER_S,
+    KV_DTYPE_BYTES,
+    ModelSize,
+    ReplayRow,
+    ReplaySettings,
+    ReplayTimeout,
+    TextTokenizer,
+    TraceLimits,
+    hit_rate_figure,
+    knee_sentence,
+    load_model_size,
+    load_trace,
+    model_config_names,
+    parse_budgets,
+    parse_policies,
+    plan,
+    rows_csv,
+)
+from ui.limits import PLAN_MAX_BUDGETS, PLAN_MAX_REQUESTS, PLAN_MAX_TRACE_BYTES, PLAN_MAX_UNITS, PLAN_TIME_LIMIT_S
+from ui.schemas import BadRequest, describe
+from ui.service import Busy, NotReady
+
+TABLE_COLUMNS = ["policy", "budget", "requests", "request hit rate", "token hit rate", "prompt tokens", "reused tokens", "peak", "evictions", "prefill s saved", "knee"]
+
+
+class PlanBody(BaseModel):
+    """``POST /plan`` (and the page's and gradio_client's arguments): one replay plan. Unknown fields are refused."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    trace: str = Field(min_length=1, max_length=PLAN_MAX_TRACE_BYTES, description="the JSONL trace, one request per line")
+    model: str = Field(DEFAULT_MODEL_CONFIG, description="a shipped model config: " + ", ".join(model_config_names()))
+    kv_dtype: str = Field("bf16", description="KV storage dtype: " + ", ".join(KV_DTYPE_BYTES))
+    budgets: str = Field("auto", max_length=400, description="comma-separated sizes (512MiB,4GiB,inf) or 'auto'")
+    policies: str = Field("lru", max_length=100, description="comma-separated eviction policies (lru,lfu,fifo,mru)")
+    block_size: int = Field(DEFAULT_BLOCK_SIZE, ge=1, le=1 << 20, description="tokens per hash id of a block trace")
+    prefill_tokens_per_s: float = Field(DEFAULT_PREFILL_TOKENS_PER_S, gt=0, le=1e9, allow_inf_nan=False, description="to turn reused tokens into time")
+
+    @field_validator("trace")
+    @classmethod
+    def _trace_size(cls, value: str) -> str:
+        size = len(value.encode("utf-8", errors="replace"))
+        if size > PLAN_MAX_TRACE_BYTES:
+            raise ValueError(f"the trace is {size:,} bytes, more than the {PLAN_MAX_TRACE_BYTES // 1024:,} KiB allowed; send a shorter one")
+        return value
+
+    @field_validator("model")
+    @classmethod
+    def _shipped_model(cls, value: str) -> str:
+        if value not in model_config_names():  # a name, never a path: nothing the client names is opened
+            raise ValueError(f"unknown model config; choose one of: {', '.join(model_config_names())}")
+        return value
+
+    @field_validator("kv_dtype")
+    @classmethod
+    def _dtype(cls, value: str) -> str:
+        if value not in KV_DTYPE_BYTES:
+            raise ValueError(f"choose one of: {', '.join(KV_DTYPE_BYTES)}")
+        return value
+
+    @field_validator("budgets")
+    @classmethod
+    def _budgets(cls, value: str) -> str:
+        budgets = parse_budgets(value)
+        if budgets is not None and len(budgets) > PLAN_MAX_BUDGETS:
+            raise ValueError(f"at most {PLAN_MAX_BUDGETS} budgets per plan")
+        return value
+
+    @field_validator("policies")
+    @classmethod
+    def _policies(cls, value: str) -> str:
+        parse_policies(value)
+        return value
+
+
+def parse_plan(raw: bytes | dict) -> PlanBody:
+    """The one validation of a plan request: a REST body (JSON bytes) or a page / gradio_client call (a dict).
+
+    Raises:
+        BadRequest: what is wrong, one line per field, without echoing the trace.
+    """
+    try:
+        if isinstance(raw, dict):
+            return PlanBody.model_validate(raw)
+        return PlanBody.model_validate_json(raw)
+    except ValidationError as exc:
+        raise BadRequest(describe(exc, PlanBody.model_fields)) from None
+
+
+@dataclass(frozen=True)
+class PlanResult:
+    """A finished plan: the rows, and what they were computed for."""
+
+    model: ModelSize
+    kv_dtype: str
+    kv_bytes_per_token: int
+    trace_kind: str
+    requests: int
+    rows: list[ReplayRow]
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        policies = list(dict.fromkeys(r.policy for r in self.rows))
+        return {
+            "model": self.model.name,
+            "kv_dtype": self.kv_dtype,
+            "kv_bytes_per_token": self.kv_bytes_per_token,
+            "trace_kind": self.trace_kind,
+            "requests": self.requests,
+            "seconds": round(self.seconds, 3),
+            "knee": {p: next((r.budget for r in self.rows if r.policy == p and r.knee), None) for p in policies},
+            "rows": [r.to_dict() for r in self.rows],
+        }
+
+    def summary(self) -> str:
+        head = f"**{self.model.name}**, {self.kv_bytes_per_token:,} bytes of KV per token ({self.kv_dtype}) · {self.requests:,} requests ({self.trace_kind} trace) · replayed in {self.seconds:.1f} s"
+        return head + "\n\n" + "\n".join(f"- {knee_sentence(self.rows, p)}" for p in dict.fromkeys(r.policy for r in self.rows))
+
+
+class Planner:
+    """Runs plans one at a time, bounded in size and time, on throwaway caches.
+
+    Args:
+        tokenizer: Returns the served engine's chat tokenizer (raises ``NotReady`` while it loads);
+            called only for text traces.
+    """
+
+    def __init__(self, tokenizer: Callable[[], TextTokenizer], time_limit_s: float = PLAN_TIME_LIMIT_S) -> None:
+        self._tokenizer = tokenizer
+        self.time_limit_s = time_limit_s
+        self._running = threading.Lock()
+
+    def run(self, body: PlanBody, progress: Callable[[int, int], None] | None = None) -> PlanResult:
+        """Replay ``body.trace``; raises ``ValueError`` (bad trace, too much work), ``Busy`` or ``NotReady``."""
+        if not self._running.acquire(blocking=False):
+            raise Busy("another workload plan is running; try again in a few seconds")
+        try:
+            t0 = time.monotonic()
+            model = load_model_size(body.model)
+            settings = ReplaySettings.for_model(model, body.kv_dtype, prefill_tokens_per_s=body.prefill_tokens_per_s)
+            limits = TraceLimits(max_requests=PLAN_MAX_REQUESTS, max_units=PLAN_MAX_UNITS)
+            trace = load_trace(body.trace.splitlines(), self._tokenizer, body.block_size, limits)
+            try:
+                rows = plan(trace, parse_budgets(body.budgets), parse_policies(body.policies), settings, progress, deadline=t0 + self.time_limit_s)
+            except ReplayTimeout as exc:
+                raise ValueError(f"{exc} (the limit here is {self.time_limit_s:g} s)") from None
+            return PlanResult(model, body.kv_dtype, settings.kv_bytes_per_token, trace.kind, len(trace.requests), rows, time.monotonic() - t0)
+        finally:
+            self._running.release()
+
+
+# ---------------------------------------------------------------------- the page tab
+
+
+def build_plan_tab(planner: Planner) -> None:
+    """The "Plan your workload" tab; call inside ``gr.Tabs()``. Its event is private: scripts use ``/plan``."""
+    with gr.Tab("Plan your workload"):
+        gr.Markdown(
+            "Should prefix caching be on, and how much memory should it get? Upload a workload as JSON Lines "
+            "(OpenAI chat requests `{\"messages\": [...], \"output\": \"...\"}`, prompts `{\"prompt\": \"...\"}`, "
+            "token ids, or a [Mooncake](https://github.com/kvcache-ai/Mooncake) block trace) and replay it through "
+            "the prefix cache for the model you serve, at each budget and eviction policy. "
+            f"Limits: {PLAN_MAX_TRACE_BYTES // (1024 * 1024)} MiB, {PLAN_MAX_REQUESTS:,} requests, {PLAN_TIME_LIMIT_S:g} s. "
+            "Examples: `assets/traces/` in the repository."
+        )
+        with gr.Row():
+            trace_file = gr.File(label="Trace (.jsonl)", file_types=[".jsonl", ".json", ".txt"], type="binary", scale=2)
+            with gr.Column(scale=3):
+                with gr.Row():
+                    model = gr.Dropdown(model_config_names(), value=DEFAULT_MODEL_CONFIG, label="Model config")
+                    kv_dtype = gr.Dropdown(list(KV_DTYPE_BYTES), value="bf16", label="KV dtype")
+                    block_size = gr.Number(DEFAULT_BLOCK_SIZE, precision=0, label="Block size (block traces)")
+                with gr.Row():
+                    budgets = gr.Textbox("auto", label="Budgets", info="e.g. 256MiB,1GiB,4GiB,inf, or auto")
+                    policies = gr.CheckboxGroup(["lru", "lfu", "fifo", "mru"], value=["lru", "lfu"], label="Eviction policies")
+                run_button = gr.Button("Replay", variant="primary")
+        summary = gr.Markdown()
+        chart = gr.Plot(show_label=False)
+        table = gr.DataFrame(headers=TABLE_COLUMNS, interactive=False, label="One row per policy × budget")
+        with gr.Row():
+            csv_file = gr.File(label="Download CSV", interactive=False)
+            json_file = gr.File(label="Download JSON", interactive=False)
+
+        def on_plan(data: Any, model_name: Any, dtype: Any, budget_text: Any, chosen: Any, block: Any, progress=gr.Progress()):
+            with _ui_errors():
+                if not isinstance(data, bytes):
+                    raise ValueError("upload a JSONL trace first")
+                text = data.decode("utf-8")  # UnicodeDecodeError is a ValueError: "not UTF-8"
+                fields = dict(trace=text, model=model_name, kv_dtype=dtype, budgets=budget_text, policies=",".join(chosen) if isinstance(chosen, list) and all(isinstance(c, str) for c in chosen) else chosen)
+                fields["block_size"] = int(block) if isinstance(block, float) and block.is_integer() else block
+                body = parse_plan(fields)
+                progress(0, desc="reading the trace")
+                result = planner.run(body, lambda done, total: progress(done / total, desc=f"replay {done} of {total}"))
+            folder = Path(tempfile.mkdtemp(prefix="kvci-plan-"))
+            (folder / "plan.csv").write_text(rows_csv(result.rows))
+            (folder / "plan.json").write_text(json.dumps(result.to_dict(), indent=2))
+            frame = [[getattr(r, f) for f in ("policy", "budget", "requests")] + [f"{r.request_hit_rate:.1%}", f"{r.token_hit_rate:.1%}", r.prompt_tokens, r.reused_tokens, r.peak_bytes, r.evictions, round(r.prefill_s_saved, 2), "knee" if r.knee else ""] for r in result.rows]
+            return result.summary(), hit_rate_figure(result.rows, f"{result.model.name}: prompt tokens reused vs budget"), frame, str(folder / "plan.csv"), str(folder / "plan.json")
+
+        run_button.click(
+            on_plan,
+            inputs=[trace_file, model, kv_dtype, budgets, policies, block_size],
+            outputs=[summary, chart, table, csv_file, json_file],
+            api_visibility="private",
+            concurrency_limit=1,
+        )
+
+
+def plan_api(planner: Planner) -> Callable[..., dict]:
+    """The gradio_client ``/plan`` function (register with ``gr.api(..., api_name="plan")``)."""
+
+    def plan_endpoint(
+        trace: str,
+        model: str = DEFAULT_MODEL_CONFIG,
+        kv_dtype: str = "bf16",
+        budgets: str = "auto",
+        policies: str = "lru",
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        prefill_tokens_per_s: float = DEFAULT_PREFILL_TOKENS_PER_S,
+    ) -> dict:
+        """Replay a JSONL trace (text) through the prefix cache; returns the rows per policy × budget and each policy's knee."""
+        raw = dict(trace=trace, model=model, kv_dtype=kv_dtype, budgets=budgets, policies=policies, block_size=block_size, prefill_tokens_per_s=prefill_tokens_per_s)
+        with _ui_errors():
+            return planner.run(parse_plan(raw)).to_dict()
+
+    return plan_endpoint
+
+
+def run_rest(planner: Planner, raw: bytes) -> tuple[int, dict]:
+    """``POST /plan``: (status, body). 422 for a bad body, 400 for a bad trace or too much work, 503 when busy or loading."""
+    try:
+        body = parse_plan(raw)
+    except BadRequest as exc:
+        return 422, {"detail": str(exc)}
+    try:
+        return 200, planner.run(body).to_dict()
+    except (Busy, NotReady) as exc:
+        return 503, {"detail": str(exc)}
+    except ValueError as exc:
+        return 400, {"detail": str(exc)}
+
+
+@contextmanager
+def _ui_errors() -> Iterator[None]:
+    try:
+        yield
+    except (ValueError, Busy, NotReady) as exc:
+        raise gr.Error(str(exc)) from None

@@ -22,10 +22,9 @@ import json
 import tempfile
 import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import gradio as gr
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -217,15 +216,16 @@ def build_plan_tab(planner: Planner) -> None:
             json_file = gr.File(label="Download JSON", interactive=False)
 
         def on_plan(data: Any, model_name: Any, dtype: Any, budget_text: Any, chosen: Any, block: Any, progress=gr.Progress()):
-            with _ui_errors():
+            def fields() -> dict:
                 if not isinstance(data, bytes):
                     raise ValueError("upload a JSONL trace first")
-                text = data.decode("utf-8")  # UnicodeDecodeError is a ValueError: "not UTF-8"
-                fields = dict(trace=text, model=model_name, kv_dtype=dtype, budgets=budget_text, policies=",".join(chosen) if isinstance(chosen, list) and all(isinstance(c, str) for c in chosen) else chosen)
-                fields["block_size"] = int(block) if isinstance(block, float) and block.is_integer() else block
-                body = parse_plan(fields)
-                progress(0, desc="reading the trace")
-                result = planner.run(body, lambda done, total: progress(done / total, desc=f"replay {done} of {total}"))
+                policies = ",".join(chosen) if isinstance(chosen, list) and all(isinstance(c, str) for c in chosen) else chosen
+                block_size = int(block) if isinstance(block, float) and block.is_integer() else block  # the page's number box
+                # UnicodeDecodeError is a ValueError: a trace that is not UTF-8 text is refused with the reason
+                return dict(trace=data.decode("utf-8"), model=model_name, kv_dtype=dtype, budgets=budget_text, policies=policies, block_size=block_size)
+
+            progress(0, desc="reading the trace")
+            result = _gradio_call(planner, fields, lambda done, total: progress(done / total, desc=f"replay {done} of {total}"))
             folder = Path(tempfile.mkdtemp(prefix="kvci-plan-"))
             (folder / "plan.csv").write_text(rows_csv(result.rows))
             (folder / "plan.json").write_text(json.dumps(result.to_dict(), indent=2))
@@ -255,8 +255,7 @@ def plan_api(planner: Planner) -> Callable[..., dict]:
     ) -> dict:
         """Replay a JSONL trace (text) through the prefix cache; returns the rows per policy × budget and each policy's knee."""
         raw = dict(trace=trace, model=model, kv_dtype=kv_dtype, budgets=budgets, policies=policies, block_size=block_size, prefill_tokens_per_s=prefill_tokens_per_s)
-        with _ui_errors():
-            return planner.run(parse_plan(raw)).to_dict()
+        return _gradio_call(planner, lambda: raw).to_dict()
 
     return plan_endpoint
 
@@ -275,9 +274,9 @@ def run_rest(planner: Planner, raw: bytes) -> tuple[int, dict]:
         return 400, {"detail": str(exc)}
 
 
-@contextmanager
-def _ui_errors() -> Iterator[None]:
+def _gradio_call(planner: Planner, fields: Callable[[], dict], progress: Callable[[int, int], None] | None = None) -> PlanResult:
+    """A page or gradio_client plan: bad input, a busy server or a loading model become a gr.Error with the message."""
     try:
-        yield
+        return planner.run(parse_plan(fields()), progress)
     except (ValueError, Busy, NotReady) as exc:
         raise gr.Error(str(exc)) from None

@@ -176,7 +176,7 @@ def test_rest_body_over_the_cap_is_refused_even_without_content_length(app_serve
     assert response.status_code == 413 and "over the limit" in response.json()["detail"]
 
 
-JSON_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-(10**15), 10**15), st.floats(allow_nan=False), st.text(max_size=20), st.lists(st.integers(), max_size=3))
+JSON_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-(10**15), 10**15), st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=20), st.lists(st.integers(), max_size=3))
 FUZZ_BODY = st.fixed_dictionaries(
     {},
     optional={

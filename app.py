@@ -28,11 +28,12 @@ from engine import GenerationResult
 from ui import charts
 from ui.components import RawSlider, RawTextbox
 from ui.limits import MAX_NEW_TOKENS, SESSION_STATE_TTL_S
+from ui.openai_api import add_openai_routes
 from ui.planner import PlanBody, Planner, build_plan_tab, plan_api, run_rest as run_plan_rest
 from ui.scenarios import load_examples, load_scenarios, run_scenario
 from ui.schemas import BadRequest, GenerateBody, parse_body
 from ui.security import Guard
-from ui.service import Busy, EngineService, Job, NotReady
+from ui.service import Busy, EngineService, NotReady
 from ui.sessions import ID_RULE, SESSION_HEADER, BadSession, Session, SessionIssuer
 from ui.settings import parse_settings
 
@@ -283,7 +284,7 @@ def build_rest(service: EngineService, issuer: SessionIssuer, planner: Planner) 
             return _error(422, str(exc))
         try:
             job = service.stream(_session(issuer, request), **body.engine_kwargs())
-            result = await _unless_disconnected(job, request)
+            result = await job.aresult_unless(request.is_disconnected)  # None: the client left, the job is cancelled
         except (NotReady, Busy) as exc:
             return _error(503, str(exc), {"Retry-After": str(Busy.retry_after_s)})
         except ValueError as exc:
@@ -313,6 +314,7 @@ def build_rest(service: EngineService, issuer: SessionIssuer, planner: Planner) 
         """Whether the model is loaded, the loading progress, the cache mode and the requests in flight."""
         return service.status()
 
+    add_openai_routes(api, service, issuer)  # /v1/chat/completions, /v1/completions, /v1/models: ui/openai_api.py
     api.add_middleware(Guard, check_host=service.settings.is_local, issuer=issuer, routes=lambda: api.routes)
     return api
 
@@ -371,10 +373,7 @@ def _page_fields(prompt: Any, system_prompt: Any, max_new_tokens: Any, use_cache
 
 def _session(issuer: SessionIssuer, request: Request | gr.Request | None) -> Session:
     """The caller's session from its headers and cookies (never from Gradio's session_hash)."""
-    if request is None:  # a direct Python call: nobody's session
-        return issuer.resolve({}, {}, None)
-    client = getattr(request, "client", None)
-    return issuer.resolve(request.headers, request.cookies, getattr(client, "host", None))
+    return issuer.resolve_request(request)
 
 
 def _rest_call(call: Any) -> JSONResponse:
@@ -386,21 +385,6 @@ def _rest_call(call: Any) -> JSONResponse:
     except NotReady as exc:
         return _error(503, str(exc))
     return JSONResponse(outcome, status_code=403 if outcome.get("cleared") == "nothing" else 200)
-
-
-async def _unless_disconnected(job: Job, request: Request) -> GenerationResult | None:
-    """The job's result, or None (the job cancelled) when the client disconnects first."""
-    task = asyncio.ensure_future(job.aresult())
-    try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=0.2)
-            if done:
-                return task.result()
-            if await request.is_disconnected():
-                job.cancel()
-                return None
-    finally:
-        task.cancel()
 
 
 def _error(status_code: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:

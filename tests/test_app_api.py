@@ -104,6 +104,14 @@ def test_rest_generate_twice_is_a_hit_then_stats_and_clear(rest):
     assert rest.get("/cache/stats").json()["cache_size"] == 0
 
 
+def test_rest_defaults_make_a_prompt_alone_enough(rest):
+    """{"prompt": ...} alone works: max_new_tokens 64, KV cache and prefix cache on by default."""
+    response = rest.post("/generate", json={"prompt": "Say hi.", "system_prompt": long_system_prompt()})
+    assert response.status_code == 200, response.text
+    result = response.json()
+    assert result["cache_enabled"] and result["prefix_cache_enabled"] and 1 <= result["timings"]["new_tokens"] <= 64
+
+
 def test_rest_partial_hit_reuses_the_shared_system_prompt(rest):
     """A new question after the same long system prompt reuses the prefix: a partial hit."""
     system = long_system_prompt()
@@ -124,7 +132,6 @@ BAD_BODIES = [
     ("prompt not a string", body(prompt=123), 422, "valid string"),
     ("prompt is null", body(prompt=None), 422, "prompt"),
     ("missing prompt", {k: v for k, v in body().items() if k != "prompt"}, 422, "prompt: this field is required"),
-    ("missing max_new_tokens", {k: v for k, v in body().items() if k != "max_new_tokens"}, 422, "max_new_tokens: this field is required"),
     ("unknown field", body(stream=True), 422, "unknown field"),
     ("negative max_new_tokens", body(max_new_tokens=-5), 422, "max_new_tokens"),
     ("zero max_new_tokens", body(max_new_tokens=0), 422, "greater than or equal to 1"),

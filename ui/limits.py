@@ -8,6 +8,9 @@ Sampling bounds live with the sampler (``engine.sampling``) so the engine checks
 from __future__ import annotations
 
 MAX_NEW_TOKENS = 512  # a serving cap: a 2-core CPU decodes ~15 tokens/s
+DEFAULT_MAX_NEW_TOKENS = 64  # POST /generate without max_new_tokens (/v1 without max_tokens gets MAX_NEW_TOKENS, as OpenAI gives "all")
+MAX_HISTORY_TURNS = 256  # earlier turns of one /v1 chat request (the engine still checks the context window)
+MAX_STOP_STRINGS, MAX_STOP_CHARS = 4, 64  # /v1 "stop", as OpenAI allows
 MAX_PROMPT_CHARS = 32_000  # about SmolLM2's 8k-token context window; longer text cannot fit anyway
 MAX_BODY_BYTES = 256 * 1024  # any larger request body (REST or /gradio_api) gets 413 before it is parsed
 RETRY_AFTER_S = 5  # what a 503 (busy) asks the client to wait

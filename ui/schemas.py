@@ -8,25 +8,25 @@ flag a real bool, max_new_tokens an int) and the limits of ``ui.limits`` and ``e
 from __future__ import annotations
 
 import unicodedata
-from typing import Iterable
+from typing import Iterable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from engine.sampling import SEED_MAX, TEMPERATURE_MAX, TOP_P_MAX, TOP_P_MIN_EXCLUSIVE
-from ui.limits import MAX_NEW_TOKENS, MAX_PROMPT_CHARS
+from ui.limits import DEFAULT_MAX_NEW_TOKENS, MAX_HISTORY_TURNS, MAX_NEW_TOKENS, MAX_PROMPT_CHARS, MAX_STOP_CHARS, MAX_STOP_STRINGS
 _ALLOWED_CONTROLS = frozenset("\t\n\r")
 
 
 class GenerateBody(BaseModel):
-    """``POST /generate``: one request to the engine. Unknown fields are refused (422)."""
+    """``POST /generate``: one request to the engine. Unknown fields are refused (422); ``{"prompt": "hi"}`` is enough."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="the user's message")
     system_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS, description="optional system message")
-    max_new_tokens: int = Field(ge=1, le=MAX_NEW_TOKENS, description="tokens to generate at most")
-    use_cache: bool = Field(description="KV cache during decoding")
-    use_prefix_cache: bool = Field(description="reuse KV across requests (needs use_cache)")
+    max_new_tokens: int = Field(DEFAULT_MAX_NEW_TOKENS, ge=1, le=MAX_NEW_TOKENS, description="tokens to generate at most")
+    use_cache: bool = Field(True, description="KV cache during decoding")
+    use_prefix_cache: bool = Field(True, description="reuse KV across requests (needs use_cache)")
     temperature: float = Field(0.0, ge=0.0, le=TEMPERATURE_MAX, allow_inf_nan=False, description="0 is greedy")
     top_p: float = Field(1.0, gt=TOP_P_MIN_EXCLUSIVE, le=TOP_P_MAX, allow_inf_nan=False, description="nucleus sampling mass")
     seed: int | None = Field(None, ge=0, le=SEED_MAX, description="seed for repeatable sampling")
@@ -47,20 +47,58 @@ class GenerateBody(BaseModel):
         return self.model_dump()
 
 
+class Turn(BaseModel):
+    """One earlier turn of a conversation."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    role: Literal["user", "assistant"]
+    content: str = Field(max_length=MAX_PROMPT_CHARS)
+
+    @field_validator("content")
+    @classmethod
+    def _content_printable(cls, value: str) -> str:
+        return _printable(value)
+
+
+class ConversationBody(GenerateBody):
+    """What ``/v1`` hands the service: a :class:`GenerateBody` (same fields, same limits) plus the
+    earlier turns, raw text (``/v1/completions``: no chat template) and stop strings. Built by
+    ``ui.openai_api`` from an OpenAI request, never sent by a client as such."""
+
+    history: list[Turn] = Field(default_factory=list, max_length=MAX_HISTORY_TURNS)
+    raw: bool = False
+    stop: list[str] = Field(default_factory=list, max_length=MAX_STOP_STRINGS)
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_strings(cls, value: list[str]) -> list[str]:
+        for text in value:
+            if not 1 <= len(text) <= MAX_STOP_CHARS:
+                raise ValueError(f"each stop string must have 1 to {MAX_STOP_CHARS} characters")
+            _printable(text)
+        return value
+
+    def engine_kwargs(self) -> dict:
+        return self.model_dump()  # history as [{"role", "content"}], what Engine.stream takes
+
+
 class BadRequest(ValueError):
     """A request body that does not validate; the message says what is wrong (REST answers 422)."""
 
 
-def parse_body(raw: bytes | dict) -> GenerateBody:
-    """Validate a REST body (raw JSON bytes) or the arguments of a page / gradio_client call (a dict).
+def parse_body(raw: bytes | dict, schema: type[GenerateBody] = GenerateBody) -> GenerateBody:
+    """Validate a REST body (raw JSON bytes) or the arguments of a page / gradio_client / ``/v1`` call (a dict).
+
+    ``schema`` is :class:`GenerateBody`, or :class:`ConversationBody` for ``/v1`` (the same fields and limits, and more).
 
     Raises:
         BadRequest: with :func:`describe`'s message.
     """
     try:
         if isinstance(raw, dict):
-            return GenerateBody.model_validate(raw)
-        return GenerateBody.model_validate_json(raw)
+            return schema.model_validate(raw)
+        return schema.model_validate_json(raw)
     except ValidationError as exc:
         raise BadRequest(describe(exc)) from None
 

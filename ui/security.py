@@ -37,6 +37,7 @@ STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 PAGE_PATH = "/"
 UPLOAD_PREFIX = "/gradio_api/upload"  # multipart by design: the planner tab's trace file comes this way
 PLAN_PATHS = ("/plan", UPLOAD_PREFIX)  # bodies up to PLAN_MAX_BODY_BYTES: a workload trace
+OPENAI_PREFIX = "/v1/"  # refusals there use OpenAI's error body (ui/openai_api.py)
 
 
 class Guard:
@@ -60,13 +61,13 @@ class Guard:
         headers = Headers(scope=scope)
         refusal = self._refusal(scope["method"], scope["path"], headers)
         if refusal is not None:
-            await _respond(send, *refusal)
+            await _respond(send, *refusal, path=scope["path"])
             return
         if scope["method"] in STATE_CHANGING:
             cap = PLAN_MAX_BODY_BYTES if scope["path"] in PLAN_PATHS else MAX_BODY_BYTES
             body = await _read_capped(receive, headers, cap)
             if body is None:
-                await _respond(send, 413, f"the request body is over the limit of {cap // 1024} KiB; send a shorter {'trace' if cap != MAX_BODY_BYTES else 'prompt'}")
+                await _respond(send, 413, f"the request body is over the limit of {cap // 1024} KiB; send a shorter {'trace' if cap != MAX_BODY_BYTES else 'prompt'}", path=scope["path"])
                 return
             receive = _replay(body, receive)
         new_cookie = None
@@ -169,8 +170,12 @@ def _filtered(send: Send, new_cookie: str | None) -> Callable[[Message], Awaitab
     return filtered
 
 
-async def _respond(send: Send, status: int, detail: str, extra: dict[str, str] | None = None) -> None:
-    body = json.dumps({"detail": detail}).encode()
+async def _respond(send: Send, status: int, detail: str, extra: dict[str, str] | None = None, path: str = "") -> None:
+    """A refusal: ``{"detail"}``, or OpenAI's error body on the OpenAI-compatible routes (``/v1/``)."""
+    if path.startswith(OPENAI_PREFIX):
+        body = json.dumps({"error": {"message": detail, "type": "invalid_request_error", "param": None, "code": str(status)}}).encode()
+    else:
+        body = json.dumps({"detail": detail}).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     headers += [(k.lower().encode(), v.encode()) for k, v in (extra or {}).items()]
     await send({"type": "http.response.start", "status": status, "headers": headers})

@@ -1,6 +1,7 @@
-"""The served engine: loaded in the background, shared by UI and REST through one bounded, fair worker pool.
+"""The served backend: loaded in the background, shared by every door through one bounded, fair worker pool.
 
-The engine is thread-safe, but the machine has few cores: every generation, whichever door it came
+The backend (``backends``: our engine, or a remote serving engine) is picked once at start-up;
+nothing here depends on which. The engine is thread-safe, but the machine has few cores: every generation, whichever door it came
 in by (the Gradio queue, gradio_client or plain REST), becomes a :class:`Job` run by one of
 ``concurrency`` worker threads. Waiting jobs are served round robin across clients (one queue per
 session, not one FIFO), a client may have ``max_inflight_per_session`` jobs queued or running, and
@@ -8,23 +9,28 @@ at most ``concurrency + max_queue`` exist at once; beyond that :class:`Busy` (50
 A job's clock starts when the work starts (queueing is not counted as TTFT). Cancelling a job (a
 client that disconnected, or abandoned the stream) stops it within one decode step.
 
-This module also owns cache isolation: which prefix-cache namespace a session uses, and what of
-the cache a session may see or clear. It never shows the text of another session's prompts.
+This module also owns cache isolation: which prefix-cache namespace a session uses (a ``cache_salt``
+is hashed with the session, so it never reaches another session's), and what of the cache a
+session may see or clear. It never shows the text of another session's prompts.
 Sessions themselves come from ``ui.sessions``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import hashlib
 import logging
 import queue
 import threading
 import uuid
 from collections import OrderedDict, deque
-from typing import Any, AsyncIterator, Callable, Iterator, Sequence
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Sequence
 
 import anyio
 
+from backends import Backend, BackendInfo, BackendUnavailable, CannotClear, make_backend
+from backends.local import LocalBackend
 from cache import DEFAULT_NAMESPACE
 from engine import Engine, EngineConfig, GenerationResult, final_result
 from ui.limits import RETRY_AFTER_S
@@ -84,6 +90,20 @@ class Job:
         finally:
             self.cancel()
 
+    async def aresult_unless(self, disconnected: Callable[[], Awaitable[bool]], poll_s: float = 0.2) -> GenerationResult | None:
+        """:meth:`aresult`, or None (the job cancelled) as soon as ``disconnected()`` says the client left."""
+        task = asyncio.ensure_future(self.aresult())
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=poll_s)
+                if done:
+                    return task.result()
+                if await disconnected():
+                    self.cancel()
+                    return None
+        finally:
+            task.cancel()
+
     async def aiter(self) -> AsyncIterator[str | GenerationResult]:
         """Iterate from async code; closing or cancelling the iteration cancels the job."""
         try:
@@ -94,18 +114,20 @@ class Job:
 
     # ------------------------------------------------------------------ the worker's side
 
-    def run(self, engine: Engine) -> None:
+    def run(self, backend: Backend) -> None:
         try:
             if self.cancelled.is_set():
                 return
-            stream = engine.stream(cache_key=self.namespace, **self.kwargs)
+            stream = backend.stream(self.namespace, **self.kwargs)
             try:
                 for item in stream:
                     if self.cancelled.is_set():
                         return
                     self._items.put(("item", item))
             finally:
-                stream.close()  # runs the engine's own cleanup: the matched cache path is unlocked
+                stream.close()  # runs the backend's own cleanup: the matched cache path is unlocked, a remote request closed
+        except BackendUnavailable as exc:  # a remote that stopped answering: 503, like a model still loading
+            self._items.put(("error", NotReady(str(exc))))
         except Exception as exc:  # handed to the consumer, which re-raises it in its own thread
             self._items.put(("error", exc))
         finally:
@@ -152,7 +174,7 @@ class FairQueue:
 
 
 class EngineService:
-    """The app's one engine and the rules around it.
+    """The app's one backend and the rules around it.
 
     Example:
         >>> service = EngineService(AppSettings()); service.start_loading()
@@ -160,10 +182,10 @@ class EngineService:
         >>> service.generate(session, prompt="Hi", max_new_tokens=8).text   # session: from ui.sessions
     """
 
-    def __init__(self, settings: AppSettings, loader: Loader = Engine.from_pretrained) -> None:
+    def __init__(self, settings: AppSettings, loader: Loader = Engine.from_pretrained, backend: Backend | None = None) -> None:
         self.settings = settings
-        self._loader = loader
-        self._engine: Engine | None = None
+        self.backend: Backend = backend or make_backend(settings, lambda: LocalBackend(settings.model, self._engine_settings(), loader))
+        self._ready = False
         self._loaded = threading.Event()
         self.load_error: str | None = None
         self.progress_lines: list[str] = []
@@ -186,31 +208,36 @@ class EngineService:
             log.info("%s", line)
 
         try:
-            self._engine = self._loader(self.settings.model, progress=progress, **self._engine_settings())
-            info = self._engine.info()
-            progress(f"Ready: {info['model']} on {info['device']} ({info['dtype']}).")
+            self.backend.load(progress)
+            self._ready = True
         except Exception as exc:  # shown on the page and by /health; the server keeps running
-            self.load_error = f"the model could not be loaded: {exc}"
+            self.load_error = f"the model could not be loaded: {exc}" if self.backend.info().kind == "local" else f"the backend is not usable: {exc}"
             progress(self.load_error)
         finally:
             self._loaded.set()
 
     def wait_ready(self, timeout: float | None = None) -> bool:
-        return self._loaded.wait(timeout) and self._engine is not None
+        return self._loaded.wait(timeout) and self._ready
 
     @property
     def ready(self) -> bool:
-        return self._engine is not None
+        return self._ready
 
     @property
     def engine(self) -> Engine:
-        if self._engine is None:
-            raise NotReady(self.load_error or "the model is still loading; try again in a few seconds")
-        return self._engine
+        """The local engine (the planner's tokenizer, tests); NotReady while loading or for a remote backend."""
+        self._backend_ready()
+        engine = getattr(self.backend, "engine", None)
+        if engine is None:
+            raise NotReady(f"this app measures a remote {self.backend.info().kind} server, which has no local engine")
+        return engine
+
+    def backend_info(self) -> BackendInfo:
+        return self.backend.info()
 
     def status(self) -> dict[str, Any]:
         """What /health and the page header show."""
-        info = self._engine.info() if self._engine is not None else {}
+        info = self.backend.status() if self._ready else {}
         return {
             "ready": self.ready,
             "error": self.load_error,
@@ -223,6 +250,7 @@ class EngineService:
             "context_length": info.get("context_length"),
             "max_prompt_tokens": self.settings.prompt_token_limit or info.get("context_length"),
             "inflight": self.inflight,
+            "backend": self.backend.info().to_dict(),
         }
 
     @property
@@ -241,8 +269,14 @@ class EngineService:
 
     # ------------------------------------------------------------------ sessions and namespaces
 
-    def namespace_for(self, session: Session) -> str:
-        """The prefix-cache namespace of a session: one shared namespace, or one per session."""
+    def namespace_for(self, session: Session, cache_salt: str | None = None) -> str:
+        """The prefix-cache namespace of a session: one shared namespace, or one per session.
+
+        A ``cache_salt`` (vLLM's request field) selects a namespace of the session's own, hashed
+        from the session's key and the salt: the same salt from another session is another namespace.
+        """
+        if cache_salt:
+            return "salt-" + hashlib.sha256(f"{session.key}\0{cache_salt}".encode()).hexdigest()[:32]
         if not self.settings.per_session:
             return DEFAULT_NAMESPACE
         return f"session-{session.key[-32:]}"
@@ -254,8 +288,9 @@ class EngineService:
 
     # ------------------------------------------------------------------ generation
 
-    def stream(self, session: Session, namespace: str | None = None, **kwargs: Any) -> Job:
-        """Queue a request (``Engine.stream`` arguments) in ``session``'s namespace (or ``namespace``).
+    def stream(self, session: Session, namespace: str | None = None, cache_salt: str | None = None, **kwargs: Any) -> Job:
+        """Queue a request (``Engine.stream`` arguments and ``stop``) in ``session``'s namespace
+        (or ``namespace``; or the session's salted one for ``cache_salt``).
 
         Returns a :class:`Job`: iterate it (or ``aiter``) for text deltas, then the result.
 
@@ -265,9 +300,9 @@ class EngineService:
             NotReady, Busy: the model is not loaded, or this client or the server has too many
                 requests queued or running.
         """
-        engine = self.engine
-        namespace = namespace or self.namespace_for(session)
-        engine.make_request(cache_key=namespace, **kwargs)  # validate now, so the caller gets a ValueError at once
+        self._backend_ready()
+        namespace = namespace or self.namespace_for(session, cache_salt)
+        self.backend.check(namespace, **kwargs)  # validate now, so the caller gets a ValueError at once
         limit = self.settings.anonymous_inflight_limit if session.anonymous else self.settings.max_inflight_per_session
         with self._lock:
             if sum(self._inflight.values()) >= self.settings.concurrency + self.settings.max_queue:
@@ -275,7 +310,7 @@ class EngineService:
             if self._inflight.get(session.client, 0) >= limit:
                 raise Busy(f"this session already has {limit} requests queued or running; wait for one to finish")
             self._inflight[session.client] = self._inflight.get(session.client, 0) + 1
-            if session.anonymous and self.settings.per_session:
+            if session.anonymous and namespace != DEFAULT_NAMESPACE:  # nobody can name it again
                 self._ephemeral.add(namespace)
         job = Job(session.client, namespace, kwargs, on_cancel=self._cancelled, on_end=self._ended)
         self._waiting.put(job)
@@ -288,7 +323,7 @@ class EngineService:
     def _work(self) -> None:
         while True:
             job = self._waiting.get()
-            job.run(self._engine)
+            job.run(self.backend)
 
     def _cancelled(self, job: Job) -> None:
         if self._waiting.remove(job):  # never reached a worker: its slot is free now
@@ -310,7 +345,8 @@ class EngineService:
 
     def stats(self, session: Session) -> dict[str, Any]:
         """Prefix-cache stats as a session may see them: its own namespace, or the shared one."""
-        stats = self.engine.cache.stats(namespace=self.namespace_for(session))
+        self._backend_ready()
+        stats = self.backend.stats(self.namespace_for(session))
         return {**stats, "cache_mode": self.settings.cache_mode, "scope": "session" if self.settings.per_session else "shared"}
 
     def clear(self, session: Session) -> dict[str, Any]:
@@ -319,19 +355,20 @@ class EngineService:
         A shared cache on a public server is never cleared by a visitor: that would let anyone wipe
         everyone's prefixes (and learn from the next request's timing that it was wiped).
         """
-        cache = self.engine.cache
-        if self.settings.may_clear_everything:
-            cache.clear()
-            return {"cleared": "all", "message": "cleared the whole prefix cache"}
-        if self.settings.per_session:
-            cache.clear(self.namespace_for(session))
-            return {"cleared": "session", "message": "cleared this session's prefix cache"}
+        self._backend_ready()
+        try:
+            if self.settings.may_clear_everything:
+                return {"cleared": "all", "message": self.backend.clear(None)}
+            if self.settings.per_session:
+                return {"cleared": "session", "message": self.backend.clear(self.namespace_for(session))}
+        except CannotClear as exc:
+            return {"cleared": "nothing", "message": str(exc)}
         return {"cleared": "nothing", "message": "the shared cache of a public server cannot be cleared by a visitor"}
 
     def drop_namespace(self, namespace: str) -> None:
         """Forget a scratch namespace (a scenario run's), entries and counters."""
-        if self._engine is not None:
-            self._engine.cache.clear(namespace)
+        if self._ready:
+            self.backend.drop(namespace)
 
     def entries(self, session: Session, own_sequences: Sequence[Sequence[int]] = ()) -> list[dict[str, Any]]:
         """The cache inspector's rows for a session, with a text preview only of the session's own tokens.
@@ -340,10 +377,10 @@ class EngineService:
         an entry's text is shown only when its whole path from the root is a prefix of a sequence
         this session sent or received itself; others' entries show sizes and counts, never text.
         """
-        engine = self.engine
+        self._backend_ready()
         own_all = self.settings.per_session
         rows, stack = [], []  # stack: (end position, path tokens) of the ancestors of the current node
-        for entry in engine.cache.entries(self.namespace_for(session)):
+        for entry in self.backend.entries(self.namespace_for(session)):
             while stack and stack[-1][0] != entry.start:
                 stack.pop()
             path = (stack[-1][1] if stack else ()) + entry.token_ids
@@ -358,10 +395,14 @@ class EngineService:
                     "last_used": entry.last_used,
                     "logits": entry.has_logits,
                     "locked": entry.locked,
-                    "preview": _preview(engine.decode(entry.token_ids)) if own else "(another session's tokens)",
+                    "preview": _preview(self.backend.decode(entry.token_ids)) if own else "(another session's tokens)",
                 }
             )
         return rows
+
+    def _backend_ready(self) -> None:
+        if not self._ready:
+            raise NotReady(self.load_error or "the model is still loading; try again in a few seconds")
 
 
 # ---------------------------------------------------------------------- helpers

@@ -22,7 +22,7 @@ import os
 import re
 import secrets
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Any, Mapping
 
 COOKIE_NAME = "kvci_session"
 SESSION_HEADER = "X-Session-Id"
@@ -98,6 +98,13 @@ class SessionIssuer:
         if cookie_id is not None:
             return self._known("cookie:" + cookie_id)
         return Session(key="anonymous-" + secrets.token_hex(16), client="address:" + self.client_address(headers, peer), anonymous=True)
+
+    def resolve_request(self, request: Any) -> Session:
+        """:meth:`resolve` for a Starlette or Gradio request (None: a direct Python call, nobody's session)."""
+        if request is None:
+            return self.resolve({}, {}, None)
+        client = getattr(request, "client", None)
+        return self.resolve(request.headers, request.cookies, getattr(client, "host", None))
 
     def client_address(self, headers: Mapping[str, str], peer: str | None) -> str:
         """The caller's address: the peer's, or the first X-Forwarded-For hop behind a trusted proxy."""

@@ -92,6 +92,7 @@ def build_demo(service: EngineService, issuer: SessionIssuer, planner: Planner) 
                     combine_adjacent=False,
                     elem_id="kv-tokens",
                 )
+                explanation = gr.HTML("", elem_id="kv-explanation")
 
         with gr.Row(equal_height=True):
             latency_plot = gr.Plot(charts.latency_figure([]), show_label=False, elem_id="kv-latency-plot")
@@ -137,7 +138,7 @@ def build_demo(service: EngineService, issuer: SessionIssuer, planner: Planner) 
             with _ui_errors():
                 body = parse_body(_page_fields(text, system, max_tokens, kv, prefix, temp))
                 job = service.stream(session, **body.engine_kwargs())
-            skip = [gr.skip()] * 5
+            skip = [gr.skip()] * 6
             produced, result = "", None
             with _ui_errors():
                 async for item in job.aiter():  # a page that goes away closes this: the job stops
@@ -151,6 +152,7 @@ def build_demo(service: EngineService, issuer: SessionIssuer, planner: Planner) 
                 result.text,
                 charts.figures_html(result),
                 charts.token_highlights(result, service.engine.decode),
+                charts.explanation_html(result),
                 charts.latency_figure(state.records),
                 charts.hit_history_figure(state.records),
                 state,
@@ -204,7 +206,7 @@ def build_demo(service: EngineService, issuer: SessionIssuer, planner: Planner) 
         demo.load(on_inspect, inputs=history, outputs=[cache_stats, cache_table], **quick)
         use_cache.change(lambda kv, prefix: prefix is True and kv is True, inputs=[use_cache, use_prefix_cache], outputs=use_prefix_cache, **quick)
         gen_inputs = [system_prompt, prompt, use_cache, use_prefix_cache, max_new_tokens, temperature, history]
-        gen_outputs = [output, figures, tokens, latency_plot, hits_plot, history]
+        gen_outputs = [output, figures, tokens, explanation, latency_plot, hits_plot, history]
         # One run at a time per page: two events of a session each get their own copy of the
         # history state, and the one finishing last would drop the other's records.
         run_buttons = [generate_button, scenario_button, reset_button]

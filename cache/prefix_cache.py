@@ -54,6 +54,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Literal, Sequence
 
+from cache.explain import CACHED_CONTEXT_TOKENS, EVICTION_LOG_SIZE, EvictionLog, LookupDetail
 from cache.policies import get_priority
 from cache.slots import KVSource, SimulatedPool, Slot, SlotPool
 
@@ -81,6 +82,7 @@ class PrefixMatch:
     slots: tuple[Slot, ...] = ()
     logits_slots: tuple[Slot, ...] = ()
     lock_wait_s: float = 0.0  # time this lookup waited for the tree lock
+    detail: LookupDetail = LookupDetail()  # what the lookup saw beyond what it reused (the miss explainer's input)
     _node: "_Node | None" = field(default=None, repr=False, compare=False)  # deepest locked node
 
 
@@ -109,6 +111,8 @@ class PrefixCache:
         namespace_idle_s: A namespace with no entries and no request for this long is forgotten.
         clock: Monotonic seconds, for idleness (tests pass a fake one).
         policy: The eviction policy, a name of ``cache.policies.POLICIES`` (``lru``, ``lfu``, ``fifo``, ``mru``).
+        log_evictions: Keep the hashes of evicted prefixes (``cache/explain.py``) so a miss can say
+            it was evicted; a replay, which never explains, turns it off.
     """
 
     def __init__(
@@ -119,6 +123,7 @@ class PrefixCache:
         namespace_idle_s: float = 600.0,
         clock: Callable[[], float] = time.monotonic,
         policy: str = "lru",
+        log_evictions: bool = True,
     ) -> None:
         if min_tokens < 1:
             raise ValueError(f"min_tokens must be >= 1, got {min_tokens}")
@@ -144,6 +149,7 @@ class PrefixCache:
         self._pending = 0  # slots reserved by inserts still copying
         self._doomed = 0  # slots of cleared nodes a running request still holds
         self._last_sweep = clock()
+        self.evicted = EvictionLog(EVICTION_LOG_SIZE if log_evictions else 0)  # hashes of evicted prefixes: "this was cached, and evicted at T"
 
     @classmethod
     def simulated(cls, num_slots: int, slot_bytes: int = 1, **kwargs: Any) -> "PrefixCache":
@@ -175,11 +181,8 @@ class PrefixCache:
         with self._locked():
             ns = self._active_namespace(namespace)
             path, matched = _walk(ns.root, key)
-            exact = (
-                matched == len(key)
-                and path[-1].logits is not None
-                and sum(len(n.key) for n in path) == matched  # ends at the node's end, not mid-edge
-            )
+            depth = sum(len(n.key) for n in path)
+            exact = matched == len(key) and path[-1].logits is not None and depth == matched  # ends at the node's end, not mid-edge
             if exact:
                 kind: MatchKind = "hit"
                 usable = matched
@@ -200,16 +203,20 @@ class PrefixCache:
                 self._inc_lock(deepest)
             ns.counters.count(kind, usable, len(key))
             self._totals.count(kind, usable, len(key))
-            return PrefixMatch(
-                kind=kind,
-                length=usable,
-                prompt_length=len(key),
-                namespace=namespace,
-                slots=tuple(slots),
-                logits_slots=tuple(path[-1].logits) if exact else (),
-                lock_wait_s=self._local.wait_s,
-                _node=deepest,
-            )
+            cached_next = _cached_after(path, depth, matched)
+            lock_wait_s = self._local.wait_s
+        evicted = self.evicted.find(namespace, key, beyond=matched) if kind != "hit" else None  # outside the tree lock
+        return PrefixMatch(
+            kind=kind,
+            length=usable,
+            prompt_length=len(key),
+            namespace=namespace,
+            slots=tuple(slots),
+            logits_slots=tuple(path[-1].logits) if exact else (),
+            lock_wait_s=lock_wait_s,
+            detail=LookupDetail(matched, depth, cached_next, evicted),
+            _node=deepest,
+        )
 
     def release(self, match: PrefixMatch) -> None:
         """Unlock the path locked by ``match_prefix``. Call exactly once per match."""
@@ -261,7 +268,7 @@ class PrefixCache:
         """
         self._local.wait_s = 0.0
         with self._locked():
-            return self._evict_from(self._heap, math.ceil(num_bytes / self.pool.slot_bytes), None) * self.pool.slot_bytes
+            return self._evict_from(self._heap, math.ceil(num_bytes / self.pool.slot_bytes), None, "evict() call") * self.pool.slot_bytes
 
     def clear(self, namespace: str | None = None) -> None:
         """Drop every entry and counter, or only those of one namespace.
@@ -276,6 +283,7 @@ class PrefixCache:
                 ns = self._namespaces.pop(name, None)
                 if ns is not None:
                     self._drop(ns)
+                self.evicted.forget(name)
             if namespace is None:
                 self._totals = _Counters()
 
@@ -440,10 +448,10 @@ class PrefixCache:
         if needed > self._quota_slots or own_excess > ns.sizes.evictable or shortfall > self._all.evictable:
             return False
         if own_excess > 0:
-            self._evict_from(ns.heap, own_excess, ns)
+            self._evict_from(ns.heap, own_excess, ns, "namespace quota" if self.namespace_quota < 1 else "memory pressure")
         shortfall = needed - self.pool.num_free
         if shortfall > 0:
-            self._evict_from(self._heap, shortfall, ns)
+            self._evict_from(self._heap, shortfall, ns, "memory pressure")
         assert self.pool.num_free >= needed, "evictable totals promised more than eviction freed"
         return True
 
@@ -505,14 +513,20 @@ class PrefixCache:
         node.alive = False
         self._push_if_evictable(node.parent)
 
-    def _evict_from(self, heap: list, num_slots: int, cause: "_Namespace | None") -> int:
-        """Delete leaves popped from ``heap`` (lowest priority first) until ``num_slots`` are freed; count them against ``cause``."""
-        freed = 0
+    def _evict_from(self, heap: list, num_slots: int, cause: "_Namespace | None", why: str) -> int:
+        """Delete leaves popped from ``heap`` (lowest priority first) until ``num_slots`` are freed; count them against ``cause``.
+
+        Each evicted node's path is logged by hash (``why`` says what made room necessary), so a
+        later miss on it can say it was evicted rather than never cached.
+        """
+        freed, now = 0, time.time()
         while freed < num_slots and heap:
             entry = heapq.heappop(heap)
             if not self._valid(entry):
                 continue
             node = entry[2]
+            if self.evicted.size:
+                self.evicted.record(node.ns.name, _path_tokens(node), now, why)
             freed += node.num_slots
             self._delete_leaf(node)
             self._count(cause, "evictions")
@@ -760,6 +774,32 @@ def _common_prefix_len(edge: tuple[int, ...], key: tuple[int, ...], offset: int)
         else:
             hi = mid
     return lo
+
+
+def _cached_after(path: list[_Node], depth: int, matched: int) -> tuple[int, ...]:
+    """Up to ``CACHED_CONTEXT_TOKENS`` cached tokens where a walk that matched ``matched`` tokens stopped.
+
+    Inside the last node's edge: the rest of that edge. At its end: the most recently used child's edge.
+    """
+    if not path:
+        return ()
+    last = path[-1]
+    if depth > matched:
+        at = len(last.key) - (depth - matched)
+        return last.key[at : at + CACHED_CONTEXT_TOKENS]
+    if last.children:
+        child = max(last.children.values(), key=lambda c: c.last_access)
+        return child.key[:CACHED_CONTEXT_TOKENS]
+    return ()
+
+
+def _path_tokens(node: _Node) -> tuple[int, ...]:
+    """The token ids from the root to the end of ``node``'s edge."""
+    edges = []
+    while node.parent is not None:
+        edges.append(node.key)
+        node = node.parent
+    return tuple(token for edge in reversed(edges) for token in edge)
 
 
 def _descendants(root: _Node) -> list[_Node]:

@@ -195,7 +195,7 @@ def replay(trace: Trace, budget_bytes: int | None, policy: str, settings: Replay
     pool = MeteredPool(None if budget_bytes is None else budget_bytes // slot_bytes, slot_bytes)
     # Logits as the engine stores them; a block trace stores none (see the module docstring).
     logits_slots = 0 if trace.unit_tokens > 1 else max(1, math.ceil(settings.logits_bytes / slot_bytes))
-    cache = PrefixCache(pool, min_tokens=math.ceil(settings.min_tokens / trace.unit_tokens), policy=policy)
+    cache = PrefixCache(pool, min_tokens=math.ceil(settings.min_tokens / trace.unit_tokens), policy=policy, log_evictions=False)
     requests = hit_requests = prompt_tokens = reused_tokens = 0
     for requests, request in enumerate(trace.requests, 1):
         if deadline is not None and requests % 256 == 0 and time.monotonic() > deadline:

@@ -22,6 +22,7 @@ from cache import DEFAULT_NAMESPACE, PrefixCache, PrefixMatch
 from engine import loading
 from engine.chat_tokens import ChatTokenizer
 from engine.config import EngineConfig
+from engine.explain import explain
 from engine.kv import has_sliding_layers, kv_bytes_per_token, new_model_cache
 from engine.kv_pool import KVPool
 from engine.sampling import SamplingParams, sample_next_token
@@ -56,6 +57,7 @@ class GenerationResult:
     use_prefix_cache: bool
     timings: dict[str, float]
     finish_reason: str  # "eos" or "length"
+    cache_explanation: dict[str, Any] | None = None  # why the prefix cache reused what it did (engine/explain.py)
 
     @property
     def prefix_cache_hit(self) -> bool:
@@ -76,6 +78,7 @@ class GenerationResult:
             "cache_status": self.cache_status,
             "finish_reason": self.finish_reason,
             "timings": dict(self.timings),
+            "cache_explanation": self.cache_explanation,
         }
 
 
@@ -230,10 +233,7 @@ class Engine:
             text = request.prompt if request.system_prompt is None else f"{request.system_prompt}\n\n{request.prompt}"
             with self._tokenizer_lock:
                 return list(self.tokenizer(text, split_special_tokens=True).input_ids)
-        messages = [{"role": "system", "content": request.system_prompt}] if request.system_prompt else []
-        messages += [{"role": role, "content": content} for role, content in request.history]
-        messages.append({"role": "user", "content": request.prompt})
-        return self.chat.prompt_ids(messages)
+        return self.chat.prompt_ids(_messages(request))
 
     def decode(self, token_ids: Sequence[int]) -> str:
         with self._tokenizer_lock:
@@ -286,7 +286,15 @@ class Engine:
         pieces.append(self._new_text(run.generated, prefix_offset, read_offset))
         if pieces[-1]:
             yield pieces[-1]
-        yield run.result("".join(pieces))
+        result = run.result("".join(pieces))
+        result.cache_explanation = self._explain(run)
+        yield result
+
+    def _explain(self, run: "_Run") -> dict[str, Any]:
+        """After the reply: why the prefix cache reused what it did (``engine/explain.py``)."""
+        request = run.request
+        messages = None if request.raw or not self.chat.has_template else _messages(request)
+        return explain(run.match, run.prompt_ids, messages, self.chat, self.decode, self.cache.min_tokens)
 
     def _new_text(self, ids: list[int], prefix_offset: int, read_offset: int) -> str:
         """Text of ``ids[read_offset:]``, decoded with ``ids[prefix_offset:read_offset]`` before it as context."""
@@ -302,6 +310,7 @@ class Engine:
         if request.use_prefix_cache:
             with clock.span("cache_lookup_ms"):
                 match = self.cache.match_prefix(run.prompt_ids, request.cache_key)
+            run.match = match
             run.cache_status = match.kind
             run.lookup_lock_wait_s = match.lock_wait_s
         try:
@@ -465,6 +474,7 @@ class _Run:
         self.generator = request.sampling.make_generator()
         self.prompt_ids: list[int] = []
         self.generated: list[int] = []
+        self.match: PrefixMatch | None = None  # the prefix-cache lookup, for the explanation
         self.cache_status: CacheStatus = "off" if not request.use_prefix_cache else "miss"
         self.prefill_tokens = 0
         self.reused_tokens = 0
@@ -513,6 +523,14 @@ class _Run:
             timings=timings,
             finish_reason=self.finish_reason,
         )
+
+
+def _messages(request: GenerationRequest) -> list[dict[str, str]]:
+    """The chat messages of a request: the system prompt, the earlier turns, the user's message."""
+    messages = [{"role": "system", "content": request.system_prompt}] if request.system_prompt else []
+    messages += [{"role": role, "content": content} for role, content in request.history]
+    messages.append({"role": "user", "content": request.prompt})
+    return messages
 
 
 def _validate_history(history: Sequence[dict[str, str]] | None) -> tuple[tuple[str, str], ...]:

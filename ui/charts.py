@@ -241,6 +241,30 @@ def token_highlights(result: GenerationResult, decode: Callable[[Sequence[int]],
     return spans
 
 
+def explanation_html(result: GenerationResult) -> str:
+    """Why the prefix cache reused what it did (``cache_explanation``), under the token highlights.
+
+    Every piece of text is escaped: the decoded context is the user's own prompt (and, in their own
+    namespace, their own cached tokens), which may hold anything.
+    """
+    e = result.cache_explanation
+    if not e:
+        return ""
+    lines = [f'<b>Why:</b> <code>{html.escape(e["reason"])}</code> · {html.escape(e["message"])}']
+    if "diverged_at" in e:
+        cached = e.get("cached_after")
+        cached_text = "(not shown: the shared cache holds others' prompts)" if cached is None else f"<mark>{html.escape(cached)}</mark>"
+        lines.append(
+            f'…{html.escape(e["before"])}<span class="kv-diverge">⟂</span> your prompt: <mark>{html.escape(e["prompt_after"])}</mark>'
+            f" · cached: {cached_text}"
+        )
+        lines.append(f'<i>{html.escape(e["hint"])}</i>')
+    if e.get("evicted"):
+        at = time.strftime("%H:%M:%S", time.localtime(e["evicted"]["at"]))
+        lines.append(f'This {e["evicted"]["length"]}-token prefix was cached and evicted at {at} ({html.escape(e["evicted"]["cause"])}).')
+    return '<div class="kv-explain">' + "<br>".join(lines) + "</div>"
+
+
 def inspector_frame(rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
     """The cache inspector's table, newest first."""
     columns = ["start", "tokens", "KiB", "hits", "last used", "logits", "locked", "preview"]

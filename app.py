@@ -25,7 +25,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from engine import GenerationResult
-from ui import charts
+from ui import backend_view, charts
 from ui.components import RawSlider, RawTextbox
 from ui.limits import MAX_NEW_TOKENS, SESSION_STATE_TTL_S
 from ui.openai_api import add_openai_routes
@@ -67,6 +67,7 @@ def build_demo(service: EngineService, issuer: SessionIssuer, planner: Planner) 
             elem_id="kv-intro",
         )
         status = gr.Markdown("Loading the model…", elem_id="kv-model-status")
+        backend_note = gr.Markdown(elem_id="kv-backend")  # ui/backend_view.py: a remote's URL, model, kind, limits
         if not service.settings.is_local and not service.settings.per_session:
             gr.Markdown(f"**Warning:** {SHARED_PUBLIC_WARNING}", elem_id="kv-shared-warning")
 
@@ -94,6 +95,8 @@ def build_demo(service: EngineService, issuer: SessionIssuer, planner: Planner) 
                 )
                 explanation = gr.HTML("", elem_id="kv-explanation")
 
+        with gr.Row(equal_height=True):
+            timing_note = gr.Markdown(elem_id="kv-timing-note")
         with gr.Row(equal_height=True):
             latency_plot = gr.Plot(charts.latency_figure([]), show_label=False, elem_id="kv-latency-plot")
             hits_plot = gr.Plot(charts.hit_history_figure([]), show_label=False, elem_id="kv-hits-plot")
@@ -129,8 +132,12 @@ def build_demo(service: EngineService, issuer: SessionIssuer, planner: Planner) 
 
         # ---- handlers: thin; the work is in ui/ and the engine
 
-        def on_show_status() -> tuple[str, gr.Timer]:
-            return _status_markdown(service), gr.Timer(active=not (service.ready or service.load_error))
+        def on_show_status() -> tuple:
+            info = service.backend_info()  # a remote's kind is known once it has been reached
+            return (
+                _status_markdown(service), gr.Timer(active=not (service.ready or service.load_error)),
+                backend_view.backend_markdown(info), backend_view.timing_note(info), *backend_view.toggle_updates(info),
+            )
 
         async def on_generate(system: Any, text: Any, kv: Any, prefix: Any, max_tokens: Any, temp: Any, state: charts.SessionHistory, request: gr.Request):
             session = session_of(request)
@@ -151,7 +158,7 @@ def build_demo(service: EngineService, issuer: SessionIssuer, planner: Planner) 
             yield (
                 result.text,
                 charts.figures_html(result),
-                charts.token_highlights(result, service.engine.decode),
+                charts.token_highlights(result, service.backend.decode),
                 charts.explanation_html(result),
                 charts.latency_figure(state.records),
                 charts.hit_history_figure(state.records),
@@ -163,7 +170,9 @@ def build_demo(service: EngineService, issuer: SessionIssuer, planner: Planner) 
                 return "The model is still loading.", None
             session = session_of(request)
             rows = service.entries(session, state.owned_by(session.key).sequences)
-            return charts.stats_markdown(service.stats(session)), charts.inspector_frame(rows)
+            stats = service.stats(session)
+            markdown = charts.stats_markdown(stats) if stats.get("budget_bytes") is not None else backend_view.remote_stats_markdown(stats)
+            return markdown, charts.inspector_frame(rows)
 
         def on_clear(state: charts.SessionHistory, request: gr.Request) -> tuple[str, Any]:
             with _ui_errors():
@@ -201,8 +210,9 @@ def build_demo(service: EngineService, issuer: SessionIssuer, planner: Planner) 
         # ---- events
 
         timer = gr.Timer(1.0)
-        timer.tick(on_show_status, outputs=[status, timer], **quick)
-        demo.load(on_show_status, outputs=[status, timer], **quick)
+        status_outputs = [status, timer, backend_note, timing_note, use_cache, use_prefix_cache]
+        timer.tick(on_show_status, outputs=status_outputs, **quick)
+        demo.load(on_show_status, outputs=status_outputs, **quick)
         demo.load(on_inspect, inputs=history, outputs=[cache_stats, cache_table], **quick)
         use_cache.change(lambda kv, prefix: prefix is True and kv is True, inputs=[use_cache, use_prefix_cache], outputs=use_prefix_cache, **quick)
         gen_inputs = [system_prompt, prompt, use_cache, use_prefix_cache, max_new_tokens, temperature, history]
@@ -399,6 +409,8 @@ def _status_markdown(service: EngineService) -> str:
         "shared": "cache mode: **shared** (everyone's prefixes are reusable: fastest, but a timing side channel)",
         "per-session": "cache mode: **per-session** (your requests only reuse your own prefixes)",
     }[s["cache_mode"]]
+    if s["ready"] and s["backend"]["kind"] != "local":
+        return f"**Model:** {s['model']} · **backend:** remote {s['backend']['kind']} at {s['backend']['url']} · {mode}"
     if s["ready"]:
         return f"**Model:** {s['model']} · {s['parameters'] / 1e6:,.0f}M parameters · **device:** {s['device']} ({s['dtype']}) · context {s['context_length']:,} tokens · {mode}"
     if s["error"]:

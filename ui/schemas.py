@@ -79,9 +79,6 @@ class ConversationBody(GenerateBody):
             _printable(text)
         return value
 
-    def engine_kwargs(self) -> dict:
-        return self.model_dump()  # history as [{"role", "content"}], what Engine.stream takes
-
 
 class BadRequest(ValueError):
     """A request body that does not validate; the message says what is wrong (REST answers 422)."""

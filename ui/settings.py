@@ -10,11 +10,12 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Mapping, Sequence
 
 CacheMode = Literal["shared", "per-session"]
 CACHE_MODES: tuple[str, ...] = ("shared", "per-session")
+BACKEND_KINDS: tuple[str, ...] = ("vllm", "sglang", "llama-server", "kvci", "openai")  # backends/remote.py's adapters
 PUBLIC_MAX_PROMPT_TOKENS = 1024  # one prompt's prefill on a 2-core CPU: a few seconds, not a minute
 
 
@@ -36,6 +37,10 @@ class AppSettings:
     max_prompt_tokens: int | None = None  # None: the context window locally, PUBLIC_MAX_PROMPT_TOKENS when public
     session_cache_share: float = 0.25  # per-session mode: the share of the cache budget one session may hold
     max_inflight_per_session: int = 2  # queued or running requests of one session (or one anonymous address)
+    backend_url: str | None = None  # a remote OpenAI-compatible server to measure instead of the local engine
+    backend_model: str | None = None  # its model name (default: the first of its /v1/models)
+    backend_api_key: str | None = field(default=None, repr=False)  # sent to it as a bearer token
+    backend_kind: str | None = None  # vllm, sglang, llama-server, kvci, openai (default: detected)
 
     def __post_init__(self) -> None:
         if self.cache_mode not in CACHE_MODES:
@@ -46,6 +51,8 @@ class AppSettings:
             raise ValueError("concurrency, max_queue and max_inflight_per_session must be >= 1")
         if not 0 < self.session_cache_share <= 1:
             raise ValueError(f"session_cache_share must be in (0, 1], got {self.session_cache_share}")
+        if self.backend_kind is not None and self.backend_kind not in BACKEND_KINDS:
+            raise ValueError(f"backend_kind must be one of {', '.join(BACKEND_KINDS)}, got {self.backend_kind!r}")
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
             raise ValueError(f"max_prompt_tokens must be >= 1, got {self.max_prompt_tokens}")
         if self.cache_mode == "shared" and not self.is_local and not self.allow_shared_public:
@@ -104,6 +111,10 @@ def parse_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str]
     parser.add_argument("--max-inflight-per-session", type=int, default=AppSettings.max_inflight_per_session, help="queued or running requests per session (default 2)")
     parser.add_argument("--trust-proxy", action="store_true", help="take client addresses from X-Forwarded-For (default: only on a Space)")
     parser.add_argument("--allow-shared-public", action="store_true", help="allow --cache-mode shared on a public server (every visitor can probe the others' prefixes)")
+    parser.add_argument("--backend", default=environ.get("KVCI_BACKEND_URL") or None, help="measure a remote OpenAI-compatible server (vLLM, SGLang, llama-server, ...) at this URL instead of the local engine (env KVCI_BACKEND_URL)")
+    parser.add_argument("--backend-model", default=environ.get("KVCI_BACKEND_MODEL") or None, help="the remote's model name (default: the first it lists; env KVCI_BACKEND_MODEL)")
+    parser.add_argument("--api-key", default=environ.get("KVCI_BACKEND_API_KEY") or None, help="bearer token for the remote (env KVCI_BACKEND_API_KEY)")
+    parser.add_argument("--backend-kind", choices=BACKEND_KINDS, default=environ.get("KVCI_BACKEND_KIND") or None, help="the remote's engine (default: detected from what it serves; env KVCI_BACKEND_KIND)")
     parser.add_argument("--public", action="store_true", help=argparse.SUPPRESS)  # a loopback server that behaves as a public one (tests)
     args = parser.parse_args(argv)
     on_space = bool(environ.get("SPACE_ID"))
@@ -130,6 +141,10 @@ def _settings_from(args: argparse.Namespace, mode: CacheMode, on_space: bool, pu
         max_prompt_tokens=args.max_prompt_tokens,
         session_cache_share=args.session_cache_share,
         max_inflight_per_session=args.max_inflight_per_session,
+        backend_url=args.backend,
+        backend_model=args.backend_model,
+        backend_api_key=args.api_key,
+        backend_kind=args.backend_kind,
     )
 
 

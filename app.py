@@ -82,6 +82,7 @@ def build_demo(service: EngineService, issuer: SessionIssuer, planner: Planner) 
                     max_new_tokens = RawSlider(1, MAX_NEW_TOKENS, value=48, step=1, label="Max new tokens")
                     temperature = RawSlider(0.0, 2.0, value=0.0, step=0.05, label="Temperature", info="0 is greedy")
                 generate_button = gr.Button("Generate", variant="primary", elem_id="kv-generate")
+                verify_button = gr.Button("Verify: generate, then rerun with no cache and compare", size="sm", elem_id="kv-verify")
                 gr.Examples(load_examples(), inputs=[system_prompt, prompt], label="Examples")
             with gr.Column(scale=4):
                 output = gr.Textbox(label="Output", lines=6, interactive=False, elem_id="kv-output")
@@ -111,6 +112,7 @@ def build_demo(service: EngineService, issuer: SessionIssuer, planner: Planner) 
                 with gr.Row():
                     scenario_name = gr.Dropdown(list(scenarios), value=next(iter(scenarios)), label="Scenario", scale=3)
                     scenario_button = gr.Button("Run off vs on", variant="primary", scale=1)
+                    scenario_verify = gr.Checkbox(False, label="Verify every request", info="each also runs with no cache and is compared", scale=1)
                 scenario_about = gr.Markdown(next(iter(scenarios.values())).description)
                 scenario_progress = gr.Markdown()
                 scenario_plot = gr.Plot(charts.scenario_figure([], [], "Prefix cache off vs on"), show_label=False)
@@ -140,10 +142,18 @@ def build_demo(service: EngineService, issuer: SessionIssuer, planner: Planner) 
             )
 
         async def on_generate(system: Any, text: Any, kv: Any, prefix: Any, max_tokens: Any, temp: Any, state: charts.SessionHistory, request: gr.Request):
+            async for outputs in page_generate(system, text, kv, prefix, max_tokens, temp, state, request, verify=False):
+                yield outputs
+
+        async def on_verify(system: Any, text: Any, kv: Any, prefix: Any, max_tokens: Any, temp: Any, state: charts.SessionHistory, request: gr.Request):
+            async for outputs in page_generate(system, text, kv, prefix, max_tokens, temp, state, request, verify=True):
+                yield outputs
+
+        async def page_generate(system: Any, text: Any, kv: Any, prefix: Any, max_tokens: Any, temp: Any, state: charts.SessionHistory, request: gr.Request, verify: bool):
             session = session_of(request)
             state = state.owned_by(session.key)
             with _ui_errors():
-                body = parse_body(_page_fields(text, system, max_tokens, kv, prefix, temp))
+                body = parse_body({**_page_fields(text, system, max_tokens, kv, prefix, temp), "verify": verify})
                 job = service.stream(session, **body.engine_kwargs())
             skip = [gr.skip()] * 6
             produced, result = "", None
@@ -185,7 +195,7 @@ def build_demo(service: EngineService, issuer: SessionIssuer, planner: Planner) 
             state.reset_charts()
             return charts.latency_figure([]), charts.hit_history_figure([]), charts.empty_figures_html(), None, state
 
-        async def on_run_selected_scenario(name: Any, state: charts.SessionHistory, request: gr.Request):
+        async def on_run_selected_scenario(name: Any, verify: Any, state: charts.SessionHistory, request: gr.Request):
             session = session_of(request)
             state = state.owned_by(session.key)
             if not isinstance(name, str) or name not in scenarios:
@@ -195,12 +205,16 @@ def build_demo(service: EngineService, issuer: SessionIssuer, planner: Planner) 
             on: list[charts.RequestRecord] = []
             total = 2 * len(scenario.prompts)
             with _ui_errors():
-                async for step in run_scenario(service, scenario, session):
+                verify = parse_body({"prompt": name, "verify": verify}).verify  # the one validation: a real bool
+                checks: list[bool] = []
+                async for step in run_scenario(service, scenario, session, verify=verify):
                     record = state.add(step.result, label=f"{name}, prefix cache {step.phase}", own_sequence=False)
                     (off if step.phase == "off" else on).append(record)
                     done = len(off) + len(on)
+                    checks += [step.result.verification["identical"]] if step.result.verification else []
+                    verified = f"\n\nVerified against no cache: **{sum(checks)} of {len(checks)} identical**." if checks else ""
                     yield (
-                        f"Ran {done} of {total} requests (prefix cache {step.phase}, question {step.index + 1})…\n\n{charts.scenario_summary(off, on)}",
+                        f"Ran {done} of {total} requests (prefix cache {step.phase}, question {step.index + 1})…\n\n{charts.scenario_summary(off, on)}{verified}",
                         charts.scenario_figure(off, on, f"{name}: TTFT, prefix cache off vs on"),
                         charts.latency_figure(state.records),
                         charts.hit_history_figure(state.records),
@@ -219,11 +233,14 @@ def build_demo(service: EngineService, issuer: SessionIssuer, planner: Planner) 
         gen_outputs = [output, figures, tokens, explanation, latency_plot, hits_plot, history]
         # One run at a time per page: two events of a session each get their own copy of the
         # history state, and the one finishing last would drop the other's records.
-        run_buttons = [generate_button, scenario_button, reset_button]
+        run_buttons = [generate_button, verify_button, scenario_button, reset_button]
         lock = dict(fn=lambda: [gr.Button(interactive=False)] * len(run_buttons), outputs=run_buttons, **quick)
         unlock = dict(fn=lambda: [gr.Button(interactive=True)] * len(run_buttons), outputs=run_buttons, **quick)
         generate_button.click(**lock).then(
             on_generate, inputs=gen_inputs, outputs=gen_outputs, show_progress_on=output, **private
+        ).then(**unlock).then(on_inspect, inputs=history, outputs=[cache_stats, cache_table], **quick)
+        verify_button.click(**lock).then(
+            on_verify, inputs=gen_inputs, outputs=gen_outputs, show_progress_on=output, **private
         ).then(**unlock).then(on_inspect, inputs=history, outputs=[cache_stats, cache_table], **quick)
         refresh_button.click(on_inspect, inputs=history, outputs=[cache_stats, cache_table], **quick)
         clear_button.click(on_clear, inputs=history, outputs=[cache_stats, cache_table], **quick)
@@ -231,7 +248,7 @@ def build_demo(service: EngineService, issuer: SessionIssuer, planner: Planner) 
         scenario_name.change(lambda name: scenarios[name].description if name in scenarios else "", inputs=scenario_name, outputs=scenario_about, **quick)
         scenario_button.click(**lock).then(
             on_run_selected_scenario,
-            inputs=[scenario_name, history],
+            inputs=[scenario_name, scenario_verify, history],
             outputs=[scenario_progress, scenario_plot, latency_plot, hits_plot, history],
             show_progress_on=scenario_progress,
             **private,
@@ -248,10 +265,11 @@ def build_demo(service: EngineService, issuer: SessionIssuer, planner: Planner) 
             temperature: float = 0.0,
             top_p: float = 1.0,
             seed: int | None = None,
+            verify: bool = False,
             request: gr.Request = None,
         ) -> dict:
             """Generate a reply; returns the engine's response (text, token_ids, cache_status, timings, ...)."""
-            raw = dict(prompt=prompt, system_prompt=system_prompt, max_new_tokens=max_new_tokens, use_cache=use_cache, use_prefix_cache=use_prefix_cache, temperature=temperature, top_p=top_p, seed=seed)
+            raw = dict(prompt=prompt, system_prompt=system_prompt, max_new_tokens=max_new_tokens, use_cache=use_cache, use_prefix_cache=use_prefix_cache, temperature=temperature, top_p=top_p, seed=seed, verify=verify)
             session = session_of(request)
             with _ui_errors():
                 job = service.stream(session, **parse_body(raw).engine_kwargs())

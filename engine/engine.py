@@ -13,7 +13,7 @@ wrong output when the cache already holds the whole prompt, which is exactly an 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -23,6 +23,7 @@ from engine import loading
 from engine.chat_tokens import ChatTokenizer
 from engine.config import EngineConfig
 from engine.explain import explain
+from engine.oracle import compare
 from engine.kv import has_sliding_layers, kv_bytes_per_token, new_model_cache
 from engine.kv_pool import KVPool
 from engine.sampling import SamplingParams, sample_next_token
@@ -43,6 +44,7 @@ class GenerationRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     raw: bool = False  # True: the prompt is fed as plain text, without the chat template
     cache_key: str = DEFAULT_NAMESPACE  # prefix-cache namespace; entries never match across keys
+    verify: bool = False  # also run with no cache at all and compare (engine/oracle.py): twice the work
 
 
 @dataclass
@@ -58,6 +60,7 @@ class GenerationResult:
     timings: dict[str, float]
     finish_reason: str  # "eos" or "length"
     cache_explanation: dict[str, Any] | None = None  # why the prefix cache reused what it did (engine/explain.py)
+    verification: dict[str, Any] | None = None  # with verify=True: the same request with no cache, compared (engine/oracle.py)
 
     @property
     def prefix_cache_hit(self) -> bool:
@@ -79,6 +82,7 @@ class GenerationResult:
             "finish_reason": self.finish_reason,
             "timings": dict(self.timings),
             "cache_explanation": self.cache_explanation,
+            "verification": self.verification,
         }
 
 
@@ -159,6 +163,8 @@ class Engine:
             seed: Seed for sampling, for repeatable samples.
             raw: Feed the prompt as plain text, without the chat template.
             cache_key: Prefix-cache namespace; requests only reuse entries of their own key.
+            verify: Then run the request again with no cache at all and report, in ``verification``,
+                whether the tokens are identical and the largest first-token logit difference.
 
         Raises:
             ValueError: bad input, with what is allowed (raised before anything is yielded).
@@ -184,13 +190,14 @@ class Engine:
         seed: int | None = None,
         raw: bool = False,
         cache_key: str = DEFAULT_NAMESPACE,
+        verify: bool = False,
     ) -> GenerationRequest:
         """Validate arguments into a :class:`GenerationRequest`, or raise ``ValueError`` saying what is allowed."""
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError("prompt must be a non-empty string (it was empty or only whitespace)")
         if system_prompt is not None and not isinstance(system_prompt, str):
             raise ValueError("system_prompt must be a string or None")
-        for name, flag in (("use_cache", use_cache), ("use_prefix_cache", use_prefix_cache), ("raw", raw)):
+        for name, flag in (("use_cache", use_cache), ("use_prefix_cache", use_prefix_cache), ("raw", raw), ("verify", verify)):
             if not isinstance(flag, bool):
                 raise ValueError(f"{name} must be true or false, got {flag!r}")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
@@ -203,6 +210,8 @@ class Engine:
             raise ValueError(f"{self.name} has sliding-window attention layers, which the prefix cache does not support; set use_prefix_cache=False")
         if not isinstance(cache_key, str):
             raise ValueError("cache_key must be a string")
+        if verify is True and temperature != 0 and seed is None:
+            raise ValueError("verify compares tokens with a second run, so sampling (temperature > 0) needs a seed; set one or use temperature 0")
         history_turns = _validate_history(history)
         chars = len(prompt) + len(system_prompt or "") + sum(len(content) for _, content in history_turns)
         if chars > self.max_prompt_tokens * self._longest_token_chars:
@@ -220,6 +229,7 @@ class Engine:
             sampling=SamplingParams.checked(temperature, top_p, seed),
             raw=raw,
             cache_key=cache_key,
+            verify=verify,
         )
 
     def tokenize(self, request: GenerationRequest) -> list[int]:
@@ -288,7 +298,17 @@ class Engine:
             yield pieces[-1]
         result = run.result("".join(pieces))
         result.cache_explanation = self._explain(run)
+        if run.request.verify:
+            result.verification = self._verify(run)
         yield result
+
+    def _verify(self, run: "_Run") -> dict[str, Any]:
+        """9. Verify: the same request with no cache at all (the equivalence tests' reference), compared."""
+        baseline = _Run(replace(run.request, use_cache=False, use_prefix_cache=False, verify=False), self.device)
+        baseline.prompt_ids = run.prompt_ids
+        for _ in self._generate_tokens(baseline):
+            pass
+        return compare(run.generated, run.first_logits, baseline.generated, baseline.first_logits, self.decode)
 
     def _explain(self, run: "_Run") -> dict[str, Any]:
         """After the reply: why the prefix cache reused what it did (``engine/explain.py``)."""
@@ -316,6 +336,7 @@ class Engine:
         try:
             # 3-5. Reuse the matched KV and prefill only the rest; an exact hit runs no model at all.
             logits, model_cache = self._prefill(run, match)
+            run.first_logits = logits
 
             # 7. Decode: the first token comes from the prefill's logits (TTFT), then one step per token.
             with clock.span("first_sample_ms"):
@@ -475,6 +496,7 @@ class _Run:
         self.prompt_ids: list[int] = []
         self.generated: list[int] = []
         self.match: PrefixMatch | None = None  # the prefix-cache lookup, for the explanation
+        self.first_logits: torch.Tensor | None = None  # float32 [vocab] of the first new token, for verify
         self.cache_status: CacheStatus = "off" if not request.use_prefix_cache else "miss"
         self.prefill_tokens = 0
         self.reused_tokens = 0

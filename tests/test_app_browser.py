@@ -77,3 +77,13 @@ def test_generate_in_the_browser_streams_text_and_draws_both_charts(page, app_se
     SCREENSHOTS.mkdir(exist_ok=True)
     page.screenshot(path=str(SCREENSHOTS / "app.png"), full_page=True)
     assert output.input_value().strip()
+
+
+def test_verify_button_shows_verified_identical_and_the_explanation(page, app_server):
+    """Verify generates, reruns with no cache and says so under the token highlights, with the miss explanation."""
+    page.goto(app_server.url)
+    page.get_by_text("Model:").first.wait_for()
+    page.locator("#kv-prompt textarea").fill("Name one prime number. Answer with the number only, please.")
+    page.locator("#kv-verify").click()
+    page.locator("#kv-explanation").get_by_text("verified identical").first.wait_for()
+    assert "Why:" in page.locator("#kv-explanation").inner_text()

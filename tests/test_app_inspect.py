@@ -6,6 +6,7 @@ Runs against `app_server_public` (per-session, tiny model) and the local shared 
 from __future__ import annotations
 
 import httpx
+import pytest
 from gradio_client import Client
 
 from test_app_isolation import bearer, body, secret_system_prompt
@@ -45,3 +46,31 @@ def test_shared_mode_explanation_hides_the_cached_side(app_server):
     e = httpx.post(url + "/generate", json=body(secret.replace("8080", "9090")), headers=bearer(url), timeout=120).json()["cache_explanation"]
     assert e["reason"] == "diverged" and e["cached_after"] is None and e["nearest_cached_tokens"] is None
     assert "8080" not in repr(e)
+
+
+def test_verify_over_rest_and_gradio_client(app_server_public):
+    """verify=true on REST and gradio_client: the reply carries a verification, identical on a healthy cache."""
+    url, headers = app_server_public.url, bearer(app_server_public.url)
+    system = secret_system_prompt()
+    rest = httpx.post(url + "/generate", json=body(system, verify=True), headers=headers, timeout=120).json()
+    assert rest["verification"]["identical"] and rest["verification"]["max_abs_logit_diff"] < 1e-3
+    client = Client(url + "/", headers=headers, verbose=False)
+    hit = client.predict("Which book should I read?", system, 4, True, True, 0.0, 1.0, None, True, api_name="/generate")
+    assert hit["cache_status"] == "hit" and hit["verification"]["identical"]
+    plain = httpx.post(url + "/generate", json=body(system), headers=headers, timeout=120).json()
+    assert plain["verification"] is None
+
+
+@pytest.mark.parametrize("value", ["true", 1, None, [True]])
+def test_verify_must_be_a_real_bool(app_server_public, value):
+    """verify goes through the one validation: anything but true/false is a 422 naming the field."""
+    response = httpx.post(app_server_public.url + "/generate", json=body("x" * 30, verify=value), headers=bearer(app_server_public.url), timeout=60)
+    assert response.status_code == 422 and "verify" in response.json()["detail"]
+
+
+def test_verify_counts_twice_against_the_session_limit():
+    """A verified request is two requests' work: it takes two of a session's in-flight places."""
+    from ui.service import Job
+
+    noop = lambda job: None  # noqa: E731
+    assert Job("c", "ns", {"verify": True}, noop, noop).cost == 2 and Job("c", "ns", {}, noop, noop).cost == 1

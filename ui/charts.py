@@ -251,6 +251,10 @@ def explanation_html(result: GenerationResult) -> str:
     if not e:
         return ""
     lines = [f'<b>Why:</b> <code>{html.escape(e["reason"])}</code> · {html.escape(e["message"])}']
+    if result.verification:
+        v = result.verification
+        mark = "✔ verified identical" if v["identical"] else f"✘ first difference at token {v['first_difference']}"
+        lines.insert(0, f'<b class="kv-verify-{"ok" if v["identical"] else "bad"}">{mark}</b> · {html.escape(v["message"])}')
     if "diverged_at" in e:
         cached = e.get("cached_after")
         cached_text = "(not shown: the shared cache holds others' prompts)" if cached is None else f"<mark>{html.escape(cached)}</mark>"

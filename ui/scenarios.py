@@ -66,7 +66,7 @@ def load_examples(path: Path = EXAMPLES_PATH) -> list[list[str]]:
     return [list(pair) for pair in json.loads(path.read_text(encoding="utf-8"))["examples"]]
 
 
-async def run_scenario(service: EngineService, scenario: Scenario, session: Session, max_new_tokens: int | None = None) -> AsyncIterator[ScenarioStep]:
+async def run_scenario(service: EngineService, scenario: Scenario, session: Session, max_new_tokens: int | None = None, verify: bool = False) -> AsyncIterator[ScenarioStep]:
     """Yield each request's result: every prompt with the prefix cache off, then every prompt with it on.
 
     Closing the iteration (a page that went away) cancels the request that is running.
@@ -74,6 +74,7 @@ async def run_scenario(service: EngineService, scenario: Scenario, session: Sess
     Args:
         session: Whose run it is; it uses a cold scratch namespace under the session's own.
         max_new_tokens: Overrides the scenario's own setting.
+        verify: Verify every request (each also runs with no cache at all: ``result.verification``).
     """
     scratch = service.scratch_namespace(service.namespace_for(session))
     try:
@@ -90,6 +91,7 @@ async def run_scenario(service: EngineService, scenario: Scenario, session: Sess
                     max_new_tokens=max_new_tokens or scenario.max_new_tokens,
                     use_cache=True,
                     use_prefix_cache=prefix_cache,
+                    **({"verify": True} if verify else {}),
                 ).aresult()
                 yield ScenarioStep(phase, index, result)
                 if scenario.conversation:

@@ -30,6 +30,7 @@ class GenerateBody(BaseModel):
     temperature: float = Field(0.0, ge=0.0, le=TEMPERATURE_MAX, allow_inf_nan=False, description="0 is greedy")
     top_p: float = Field(1.0, gt=TOP_P_MIN_EXCLUSIVE, le=TOP_P_MAX, allow_inf_nan=False, description="nucleus sampling mass")
     seed: int | None = Field(None, ge=0, le=SEED_MAX, description="seed for repeatable sampling")
+    verify: bool = Field(False, description="also run with no cache at all and compare tokens and first-token logits (counts as two requests)")
 
     @field_validator("prompt")
     @classmethod
@@ -44,7 +45,7 @@ class GenerateBody(BaseModel):
         return None if value is None else _printable(value)
 
     def engine_kwargs(self) -> dict:
-        return self.model_dump()
+        return self.model_dump(exclude=set() if self.verify else {"verify"})  # only a local engine verifies
 
 
 class Turn(BaseModel):

@@ -60,6 +60,7 @@ class Job:
 
     def __init__(self, client: str, namespace: str, kwargs: dict[str, Any], on_cancel: Callable[["Job"], None], on_end: Callable[["Job"], None]) -> None:
         self.client = client  # what the per-client limit and the round robin count
+        self.cost = 2 if kwargs.get("verify") else 1  # a verified request runs twice: it counts twice against the limits
         self.namespace = namespace
         self.kwargs = kwargs
         self.cancelled = threading.Event()
@@ -304,15 +305,16 @@ class EngineService:
         namespace = namespace or self.namespace_for(session, cache_salt)
         self.backend.check(namespace, **kwargs)  # validate now, so the caller gets a ValueError at once
         limit = self.settings.anonymous_inflight_limit if session.anonymous else self.settings.max_inflight_per_session
+        job = Job(session.client, namespace, kwargs, on_cancel=self._cancelled, on_end=self._ended)
         with self._lock:
-            if sum(self._inflight.values()) >= self.settings.concurrency + self.settings.max_queue:
+            if sum(self._inflight.values()) + job.cost > self.settings.concurrency + self.settings.max_queue:
                 raise Busy(f"the server is busy ({self.settings.max_queue} requests waiting); try again in a few seconds")
-            if self._inflight.get(session.client, 0) >= limit:
-                raise Busy(f"this session already has {limit} requests queued or running; wait for one to finish")
-            self._inflight[session.client] = self._inflight.get(session.client, 0) + 1
+            if self._inflight.get(session.client, 0) + job.cost > limit:
+                counted = " (verify counts as two)" if job.cost > 1 else ""
+                raise Busy(f"this session may have {limit} requests queued or running{counted}; wait for one to finish")
+            self._inflight[session.client] = self._inflight.get(session.client, 0) + job.cost
             if session.anonymous and namespace != DEFAULT_NAMESPACE:  # nobody can name it again
                 self._ephemeral.add(namespace)
-        job = Job(session.client, namespace, kwargs, on_cancel=self._cancelled, on_end=self._ended)
         self._waiting.put(job)
         return job
 
@@ -331,7 +333,7 @@ class EngineService:
 
     def _ended(self, job: Job) -> None:
         with self._lock:
-            left = self._inflight.get(job.client, 0) - 1
+            left = self._inflight.get(job.client, 0) - job.cost
             if left > 0:
                 self._inflight[job.client] = left
             else:

@@ -75,6 +75,8 @@ def test_chat_repeat_reports_cached_tokens_and_equals_rest(client, model, app_se
     assert second.choices[0].message.content == first.choices[0].message.content
     extra = second.model_extra["kvci"]
     assert extra["cache_status"] == "hit" and extra["timings"]["prefill_tokens"] == 0
+    assert extra["cache_explanation"]["reason"] == "hit"
+    assert first.model_extra["kvci"]["cache_explanation"]["reason"] in ("cold", "diverged")
 
     rest = httpx.post(
         app_server.url + "/generate",

@@ -329,7 +329,8 @@ def usage(result: GenerationResult) -> dict[str, Any]:
 
 
 def extra(result: GenerationResult) -> dict[str, Any]:
-    return {"cache_status": result.cache_status, "timings": dict(result.timings)}
+    """Our fields beside OpenAI's: cache status, timings, and why the prefix cache reused what it did."""
+    return {"cache_status": result.cache_status, "timings": dict(result.timings), "cache_explanation": result.cache_explanation}
 
 
 # ---------------------------------------------------------------------- helpers

@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any, get_args, get_type_hints
 
 from cache.policies import get_priority
+from engine.quant import WEIGHT_FORMATS
 
-ENV_PREFIX = "KVCI_"  # KVCI_MODEL, KVCI_DEVICE, KVCI_DTYPE, KVCI_CACHE_BUDGET_MB, ...
+ENV_PREFIX = "KVCI_"  # KVCI_MODEL, KVCI_DEVICE, KVCI_DTYPE, KVCI_WEIGHTS, KVCI_CACHE_BUDGET_MB, ...
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,7 @@ class EngineConfig:
     model: str | None = None  # None: the bundled SmolLM2-135M-Instruct; else a hub id, a folder or a .gguf file
     device: str = "auto"  # "auto" (cuda when available, else cpu), "cpu", "cuda", "cuda:1", ...
     dtype: str = "auto"  # "auto" (bf16 on cuda, fp32 on cpu), "float32", "bfloat16", "float16"
+    weights: str = "auto"  # weight format: "auto" (int4 on cpu, else dtype's), "fp32", "bf16", "int8", "int4" (engine.quant)
     cache_budget_mb: float = 512.0  # byte budget of the prefix cache
     min_cached_tokens: int = 20  # shorter prompts are neither cached nor counted
     kv_storage: str = "cpu"  # where cached KV lives: "cpu" (moved to the device on a hit) or "device"
@@ -49,6 +51,8 @@ class EngineConfig:
         get_priority(self.eviction_policy)  # ValueError naming the policies for an unknown one
         if self.kv_storage not in ("cpu", "device"):
             raise ValueError(f"kv_storage must be 'cpu' or 'device', got {self.kv_storage!r}")
+        if self.weights not in WEIGHT_FORMATS:
+            raise ValueError(f"weights must be one of {', '.join(WEIGHT_FORMATS)}, got {self.weights!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
 

@@ -19,7 +19,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from cache import DEFAULT_NAMESPACE, PrefixCache, PrefixMatch
-from engine import loading
+from engine import loading, quant
 from engine.chat_tokens import ChatTokenizer
 from engine.config import EngineConfig
 from engine.explain import explain
@@ -130,7 +130,8 @@ class Engine:
 
         Args:
             model: A hub id, a local folder, a ``.gguf`` file, or None for the bundled model.
-            config: Settings; by default :meth:`EngineConfig.from_env` with ``settings`` applied.
+            config: Settings; by default :meth:`EngineConfig.from_env` with ``settings`` applied
+                (``weights="int4"`` and so on: the weight format, see ``engine/quant.py``).
             progress: Called with a line of text at each loading step (defaults to logging).
 
         Raises:
@@ -138,9 +139,14 @@ class Engine:
         """
         config = config or EngineConfig.from_env(model=model, **settings)
         device = _resolve_device(config.device)
-        dtype = _resolve_dtype(config.dtype, device)
-        loaded = loading.load(config.model, device, dtype, config.resolved_model_cache_dir(), progress or loading.log.info)
-        return cls(loaded.model, loaded.tokenizer, config, name=loaded.name)
+        weights = quant.resolve_format(config.weights, config.dtype, device)
+        dtype = torch.float32 if weights in ("int8", "int4") else _resolve_dtype(config.dtype, device)  # quantized from float32
+        progress = progress or loading.log.info
+        loaded = loading.load(config.model, device, dtype, config.resolved_model_cache_dir(), progress)
+        if weights in ("int8", "int4"):
+            progress(f"Quantizing {loaded.name} to {weights}{' from the GGUF file' if weights == 'int4' and loaded.gguf else ''}...")
+        model = quant.apply_format(loaded.model, weights, gguf=loaded.gguf)
+        return cls(model, loaded.tokenizer, config, name=loaded.name)
 
     # ------------------------------------------------------------------ public API
 
@@ -268,6 +274,8 @@ class Engine:
             "model": self.name,
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
+            "weights": quant.weight_format(self.model),
+            "weight_bytes": quant.weight_bytes(self.model),
             "parameters": sum(p.numel() for p in self.model.parameters()),
             "context_length": self.context_length,
             "kv_bytes_per_token": kv_bytes_per_token(self.model.config, self.dtype),

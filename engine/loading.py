@@ -15,7 +15,7 @@ import os
 import shutil
 import socket
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlparse
@@ -43,6 +43,7 @@ class LoadedModel:
     tokenizer: Any
     name: str  # what the page and the logs call it
     source: str  # "bundled", "folder", "gguf" or "hub"
+    gguf: Path | None = None  # the GGUF file it was converted from (int4 reuses its Q4_1 blocks)
 
 
 def load(spec: str | None, device: torch.device, dtype: torch.dtype, cache_dir: Path, progress: Progress = log.info) -> LoadedModel:
@@ -56,7 +57,7 @@ def load(spec: str | None, device: torch.device, dtype: torch.dtype, cache_dir: 
         gguf = bundled_gguf_path()
         if gguf is not None:
             folder = convert_gguf(gguf, cache_dir, progress)
-            return _load_folder(folder, device, dtype, BUNDLED_NAME, "bundled", progress)
+            return replace(_load_folder(folder, device, dtype, BUNDLED_NAME, "bundled", progress), gguf=gguf)
         progress(f"{BUNDLED_PACKAGE} is not installed; trying the hub model {HUB_FALLBACK}")
         try:
             return _load_folder(HUB_FALLBACK, device, dtype, HUB_FALLBACK, "hub", progress)
@@ -65,7 +66,7 @@ def load(spec: str | None, device: torch.device, dtype: torch.dtype, cache_dir: 
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         folder = convert_gguf(path, cache_dir, progress)
-        return _load_folder(folder, device, dtype, path.stem, "gguf", progress)
+        return replace(_load_folder(folder, device, dtype, path.stem, "gguf", progress), gguf=path)
     if path.is_dir():
         if not (path / "config.json").exists():
             raise ValueError(f"model folder {path} has no config.json; {INSTALL_HINT}")

@@ -65,7 +65,7 @@ def tiny_engine(tiny_model, tokenizer):
 
 @pytest.fixture(scope="session")
 def smol_engine_shared():
-    return Engine.from_pretrained(device="cpu")
+    return Engine.from_pretrained(device="cpu", weights="fp32")  # other formats: tests/test_quant.py
 
 
 @pytest.fixture

@@ -1,0 +1,114 @@
+"""Weight formats (engine/quant.py): exact Q4_1 import, kernels vs their reference, equivalence and quality per format."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from engine import Engine, EngineConfig, loading, quant
+from engine.quality import MAX_NLL_RATIO, MIN_TOP1_AGREEMENT, quality_token_ids, teacher_forced
+from tests.conftest import make_tiny_model
+
+SYSTEM = "You are a careful assistant. Answer briefly and precisely, in plain words. " * 3
+N = 8
+
+
+def equivalence_statuses(engine: Engine, bf16_ties: bool = False) -> list[str]:
+    """Miss, exact hit, partial hit and strict-prefix hit each give the tokens of a run with no cache at all.
+
+    ``bf16_ties``: bf16 logits (8 bits of mantissa) of the real model often tie within a step of
+    rounding, and a different order of the same sums (one query vs a whole sequence in attention)
+    may then pick the other token. Allowed only there: where the tokens part, the no-cache run's top
+    two logits must be within two bf16 steps of each other.
+    """
+    def same(prompt: str, **kwargs) -> str:
+        expected = engine.generate(prompt, use_cache=False, use_prefix_cache=False, max_new_tokens=N, **kwargs).token_ids
+        result = engine.generate(prompt, max_new_tokens=N, **kwargs)
+        if result.token_ids != expected and bf16_ties:
+            j = next(i for i, (a, b) in enumerate(zip(result.token_ids, expected)) if a != b)
+            top2 = engine._forward(result.prompt_token_ids + expected[:j], None, use_cache=False).topk(2).values
+            assert top2[0] - top2[1] <= 2 * 2.0 ** (math.floor(math.log2(abs(top2[0].item()))) - 7), (result.cache_status, prompt, j)
+        else:
+            assert result.token_ids == expected, (result.cache_status, prompt)
+        return result.cache_status
+
+    long_text, short_text = "alpha beta gamma delta epsilon zeta eta theta iota kappa", "alpha beta gamma delta epsilon"
+    return [
+        same("What is machine learning?", system_prompt=SYSTEM),
+        same("What is machine learning?", system_prompt=SYSTEM),
+        same("Name three prime numbers.", system_prompt=SYSTEM),
+        same(long_text, raw=True),
+        same(short_text, raw=True),
+    ]
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "int8", "int4"])
+def test_cached_equals_uncached_within_each_format_tiny(tokenizer, fmt):
+    """Within one weight format, every prefix-cache path reproduces the uncached greedy tokens (tiny model)."""
+    model = quant.apply_format(make_tiny_model(tokenizer), fmt)
+    engine = Engine(model, tokenizer, EngineConfig(min_cached_tokens=4), name=f"tiny-{fmt}")
+    assert equivalence_statuses(engine) == ["miss", "hit", "partial", "miss", "partial"]
+    assert engine.info()["weights"] == fmt and engine.dtype == torch.bfloat16  # KV in bf16: half the bytes of fp32
+
+
+@pytest.fixture(scope="module")
+def quality_reference(bundled_folder, tokenizer):
+    """fp32's teacher-forced argmax and NLL on the scenarios' text."""
+    engine = Engine.from_pretrained(device="cpu", weights="fp32", cache_budget_mb=8)
+    ids = quality_token_ids(tokenizer)
+    return ids, teacher_forced(engine.model, ids)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])  # fp32: tests/test_engine.py
+def test_bundled_model_equivalence_and_quality_per_format(quality_reference, fmt):
+    """The bundled model in each format: cached = uncached greedy (up to bf16 ties), and quality within the bar against fp32."""
+    ids, reference = quality_reference
+    engine = Engine.from_pretrained(device="cpu", weights=fmt, cache_budget_mb=8, min_cached_tokens=4)
+    assert engine.info()["weights"] == fmt
+    assert equivalence_statuses(engine, bf16_ties=True) == ["miss", "hit", "partial", "miss", "partial"]
+    scores = teacher_forced(engine.model, ids).against(reference)
+    assert scores["top1_agreement"] >= MIN_TOP1_AGREEMENT and scores["nll_ratio"] <= MAX_NLL_RATIO, scores
+
+
+def test_int4_takes_the_gguf_q4_1_blocks_exactly(bundled_folder):
+    """Every Q4_1 linear of the bundled GGUF, de-quantized from our blocks, equals the converted fp32 weight bit for bit."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(bundled_folder), dtype=torch.float32)
+    blocks = quant.gguf_int4_blocks(loading.bundled_gguf_path(), model.config)
+    assert len(blocks) == 7 * model.config.num_hidden_layers
+    for name, b in blocks.items():
+        assert torch.equal(b.dequantize(), model.get_submodule(name).weight), name
+    again = quant.Int4Blocks.from_float(blocks["model.layers.0.mlp.down_proj"].dequantize())  # rounding Q4_1's own values: no change
+    assert torch.equal(again.q, blocks["model.layers.0.mlp.down_proj"].q)
+
+
+@pytest.mark.parametrize("module", ["int4", "int8"])
+def test_quantized_linear_matches_its_dequantized_weight(module):
+    """The CPU kernels compute x @ W.T for the weight they stand for, up to bf16 rounding."""
+    torch.manual_seed(0)
+    weight, x = torch.randn(96, 128), torch.randn(5, 128)
+    if module == "int4":
+        blocks = quant.Int4Blocks.from_float(weight)
+        linear, reference = quant.Int4Linear(blocks), blocks.dequantize()
+        assert (reference - weight).abs().max() <= blocks.scale.max() / 2 + 1e-6  # round to nearest step
+    else:
+        linear = quant.Int8Linear(weight)
+        reference = linear.weight_int8.float() * linear.scales.float()[:, None]
+    expected = x @ reference.T
+    got = linear(x).float()
+    assert got.dtype == torch.float32 and got.shape == (5, 96)
+    assert (got - expected).norm() / expected.norm() < 0.01
+
+
+def test_weight_setting_is_checked_and_auto_is_int4_on_cpu():
+    """KVCI_WEIGHTS / weights=: an unknown format is a ValueError; auto means int4 on a CPU unless a dtype is forced."""
+    with pytest.raises(ValueError, match="weights"):
+        EngineConfig(weights="int3")
+    assert EngineConfig.from_env({"KVCI_WEIGHTS": "int8"}).weights == "int8"
+    cpu = torch.device("cpu")
+    assert quant.resolve_format("auto", "auto", cpu) == "int4"
+    assert quant.resolve_format("auto", "float32", cpu) == "fp32"
+    assert quant.resolve_format("bf16", "auto", cpu) == "bf16"

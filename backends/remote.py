@@ -178,16 +178,18 @@ class LlamaServerAdapter(Adapter):
         erased = 0
         for slot in response.json():
             answer = http.post(f"/slots/{int(slot['id'])}", params={"action": "erase"})
+            if answer.status_code == 501:  # measured on llama.cpp in llama-cpp-python 0.3.36: every slot action needs it
+                raise CannotClear("llama-server erases slots only when started with --slot-save-path DIR; this one was not")
             if answer.status_code >= 400:
                 raise CannotClear(f"llama-server refused to erase slot {slot['id']} ({answer.status_code}: {answer.text[:200]})")
             erased += int(answer.json().get("n_erased", 0))
-        return f"erased llama-server's slots ({erased} tokens); its host-memory prompt cache (--cache-ram) is not cleared by this"
+        return f"erased llama-server's slots ({erased} tokens); prompts it had moved to its host-memory cache (--cache-ram) are not cleared by this and can still hit"
 
     def capabilities(self) -> dict[str, Capability]:
         return super().capabilities() | {
             "prefix_cache_off": Capability(True, "cache_prompt: false per request"),
             "cached_tokens": Capability(True, "timings.cache_n (and prompt_n) in the last chunk"),
-            "clear": Capability(True, "POST /slots/{id}?action=erase for every slot (not the --cache-ram host cache)"),
+            "clear": Capability(True, "POST /slots/{id}?action=erase for every slot, with llama-server started with --slot-save-path (not the --cache-ram host cache)"),
         }
 
 

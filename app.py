@@ -2,7 +2,7 @@
 
 Builds the page (playground, charts, token highlights, scenarios, cache inspector) and the routes
 (REST under /session, /generate and /cache/*, gradio_client endpoints /generate, /cache_stats,
-/clear_cache), and calls the engine through ``ui.service``. Everything else lives in ``ui/``:
+/clear_cache, /warm_cache), and calls the engine through ``ui.service``. Everything else lives in ``ui/``:
 settings, sessions, the request guard, the served engine and its isolation rules, request bodies
 and limits, figures and scenarios. Nothing imports this file.
 
@@ -21,7 +21,7 @@ from typing import Any, Iterator
 
 import gradio as gr
 import uvicorn
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from engine import GenerationResult
@@ -31,9 +31,9 @@ from ui.limits import MAX_NEW_TOKENS, SESSION_STATE_TTL_S
 from ui.openai_api import add_openai_routes
 from ui.planner import PlanBody, Planner, build_plan_tab, plan_api, run_rest as run_plan_rest
 from ui.scenarios import load_examples, load_scenarios, run_scenario
-from ui.schemas import BadRequest, GenerateBody, parse_body
+from ui.schemas import BadRequest, GenerateBody, WarmBody, parse_body
 from ui.security import Guard
-from ui.service import Busy, EngineService, NotReady
+from ui.service import Busy, EngineService, NotAllowed, NotReady
 from ui.sessions import ID_RULE, SESSION_HEADER, BadSession, Session, SessionIssuer
 from ui.settings import parse_settings
 
@@ -83,6 +83,7 @@ def build_demo(service: EngineService, issuer: SessionIssuer, planner: Planner) 
                     temperature = RawSlider(0.0, 2.0, value=0.0, step=0.05, label="Temperature", info="0 is greedy")
                 generate_button = gr.Button("Generate", variant="primary", elem_id="kv-generate")
                 verify_button = gr.Button("Verify: generate, then rerun with no cache and compare", size="sm", elem_id="kv-verify")
+                pin_button = gr.Button("Pin this system prompt", size="sm", elem_id="kv-pin")
                 gr.Examples(load_examples(), inputs=[system_prompt, prompt], label="Examples")
             with gr.Column(scale=4):
                 output = gr.Textbox(label="Output", lines=6, interactive=False, elem_id="kv-output")
@@ -123,7 +124,7 @@ def build_demo(service: EngineService, issuer: SessionIssuer, planner: Planner) 
                     interactive=False,
                     wrap=True,
                     max_height=420,
-                    column_widths=["7%", "8%", "8%", "7%", "10%", "7%", "7%", "46%"],
+                    column_widths=["6%", "7%", "7%", "6%", "9%", "6%", "6%", "6%", "47%"],
                 )
                 with gr.Row():
                     refresh_button = gr.Button("Refresh", size="sm")
@@ -183,6 +184,14 @@ def build_demo(service: EngineService, issuer: SessionIssuer, planner: Planner) 
             stats = service.stats(session)
             markdown = charts.stats_markdown(stats) if stats.get("budget_bytes") is not None else backend_view.remote_stats_markdown(stats)
             return markdown, charts.inspector_frame(rows)
+
+        def on_pin(system: Any, state: charts.SessionHistory, request: gr.Request) -> tuple[str, Any]:
+            session = session_of(request)
+            with _ui_errors():
+                body = parse_body({"system_prompt": None if system in (None, "") else system, "pin": True}, WarmBody)
+                done = service.warm(session, body.message_dicts(), pin=True, ttl_s=body.ttl_s)
+            gr.Info(_warm_message(done))
+            return on_inspect(state, request)
 
         def on_clear(state: charts.SessionHistory, request: gr.Request) -> tuple[str, Any]:
             with _ui_errors():
@@ -244,6 +253,7 @@ def build_demo(service: EngineService, issuer: SessionIssuer, planner: Planner) 
         ).then(**unlock).then(on_inspect, inputs=history, outputs=[cache_stats, cache_table], **quick)
         refresh_button.click(on_inspect, inputs=history, outputs=[cache_stats, cache_table], **quick)
         clear_button.click(on_clear, inputs=history, outputs=[cache_stats, cache_table], **quick)
+        pin_button.click(on_pin, inputs=[system_prompt, history], outputs=[cache_stats, cache_table], **private)
         reset_button.click(on_reset_charts, inputs=history, outputs=[latency_plot, hits_plot, figures, tokens, history], **quick)
         scenario_name.change(lambda name: scenarios[name].description if name in scenarios else "", inputs=scenario_name, outputs=scenario_about, **quick)
         scenario_button.click(**lock).then(
@@ -286,6 +296,14 @@ def build_demo(service: EngineService, issuer: SessionIssuer, planner: Planner) 
                 return service.clear(session_of(request))
 
         gr.api(api_generate, api_name="generate")
+        def api_warm_cache(system_prompt: str | None = None, messages: list | None = None, pin: bool = False, ttl_s: float | None = None, request: gr.Request = None) -> dict:
+            """Prefill a system prompt or a list of messages into this client's namespace; pin it (within the pin budget) if asked."""
+            session = session_of(request)
+            with _ui_errors():
+                body = parse_body(dict(system_prompt=system_prompt, messages=messages, pin=pin, ttl_s=ttl_s), WarmBody)
+                return service.warm(session, body.message_dicts(), pin=body.pin, ttl_s=body.ttl_s)
+
+        gr.api(api_warm_cache, api_name="warm_cache")
         gr.api(api_cache_stats, api_name="cache_stats", concurrency_limit=None)
         gr.api(api_clear_cache, api_name="clear_cache", concurrency_limit=None)
         gr.api(plan_api(planner), api_name="plan", concurrency_limit=1)  # ui/planner.py: a workload replay, no model work
@@ -332,6 +350,22 @@ def build_rest(service: EngineService, issuer: SessionIssuer, planner: Planner) 
     def rest_cache_clear(request: Request) -> JSONResponse:
         """Clear this client's namespace (or everything, for a local shared-mode app); 403 where not allowed."""
         return _rest_call(lambda: service.clear(_session(issuer, request)))
+
+    @api.post("/cache/warm", openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": WarmBody.model_json_schema()}}}})
+    def rest_cache_warm(request: Request, raw: bytes = Depends(_body_bytes)) -> JSONResponse:
+        """Prefill a system prompt or messages into this client's namespace, maybe pinned. Body: WarmBody. 422 bad body, 403 a pin not allowed, 400 refused."""
+        try:
+            body = parse_body(raw, WarmBody)
+        except BadRequest as exc:
+            return _error(422, str(exc))
+        try:
+            return JSONResponse(service.warm(_session(issuer, request), body.message_dicts(), pin=body.pin, ttl_s=body.ttl_s))
+        except NotAllowed as exc:
+            return _error(403, str(exc))
+        except (NotReady, Busy) as exc:
+            return _error(503, str(exc), {"Retry-After": str(Busy.retry_after_s)})
+        except ValueError as exc:  # BadSession too: a malformed session id
+            return _error(400, str(exc))
 
     @api.post("/plan", openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": PlanBody.model_json_schema()}}}})
     async def rest_plan(request: Request) -> JSONResponse:
@@ -406,6 +440,16 @@ def _session(issuer: SessionIssuer, request: Request | gr.Request | None) -> Ses
     return issuer.resolve_request(request)
 
 
+async def _body_bytes(request: Request) -> bytes:
+    """The raw body (the Guard has capped its size), read in async code so a sync route can run in a thread."""
+    return await request.body()
+
+
+def _warm_message(done: dict[str, Any]) -> str:
+    pinned = f", pinned ({done['pinned_bytes'] / 2**10:,.0f} KiB" + (f", {done['expires_in_s']:,.0f} s without a hit)" if done.get("expires_in_s") else ")") if done["pinned"] else ""
+    return f"Warmed {done['tokens']} tokens ({done['prefilled']} prefilled, {done['reused']} already cached){pinned}."
+
+
 def _rest_call(call: Any) -> JSONResponse:
     """A small REST route's answer: 400 for a malformed session id, 503 while loading, 403 where not allowed."""
     try:
@@ -441,11 +485,13 @@ def _api_help(service: EngineService) -> str:
     return (
         "**REST** (same port): `POST /generate` with JSON "
         '`{"prompt": "...", "system_prompt": null, "max_new_tokens": 32, "use_cache": true, "use_prefix_cache": true, "temperature": 0}` '
-        "(optional `top_p`, `seed`) returns the engine's response; `GET /cache/stats`; `POST /cache/clear`; `GET /health`; schema at `/docs`. "
+        "(optional `top_p`, `seed`) returns the engine's response; `GET /cache/stats`; `POST /cache/clear`; "
+        '`POST /cache/warm` with `{"system_prompt": "...", "pin": true, "ttl_s": 600}` (or `"messages": [...]`) prefills and pins; '
+        "`GET /health`; schema at `/docs`. "
         "To keep a session (and its cache) across calls, get an id from `POST /session` and send it as "
         f"`Authorization: Bearer <id>` or `{SESSION_HEADER}: <id>` (or choose one: {ID_RULE.split(' (')[0]}). "
         "Without one, each call is a session of its own.\n\n"
-        "**gradio_client**: `Client(url, headers={\"Authorization\": \"Bearer <id>\"}).predict(prompt, api_name=\"/generate\")`, `/cache_stats`, `/clear_cache`.\n\n"
+        "**gradio_client**: `Client(url, headers={\"Authorization\": \"Bearer <id>\"}).predict(prompt, api_name=\"/generate\")`, `/cache_stats`, `/clear_cache`, `/warm_cache`.\n\n"
         f"Cache mode: **{service.settings.cache_mode}**. In per-session mode each session gets its own namespace: identical "
         "prompts from two sessions never hit each other, and stats, the inspector and clearing only ever see your own."
     )

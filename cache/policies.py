@@ -9,7 +9,8 @@ depend only on fields the tree changes through ``_touch`` and ``_add_node`` (whi
 As SGLang's ``get_priority`` per eviction strategy. This module knows nothing of pools or models.
 
 Fields a node offers (see ``_Node``): ``last_access`` (a tick, larger is more recent),
-``hits`` (matches through the node), ``created`` (the tick at which the node was stored).
+``hits`` (matches through the node), ``created`` (the tick at which the node was stored),
+``pins`` (pins through the node: :func:`pinned_last` ranks them after the rest).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ class _Ranked(Protocol):
     last_access: int
     hits: int
     created: int
+    pins: int
 
 
 Priority = Callable[[_Ranked], Any]  # a value comparable with the policy's other values
@@ -59,3 +61,18 @@ def get_priority(policy: str) -> Priority:
         return POLICIES[policy]
     except (KeyError, TypeError):
         raise ValueError(f"unknown eviction policy {policy!r}; choose one of: {', '.join(POLICIES)}") from None
+
+
+def pinned_last(priority: Priority) -> Priority:
+    """``priority``, with every pinned leaf (``node.pins > 0``) ranked after every unpinned one.
+
+    The tree wraps its policy with this once; eviction stops at the first pinned leaf it pops, so a
+    pin is an exemption expressed as a rank, and it works the same under every policy. Pinning and
+    unpinning re-push the node, which keeps heap entries valid (see the module docstring).
+    """
+
+    def ranked(node: Any) -> tuple[bool, Any]:
+        return node.pins > 0, priority(node)
+
+    ranked.__name__ = f"pinned_last({getattr(priority, '__name__', 'priority')})"
+    return ranked

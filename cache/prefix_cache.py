@@ -55,7 +55,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Literal, Sequence
 
 from cache.explain import CACHED_CONTEXT_TOKENS, EVICTION_LOG_SIZE, EvictionLog, LookupDetail
-from cache.policies import get_priority
+from cache.policies import get_priority, pinned_last
 from cache.slots import KVSource, SimulatedPool, Slot, SlotPool
 
 log = logging.getLogger(__name__)
@@ -98,6 +98,7 @@ class CacheEntry:
     last_used: float  # time.time() of the last match or insert that touched it
     has_logits: bool
     locked: bool
+    pinned: bool = False  # on a pinned path: exempt from eviction
 
 
 class PrefixCache:
@@ -113,6 +114,8 @@ class PrefixCache:
         policy: The eviction policy, a name of ``cache.policies.POLICIES`` (``lru``, ``lfu``, ``fifo``, ``mru``).
         log_evictions: Keep the hashes of evicted prefixes (``cache/explain.py``) so a miss can say
             it was evicted; a replay, which never explains, turns it off.
+        pin_share: The share of the pool pinned entries may hold, in [0, 1]; one namespace may pin
+            this share of its own quota (see :meth:`pin`).
     """
 
     def __init__(
@@ -124,6 +127,7 @@ class PrefixCache:
         clock: Callable[[], float] = time.monotonic,
         policy: str = "lru",
         log_evictions: bool = True,
+        pin_share: float = 0.25,
     ) -> None:
         if min_tokens < 1:
             raise ValueError(f"min_tokens must be >= 1, got {min_tokens}")
@@ -131,13 +135,18 @@ class PrefixCache:
             raise ValueError(f"namespace_quota must be in (0, 1], got {namespace_quota}")
         if namespace_idle_s < 0:
             raise ValueError(f"namespace_idle_s must be >= 0, got {namespace_idle_s}")
+        if not 0 <= pin_share <= 1:
+            raise ValueError(f"pin_share must be in [0, 1], got {pin_share}")
         self.pool = pool
         self.policy = policy
-        self._priority = get_priority(policy)
+        self._priority = pinned_last(get_priority(policy))
         self.min_tokens = min_tokens
         self.namespace_quota = namespace_quota
         self.namespace_idle_s = namespace_idle_s
         self._quota_slots = int(namespace_quota * pool.capacity)
+        self._pin_slots = int(pin_share * pool.capacity)  # all namespaces' pins together
+        self._ns_pin_slots = int(pin_share * self._quota_slots)  # one namespace's pins
+        self._pins: dict[int, _Pin] = {}  # id(node) -> its pin
         self._clock = clock
         self._lock = threading.Lock()
         self._local = threading.local()  # per-thread lock wait of the last public call
@@ -198,6 +207,8 @@ class PrefixCache:
                     break
                 slots.extend(node.value[: usable - len(slots)])
                 deepest = node
+                if node.pins and id(node) in self._pins:  # a hit refreshes the pin's TTL
+                    self._pins[id(node)].refresh(self._clock())
             if deepest is not None:
                 self._touch(deepest, hit=True)
                 self._inc_lock(deepest)
@@ -268,6 +279,7 @@ class PrefixCache:
         """
         self._local.wait_s = 0.0
         with self._locked():
+            self._expire_pins()
             return self._evict_from(self._heap, math.ceil(num_bytes / self.pool.slot_bytes), None, "evict() call") * self.pool.slot_bytes
 
     def clear(self, namespace: str | None = None) -> None:
@@ -297,6 +309,7 @@ class PrefixCache:
         """
         self._local.wait_s = 0.0
         with self._locked():
+            self._expire_pins()
             if namespace is None:
                 counters, sizes = self._totals, self._all
                 namespaces = sum(1 for ns in self._namespaces.values() if ns.sizes.nodes)
@@ -322,6 +335,9 @@ class PrefixCache:
                 "rejected_inserts": counters.rejected_inserts,
                 "failed_inserts": counters.failed_inserts,
                 "namespaces": namespaces,
+                "pins": sum(1 for p in self._pins.values() if namespace is None or p.node.ns.name == namespace),
+                "pinned_bytes": sizes.pinned * self.pool.slot_bytes,
+                "pin_budget_bytes": (self._pin_slots if namespace is None else self._ns_pin_slots) * self.pool.slot_bytes,
             }
 
     def entries(self, namespace: str | None = None) -> list[CacheEntry]:
@@ -343,9 +359,62 @@ class PrefixCache:
                             last_used=node.last_used,
                             has_logits=node.logits is not None,
                             locked=node.lock_ref > 0,
+                            pinned=node.pins > 0,
                         )
                     )
             return result
+
+    def pin(self, tokens: Sequence[int], namespace: str = DEFAULT_NAMESPACE, ttl_s: float | None = None) -> dict[str, Any]:
+        """Exempt the cached sequence ``tokens`` (its whole path) from eviction, for ``ttl_s`` seconds or for good.
+
+        A match through the pinned node refreshes the TTL; pinning it again sets a new one. The
+        pinned path stays evictable by lock (a running request's release works as ever), but
+        ``cache/policies.pinned_last`` ranks a pinned leaf after every other, and eviction stops
+        there: pins live within ``pin_share`` of the pool, and of the namespace's quota.
+
+        Returns:
+            ``{"pinned_tokens", "pinned_bytes", "expires_in_s"}`` (``expires_in_s`` None: no TTL).
+
+        Raises:
+            ValueError: ``tokens`` is not cached in ``namespace`` (insert it first), or the pin would
+                go over the pin budget (the message says how much is left).
+        """
+        key = tuple(tokens)
+        if ttl_s is not None and not ttl_s > 0:
+            raise ValueError(f"ttl_s must be > 0 seconds or None (no expiry), got {ttl_s}")
+        self._local.wait_s = 0.0
+        with self._locked():
+            self._expire_pins()
+            ns = self._namespaces.get(namespace)
+            path, matched = _walk(ns.root, key) if ns is not None and key else ([], 0)
+            if not key or matched < len(key):
+                raise ValueError(f"only a cached sequence can be pinned: {matched} of its {len(key)} tokens are cached in this namespace; warm it first")
+            node, _ = self._attach_point(ns, key)  # the node ending exactly at the sequence's end
+            now = self._clock()
+            pin = self._pins.get(id(node))
+            if pin is None:
+                new = sum(n.num_slots for n in _ancestry(node) if not n.pins)
+                for total, limit, whose in ((ns.sizes.pinned, self._ns_pin_slots, "this namespace's"), (self._all.pinned, self._pin_slots, "the cache's")):
+                    if total + new > limit:
+                        raise ValueError(
+                            f"pin refused: it needs {new * self.pool.slot_bytes:,} bytes and {whose} pin budget has "
+                            f"{max(limit - total, 0) * self.pool.slot_bytes:,} of {limit * self.pool.slot_bytes:,} bytes left; unpin or let a pin expire first"
+                        )
+                pin = self._pins[id(node)] = _Pin(node, ttl_s)
+                self._pin_path(node, +1)
+            pin.ttl_s = ttl_s
+            pin.refresh(now)
+            return {"pinned_tokens": len(key), "pinned_bytes": sum(n.num_slots for n in _ancestry(node)) * self.pool.slot_bytes, "expires_in_s": pin.expires_in(now)}
+
+    def unpin(self, tokens: Sequence[int], namespace: str = DEFAULT_NAMESPACE) -> bool:
+        """Drop the pin of ``tokens``; False when there was none. The entry stays cached, evictable again."""
+        with self._locked():
+            ns = self._namespaces.get(namespace)
+            path, matched = _walk(ns.root, tuple(tokens)) if ns is not None else ([], 0)
+            pin = self._pins.get(id(path[-1])) if path and matched == len(tokens) and sum(len(n.key) for n in path) == matched else None
+            if pin is not None:
+                self._unpin(pin)
+            return pin is not None
 
     @property
     def cached_bytes(self) -> int:
@@ -368,6 +437,9 @@ class PrefixCache:
             assert self._all.slots == sum(n.num_slots for n in nodes), "slot count drifted"
             assert self._all.evictable == sum(n.num_slots for n in nodes if n.lock_ref == 0), "evictable count drifted"
             assert self.pool.capacity - self.pool.num_free == self._all.slots + self._pending + self._doomed, "slots leaked"
+            assert self._all.pinned == sum(n.num_slots for n in nodes if n.pins), "pinned count drifted"
+            assert self._all.pinned_evictable == sum(n.num_slots for n in nodes if n.pins and n.lock_ref == 0), "pinned evictable count drifted"
+            assert self._all.pinned <= self._pin_slots, "pins went over their budget"
             for ns in self._namespaces.values():
                 mine = _descendants(ns.root)
                 assert ns.sizes.slots == sum(n.num_slots for n in mine), f"namespace {ns.name!r} slot count drifted"
@@ -445,7 +517,8 @@ class PrefixCache:
         """Evict so that ``needed`` slots are free within ``ns``'s quota; False (evicting nothing) if impossible."""
         own_excess = ns.sizes.slots + ns.pending + needed - self._quota_slots
         shortfall = needed - self.pool.num_free
-        if needed > self._quota_slots or own_excess > ns.sizes.evictable or shortfall > self._all.evictable:
+        self._expire_pins()
+        if needed > self._quota_slots or own_excess > ns.sizes.unpinned or shortfall > self._all.unpinned:
             return False
         if own_excess > 0:
             self._evict_from(ns.heap, own_excess, ns, "namespace quota" if self.namespace_quota < 1 else "memory pressure")
@@ -480,7 +553,7 @@ class PrefixCache:
         assert 0 < at < len(node.key), f"split at {at} of an edge of {len(node.key)} tokens"
         upper = _Node(node.key[:at], node.parent, node.value[:at], node.ns)
         upper.lock_ref, upper.hits, upper.last_access, upper.last_used = node.lock_ref, node.hits, node.last_access, node.last_used
-        upper.created = node.created
+        upper.created, upper.pins = node.created, node.pins
         node.parent.children[upper.key[0]] = upper
         node.key, node.value, node.parent = node.key[at:], node.value[at:], upper
         upper.children[node.key[0]] = node
@@ -499,8 +572,9 @@ class PrefixCache:
         """Count ``slots`` more (or fewer) slots held by ``node``."""
         for sizes in (node.ns.sizes, self._all):
             sizes.slots += slots
-            if node.lock_ref == 0:
-                sizes.evictable += slots
+            sizes.pinned += slots if node.pins else 0
+        if node.lock_ref == 0:
+            self._add_evictable(node, slots)
 
     def _delete_leaf(self, node: "_Node") -> None:
         assert _evictable(node), "only unlocked leaves are deleted"
@@ -525,6 +599,9 @@ class PrefixCache:
             if not self._valid(entry):
                 continue
             node = entry[2]
+            if node.pins:  # pinned_last ranks every pinned leaf after every other: only pinned ones are left
+                heapq.heappush(heap, entry)
+                break
             if self.evicted.size:
                 self.evicted.record(node.ns.name, _path_tokens(node), now, why)
             freed += node.num_slots
@@ -535,8 +612,7 @@ class PrefixCache:
     def _inc_lock(self, node: "_Node") -> None:
         while node.parent is not None:
             if node.lock_ref == 0 and not node.doomed:
-                for sizes in (node.ns.sizes, self._all):
-                    sizes.evictable -= node.num_slots
+                self._add_evictable(node, -node.num_slots)
             node.lock_ref += 1
             node = node.parent
 
@@ -549,8 +625,7 @@ class PrefixCache:
                 self.pool.free(node.slots())
                 self._doomed -= node.num_slots
             elif node.lock_ref == 0:
-                for sizes in (node.ns.sizes, self._all):
-                    sizes.evictable += node.num_slots
+                self._add_evictable(node, node.num_slots)
                 self._push_if_evictable(node)
             node = node.parent
 
@@ -561,6 +636,39 @@ class PrefixCache:
             node.last_access, node.last_used = tick, now
             node.hits += hit
             node = node.parent
+
+    # ------------------------------------------------------------------ pins
+
+    def _pin_path(self, node: "_Node", delta: int) -> None:
+        """Count one pin more (or fewer) through ``node`` and its ancestors, and re-rank them."""
+        for n in _ancestry(node):
+            was = n.pins > 0
+            n.pins += delta
+            if was != (n.pins > 0):
+                sign = 1 if n.pins else -1
+                for sizes in (n.ns.sizes, self._all):
+                    sizes.pinned += sign * n.num_slots
+                    if n.lock_ref == 0 and not n.doomed:
+                        sizes.pinned_evictable += sign * n.num_slots
+                self._push_if_evictable(n)  # its priority changed: the old heap entry is stale
+
+    def _unpin(self, pin: "_Pin") -> None:
+        del self._pins[id(pin.node)]
+        if pin.node.alive:
+            self._pin_path(pin.node, -1)
+
+    def _expire_pins(self) -> None:
+        """Unpin every pin whose TTL has passed (O(pins): their number is bounded by the pin budget)."""
+        now = self._clock()
+        for pin in [p for p in self._pins.values() if p.deadline <= now]:
+            self._unpin(pin)
+
+    def _add_evictable(self, node: "_Node", slots: int) -> None:
+        """``slots`` of ``node`` become evictable by lock (negative: no longer)."""
+        for sizes in (node.ns.sizes, self._all):
+            sizes.evictable += slots
+            if node.pins:
+                sizes.pinned_evictable += slots
 
     # ------------------------------------------------------------------ heaps
 
@@ -617,7 +725,9 @@ class PrefixCache:
             else:
                 node.doomed = True
                 self._doomed += node.num_slots
-        for name in ("nodes", "tokens", "slots", "evictable"):
+        for pin in [p for p in self._pins.values() if p.node.ns is ns]:
+            del self._pins[id(pin.node)]
+        for name in ("nodes", "tokens", "slots", "evictable", "pinned", "pinned_evictable"):
             setattr(self._all, name, getattr(self._all, name) - getattr(ns.sizes, name))
         ns.sizes, ns.heap = _Totals(), []
 
@@ -640,7 +750,7 @@ class PrefixCache:
 class _Node:
     """One edge of the tree: its tokens, their slots, and (maybe) the slots of the logits after its last token."""
 
-    __slots__ = ("key", "value", "logits", "parent", "children", "ns", "lock_ref", "hits", "last_access", "last_used", "created", "alive", "doomed")
+    __slots__ = ("key", "value", "logits", "parent", "children", "ns", "lock_ref", "pins", "hits", "last_access", "last_used", "created", "alive", "doomed")
 
     def __init__(self, key: tuple[int, ...], parent: "_Node | None", value: list[Slot], ns: "_Namespace | None") -> None:
         self.key = key
@@ -650,6 +760,7 @@ class _Node:
         self.children: dict[int, _Node] = {}  # keyed by the first token of the child's edge
         self.ns = ns
         self.lock_ref = 0  # running requests (and copying inserts) whose path goes through here
+        self.pins = 0  # pins whose path goes through here (cache/policies.pinned_last ranks them last)
         self.hits = 0
         self.last_access = 0
         self.last_used = 0.0
@@ -677,12 +788,23 @@ class _Node:
 
 @dataclass
 class _Totals:
-    """Running sizes, in nodes, tokens and slots; ``evictable`` counts slots of unlocked nodes."""
+    """Running sizes, in nodes, tokens and slots; ``evictable`` counts slots of unlocked nodes.
+
+    ``pinned`` counts slots of pinned nodes (the pin budget's use), ``pinned_evictable`` those of
+    them that are unlocked: evictable by lock, but exempt by pin, so not room an insert can make.
+    """
 
     nodes: int = 0
     tokens: int = 0
     slots: int = 0
     evictable: int = 0
+    pinned: int = 0
+    pinned_evictable: int = 0
+
+    @property
+    def unpinned(self) -> int:
+        """Slots eviction can actually free."""
+        return self.evictable - self.pinned_evictable
 
 
 class _Namespace:
@@ -699,6 +821,21 @@ class _Namespace:
         self.pending = 0  # slots reserved by this namespace's inserts still copying
         self.last_active = 0.0
         self.dropped = False
+
+
+class _Pin:
+    """A pinned sequence: the node at its end, and until when (``clock()`` seconds; inf: no TTL)."""
+
+    __slots__ = ("node", "ttl_s", "deadline")
+
+    def __init__(self, node: _Node, ttl_s: float | None) -> None:
+        self.node, self.ttl_s, self.deadline = node, ttl_s, math.inf
+
+    def refresh(self, now: float) -> None:
+        self.deadline = math.inf if self.ttl_s is None else now + self.ttl_s
+
+    def expires_in(self, now: float) -> float | None:
+        return None if self.ttl_s is None else max(self.deadline - now, 0.0)
 
 
 @dataclass
@@ -800,6 +937,13 @@ def _path_tokens(node: _Node) -> tuple[int, ...]:
         edges.append(node.key)
         node = node.parent
     return tuple(token for edge in reversed(edges) for token in edge)
+
+
+def _ancestry(node: _Node) -> Iterator[_Node]:
+    """``node`` and its ancestors up to (not including) the root."""
+    while node.parent is not None:
+        yield node
+        node = node.parent
 
 
 def _descendants(root: _Node) -> list[_Node]:

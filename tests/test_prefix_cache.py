@@ -544,3 +544,88 @@ def _common(a, b):
     while n < min(len(a), len(b)) and a[n] == b[n]:
         n += 1
     return n
+
+
+# ---------------------------------------------------------------------- pins
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_pinned_prompt_survives_a_flood_that_evicts_everything_else():
+    """A pin is exempt from eviction: a flood of one-off prompts cycles through the rest of the pool around it."""
+    cache = make(slots=100, pin_share=0.25)
+    system = list(range(1000, 1010))
+    put(cache, system, 1)
+    put(cache, [1, 2, 3], 3)
+    cache.pin(system)
+    for i in range(200):
+        put(cache, [5000 + i] * 8, i)
+        cache.check_invariants()
+    assert cache.match_prefix(system).kind == "hit"
+    assert all(e.token_ids[0] != 1 for e in cache.entries()), "the unpinned entry was evicted"
+    assert cache.stats()["pinned_bytes"] == 11 * SLOT_BYTES and cache.stats()["pins"] == 1
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu", "fifo", "mru"])
+def test_pin_holds_under_every_policy(policy):
+    """Pinning is a rank (policies.pinned_last), so it holds whatever the policy orders the rest by."""
+    cache = make(slots=40, policy=policy)
+    put(cache, list(range(100, 109)), 1)
+    cache.pin(list(range(100, 109)))
+    for i in range(30):
+        put(cache, [i + 1] * 5, i)
+    assert cache.evict(10_000) < cache.cached_bytes + 10_000 and [e.token_ids for e in cache.entries()] == [tuple(range(100, 109))]
+    cache.check_invariants()
+
+
+def test_pin_ttl_expires_and_a_hit_refreshes_it():
+    """With a TTL the pin lapses unless a match uses it: a hit at t=8 of a 10 s pin keeps it until t=18."""
+    clock = FakeClock()
+    cache = make(slots=100, clock=clock)
+    seq = list(range(10))
+    put(cache, seq, 1)
+    assert cache.pin(seq, ttl_s=10)["expires_in_s"] == 10
+    clock.now = 8
+    cache.release(cache.match_prefix(seq + [99]))  # a partial hit through the pin refreshes it
+    clock.now = 15
+    cache.evict(10_000)
+    assert cache.stats()["pins"] == 1 and [e.token_ids for e in cache.entries()] == [tuple(seq)]
+    clock.now = 19
+    assert cache.stats()["pins"] == 0 and cache.evict(10_000) > 0
+    assert cache.match_prefix(seq).kind == "miss"
+    cache.check_invariants()
+
+
+def test_pin_over_budget_is_refused_with_the_bytes_left():
+    """Pins live within pin_share of the pool (and of the namespace's quota): one beyond is a ValueError saying so."""
+    cache = make(slots=100, pin_share=0.1)  # 10 slots of pins
+    put(cache, list(range(8)), 1)  # 9 slots
+    cache.pin(list(range(8)))
+    put(cache, [50, 51, 52], 2)
+    with pytest.raises(ValueError, match="pin budget has 10 of 100 bytes left"):
+        cache.pin([50, 51, 52])
+    per_ns = make(slots=100, pin_share=0.5, namespace_quota=0.2)  # a namespace may pin 10 of its 20 slots
+    put(per_ns, list(range(12)), 1, namespace="a")
+    with pytest.raises(ValueError, match="this namespace's pin budget"):
+        per_ns.pin(list(range(12)), namespace="a")
+
+
+def test_pin_needs_a_cached_sequence_and_clearing_drops_pins():
+    """Only a cached sequence can be pinned (in its own namespace); clearing a namespace drops its pins without leaking slots."""
+    cache = make(slots=100)
+    put(cache, [1, 2, 3, 4], 1, namespace="a")
+    with pytest.raises(ValueError, match="warm it first"):
+        cache.pin([1, 2, 3, 4], namespace="b")
+    with pytest.raises(ValueError, match="warm it first"):
+        cache.pin([1, 2, 3, 4, 5], namespace="a")
+    cache.pin([1, 2], namespace="a")  # a prefix: the edge is split, the upper part pinned
+    assert [e.pinned for e in cache.entries("a")] == [True, False]
+    cache.clear("a")
+    assert cache.stats()["pins"] == 0 and cache.pool.num_free == 100
+    cache.check_invariants()

@@ -70,7 +70,7 @@ def test_inspector_frame_and_stats_text(service):
     history = three_requests(service)
     rows = service.entries(OWNER, history.sequences)
     frame = charts.inspector_frame(rows)
-    assert list(frame.columns) == ["start", "tokens", "KiB", "hits", "last used", "logits", "locked", "preview"]
+    assert list(frame.columns) == ["start", "tokens", "KiB", "hits", "last used", "logits", "locked", "pinned", "preview"]
     assert len(frame) == len(rows) == service.engine.cache.stats()["cache_size"]
     assert "shared cache" in charts.stats_markdown(service.stats(OWNER))
     assert charts.inspector_frame([]).empty

@@ -271,7 +271,7 @@ def explanation_html(result: GenerationResult) -> str:
 
 def inspector_frame(rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
     """The cache inspector's table, newest first."""
-    columns = ["start", "tokens", "KiB", "hits", "last used", "logits", "locked", "preview"]
+    columns = ["start", "tokens", "KiB", "hits", "last used", "logits", "locked", "pinned", "preview"]
     frame = pd.DataFrame(
         [
             {
@@ -282,6 +282,7 @@ def inspector_frame(rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
                 "last used": time.strftime("%H:%M:%S", time.localtime(r["last_used"])) if r["last_used"] else "",
                 "logits": "yes" if r["logits"] else "",
                 "locked": "yes" if r["locked"] else "",
+                "pinned": "yes" if r.get("pinned") else "",
                 "preview": r["preview"],
                 "_t": r["last_used"],
             }
@@ -299,7 +300,8 @@ def stats_markdown(stats: dict[str, Any]) -> str:
         f"**{stats['cached_bytes'] / 2**20:,.1f} MiB** of {stats['budget_bytes'] / 2**20:,.0f} MiB · "
         f"hits **{stats['hits']}**, partial **{stats['partial_hits']}**, misses **{stats['misses']}** "
         f"(hit rate {100 * stats['hit_rate']:.0f}%) · {stats['tokens_saved']:,} tokens saved · "
-        f"{stats['evictions']} evictions · showing {scope} (mode: {stats['cache_mode']})"
+        f"{stats['evictions']} evictions · {stats.get('pins', 0)} pinned ({stats.get('pinned_bytes', 0) / 2**20:,.1f} of "
+        f"{stats.get('pin_budget_bytes', 0) / 2**20:,.1f} MiB pin budget) · showing {scope} (mode: {stats['cache_mode']})"
     )
 
 

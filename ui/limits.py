@@ -24,3 +24,4 @@ PLAN_MAX_REQUESTS = 20_000
 PLAN_MAX_UNITS = 2_000_000  # tokens (or blocks of a block trace) over all requests
 PLAN_MAX_BUDGETS = 12
 PLAN_TIME_LIMIT_S = 60.0  # a replay still running after this stops with an error
+MAX_PIN_TTL_S = 24 * 3600  # a pin lasts at most a day without a hit (per-session mode: also the default)

@@ -8,12 +8,12 @@ flag a real bool, max_new_tokens an int) and the limits of ``ui.limits`` and ``e
 from __future__ import annotations
 
 import unicodedata
-from typing import Iterable, Literal
+from typing import Any, Iterable, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from engine.sampling import SEED_MAX, TEMPERATURE_MAX, TOP_P_MAX, TOP_P_MIN_EXCLUSIVE
-from ui.limits import DEFAULT_MAX_NEW_TOKENS, MAX_HISTORY_TURNS, MAX_NEW_TOKENS, MAX_PROMPT_CHARS, MAX_STOP_CHARS, MAX_STOP_STRINGS
+from ui.limits import DEFAULT_MAX_NEW_TOKENS, MAX_HISTORY_TURNS, MAX_NEW_TOKENS, MAX_PIN_TTL_S, MAX_PROMPT_CHARS, MAX_STOP_CHARS, MAX_STOP_STRINGS
 _ALLOWED_CONTROLS = frozenset("\t\n\r")
 
 
@@ -81,14 +81,62 @@ class ConversationBody(GenerateBody):
         return value
 
 
+class Message(BaseModel):
+    """One message of a conversation to warm."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+
+    @field_validator("content")
+    @classmethod
+    def _content_printable(cls, value: str) -> str:
+        return _printable(value)
+
+
+class WarmBody(BaseModel):
+    """``POST /cache/warm``: prefill a system prompt, or a list of messages, into the caller's namespace; maybe pin it.
+
+    Exactly one of ``system_prompt`` and ``messages``. ``ttl_s`` applies to a pin only; a pin
+    without one lasts until evicted by nothing (a local server) or ``MAX_PIN_TTL_S`` (per-session).
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    system_prompt: str | None = Field(None, min_length=1, max_length=MAX_PROMPT_CHARS, description="a system prompt to prefill")
+    messages: list[Message] | None = Field(None, min_length=1, max_length=MAX_HISTORY_TURNS + 2, description="messages to prefill, in order")
+    pin: bool = Field(False, description="exempt the prefilled entry from eviction, within the pin budget")
+    ttl_s: float | None = Field(None, gt=0, le=MAX_PIN_TTL_S, allow_inf_nan=False, description=f"seconds a pin lasts without a hit (at most {MAX_PIN_TTL_S})")
+
+    @field_validator("system_prompt")
+    @classmethod
+    def _system_prompt_printable(cls, value: str | None) -> str | None:
+        return None if value is None else _printable(value)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "WarmBody":
+        if (self.system_prompt is None) == (self.messages is None):
+            raise ValueError("send exactly one of system_prompt and messages")
+        if self.ttl_s is not None and not self.pin:
+            raise ValueError("ttl_s applies to a pin: set pin to true or drop ttl_s")
+        return self
+
+    def message_dicts(self) -> list[dict[str, str]]:
+        if self.messages is None:
+            return [{"role": "system", "content": self.system_prompt}]
+        return [m.model_dump() for m in self.messages]
+
+
 class BadRequest(ValueError):
     """A request body that does not validate; the message says what is wrong (REST answers 422)."""
 
 
-def parse_body(raw: bytes | dict, schema: type[GenerateBody] = GenerateBody) -> GenerateBody:
+def parse_body(raw: bytes | dict, schema: type[BaseModel] = GenerateBody) -> Any:
     """Validate a REST body (raw JSON bytes) or the arguments of a page / gradio_client / ``/v1`` call (a dict).
 
-    ``schema`` is :class:`GenerateBody`, or :class:`ConversationBody` for ``/v1`` (the same fields and limits, and more).
+    ``schema`` is :class:`GenerateBody`, :class:`ConversationBody` for ``/v1`` (the same fields and limits, and more),
+    or :class:`WarmBody` for ``/cache/warm``.
 
     Raises:
         BadRequest: with :func:`describe`'s message.
@@ -98,7 +146,7 @@ def parse_body(raw: bytes | dict, schema: type[GenerateBody] = GenerateBody) -> 
             return schema.model_validate(raw)
         return schema.model_validate_json(raw)
     except ValidationError as exc:
-        raise BadRequest(describe(exc)) from None
+        raise BadRequest(describe(exc, None if issubclass(schema, GenerateBody) else schema.model_fields)) from None
 
 
 def describe(error: ValidationError, allowed: Iterable[str] | None = None) -> str:

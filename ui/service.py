@@ -20,11 +20,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+import json
 import logging
 import queue
 import threading
 import uuid
 from collections import OrderedDict, deque
+from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Sequence
 
 import anyio
@@ -33,7 +35,9 @@ from backends import Backend, BackendInfo, BackendUnavailable, CannotClear, make
 from backends.local import LocalBackend
 from cache import DEFAULT_NAMESPACE
 from engine import Engine, EngineConfig, GenerationResult, final_result
-from ui.limits import RETRY_AFTER_S
+from engine.warm import warm
+from ui.limits import MAX_PIN_TTL_S, RETRY_AFTER_S
+from ui.schemas import WarmBody, parse_body
 from ui.sessions import Session
 from ui.settings import AppSettings
 
@@ -44,6 +48,10 @@ Loader = Callable[..., Engine]
 
 class NotReady(RuntimeError):
     """The model is still loading (or failed to load): REST answers 503."""
+
+
+class NotAllowed(PermissionError):
+    """Something this caller may not do here (pin anonymously, pin a public shared cache): REST answers 403."""
 
 
 class Busy(RuntimeError):
@@ -211,11 +219,32 @@ class EngineService:
         try:
             self.backend.load(progress)
             self._ready = True
+            if self.settings.warm_file:
+                self._warm_from_file(self.settings.warm_file, progress)
         except Exception as exc:  # shown on the page and by /health; the server keeps running
             self.load_error = f"the model could not be loaded: {exc}" if self.backend.info().kind == "local" else f"the backend is not usable: {exc}"
             progress(self.load_error)
         finally:
             self._loaded.set()
+
+    def _warm_from_file(self, path: str, progress: Callable[[object], None]) -> None:
+        """``--warm-file``: prefill and pin each entry in the shared namespace; a bad entry is a log line, not a failed start."""
+        try:
+            entries = json.loads(Path(path).read_text(encoding="utf-8"))
+            if not isinstance(entries, list):
+                raise ValueError("the file must hold a JSON list")
+        except (OSError, ValueError) as exc:
+            progress(f"--warm-file {path}: not used ({exc})")
+            return
+        engine = getattr(self.backend, "engine", None)
+        for i, entry in enumerate(entries):
+            raw = {"system_prompt": entry} if isinstance(entry, str) else entry
+            try:
+                body = parse_body({**raw, "pin": True} if isinstance(raw, dict) else raw, WarmBody)
+                done = warm(engine, body.message_dicts(), DEFAULT_NAMESPACE, pin=True, ttl_s=body.ttl_s)
+                progress(f"Pinned warm-file entry {i}: {done['tokens']} tokens, {done['pinned_bytes']:,} bytes.")
+            except (ValueError, AttributeError) as exc:
+                progress(f"--warm-file {path}: entry {i} not pinned: {exc}")
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         return self._loaded.wait(timeout) and self._ready
@@ -304,19 +333,62 @@ class EngineService:
         self._backend_ready()
         namespace = namespace or self.namespace_for(session, cache_salt)
         self.backend.check(namespace, **kwargs)  # validate now, so the caller gets a ValueError at once
-        limit = self.settings.anonymous_inflight_limit if session.anonymous else self.settings.max_inflight_per_session
         job = Job(session.client, namespace, kwargs, on_cancel=self._cancelled, on_end=self._ended)
         with self._lock:
-            if sum(self._inflight.values()) + job.cost > self.settings.concurrency + self.settings.max_queue:
-                raise Busy(f"the server is busy ({self.settings.max_queue} requests waiting); try again in a few seconds")
-            if self._inflight.get(session.client, 0) + job.cost > limit:
-                counted = " (verify counts as two)" if job.cost > 1 else ""
-                raise Busy(f"this session may have {limit} requests queued or running{counted}; wait for one to finish")
-            self._inflight[session.client] = self._inflight.get(session.client, 0) + job.cost
+            self._admit(session, job.cost)
             if session.anonymous and namespace != DEFAULT_NAMESPACE:  # nobody can name it again
                 self._ephemeral.add(namespace)
         self._waiting.put(job)
         return job
+
+    def warm(self, session: Session, messages: list[dict[str, str]], pin: bool = False, ttl_s: float | None = None) -> dict[str, Any]:
+        """Prefill ``messages`` into the session's namespace (``engine/warm.py``), and pin the entry if asked.
+
+        A warm is a request's work: it takes one of the session's in-flight places while it runs (on
+        the caller's thread). Pinning is refused to an anonymous caller (its namespace dies with its
+        call) and, on a public server, in the shared namespace (a visitor would hold everyone's
+        budget); per-session, a pin lives at most ``MAX_PIN_TTL_S`` without a hit, within the
+        session's own pin budget.
+
+        Raises:
+            NotAllowed: a pin this caller may not make. ValueError: bad input or a pin over budget.
+            NotReady, Busy: as :meth:`stream`.
+        """
+        self._backend_ready()
+        engine = getattr(self.backend, "engine", None)
+        if engine is None:
+            raise ValueError(f"warming needs the local engine; this app measures a remote {self.backend.info().kind} server")
+        if pin and session.anonymous:
+            raise NotAllowed("an anonymous caller cannot pin: get a session id from POST /session and send it as Authorization: Bearer <id>")
+        if pin and not self.settings.per_session and not self.settings.may_clear_everything:
+            raise NotAllowed("the shared cache of a public server cannot be pinned by a visitor")
+        if pin and self.settings.per_session:
+            ttl_s = min(ttl_s or MAX_PIN_TTL_S, MAX_PIN_TTL_S)
+        with self._lock:
+            self._admit(session, 1)
+        try:
+            return warm(engine, messages, self.namespace_for(session), pin=pin, ttl_s=ttl_s)
+        finally:
+            with self._lock:
+                self._leave(session.client, 1)
+
+    def _admit(self, session: Session, cost: int) -> None:
+        """Take ``cost`` in-flight places for ``session``, or raise Busy. Caller holds ``_lock``."""
+        limit = self.settings.anonymous_inflight_limit if session.anonymous else self.settings.max_inflight_per_session
+        if sum(self._inflight.values()) + cost > self.settings.concurrency + self.settings.max_queue:
+            raise Busy(f"the server is busy ({self.settings.max_queue} requests waiting); try again in a few seconds")
+        if self._inflight.get(session.client, 0) + cost > limit:
+            counted = " (verify counts as two)" if cost > 1 else ""
+            raise Busy(f"this session may have {limit} requests queued or running{counted}; wait for one to finish")
+        self._inflight[session.client] = self._inflight.get(session.client, 0) + cost
+
+    def _leave(self, client: str, cost: int) -> None:
+        """Give back ``cost`` in-flight places; a client at 0 is forgotten. Caller holds ``_lock``."""
+        left = self._inflight.get(client, 0) - cost
+        if left > 0:
+            self._inflight[client] = left
+        else:
+            self._inflight.pop(client, None)
 
     def generate(self, session: Session, namespace: str | None = None, **kwargs: Any) -> GenerationResult:
         """Run one request to completion on the pool."""
@@ -333,11 +405,7 @@ class EngineService:
 
     def _ended(self, job: Job) -> None:
         with self._lock:
-            left = self._inflight.get(job.client, 0) - job.cost
-            if left > 0:
-                self._inflight[job.client] = left
-            else:
-                self._inflight.pop(job.client, None)
+            self._leave(job.client, job.cost)
             ephemeral = job.namespace in self._ephemeral
             self._ephemeral.discard(job.namespace)
         if ephemeral:
@@ -397,6 +465,7 @@ class EngineService:
                     "last_used": entry.last_used,
                     "logits": entry.has_logits,
                     "locked": entry.locked,
+                    "pinned": getattr(entry, "pinned", False),
                     "preview": _preview(self.backend.decode(entry.token_ids)) if own else "(another session's tokens)",
                 }
             )

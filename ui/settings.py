@@ -41,8 +41,11 @@ class AppSettings:
     backend_model: str | None = None  # its model name (default: the first of its /v1/models)
     backend_api_key: str | None = field(default=None, repr=False)  # sent to it as a bearer token
     backend_kind: str | None = None  # vllm, sglang, llama-server, kvci, openai (default: detected)
+    warm_file: str | None = None  # JSON list of system prompts (or {"messages": [...], "ttl_s": ...}) pinned at start
 
     def __post_init__(self) -> None:
+        if self.warm_file is not None and self.cache_mode == "per-session":
+            raise ValueError("--warm-file pins into the shared namespace, which per-session mode never reads; use --cache-mode shared")
         if self.cache_mode not in CACHE_MODES:
             raise ValueError(f"cache_mode must be one of {', '.join(CACHE_MODES)}, got {self.cache_mode!r}")
         if not 1 <= self.port <= 65535:
@@ -115,6 +118,7 @@ def parse_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str]
     parser.add_argument("--backend-model", default=environ.get("KVCI_BACKEND_MODEL") or None, help="the remote's model name (default: the first it lists; env KVCI_BACKEND_MODEL)")
     parser.add_argument("--api-key", default=environ.get("KVCI_BACKEND_API_KEY") or None, help="bearer token for the remote (env KVCI_BACKEND_API_KEY)")
     parser.add_argument("--backend-kind", choices=BACKEND_KINDS, default=environ.get("KVCI_BACKEND_KIND") or None, help="the remote's engine (default: detected from what it serves; env KVCI_BACKEND_KIND)")
+    parser.add_argument("--warm-file", default=environ.get("KVCI_WARM_FILE") or None, help='JSON list of system prompts (or {"messages": [...], "ttl_s": N}) prefilled and pinned at start (env KVCI_WARM_FILE)')
     parser.add_argument("--public", action="store_true", help=argparse.SUPPRESS)  # a loopback server that behaves as a public one (tests)
     args = parser.parse_args(argv)
     on_space = bool(environ.get("SPACE_ID"))
@@ -145,6 +149,7 @@ def _settings_from(args: argparse.Namespace, mode: CacheMode, on_space: bool, pu
         backend_model=args.backend_model,
         backend_api_key=args.api_key,
         backend_kind=args.backend_kind,
+        warm_file=args.warm_file,
     )
 
 

@@ -1,0 +1,60 @@
+"""Warming: prefill a system prompt (or a list of messages) into the prefix cache without generating, and maybe pin it.
+
+A list ending with a user message is stored exactly as a request with those messages would send
+it (the assistant's turn opened), so that request is an exact hit. Otherwise (a system prompt, or
+a conversation ending with the assistant) only the tokens every next user turn shares are stored:
+the common prefix of renderings with different user messages, so any request that goes on
+from there is a partial hit. Pinning itself is the cache's (``PrefixCache.pin``); this module
+knows nothing of sessions, budgets per caller or HTTP.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from engine.kv import new_model_cache
+
+_PROBES = ("A", "z", "1", " ")  # user messages that differ from their first character (a token merge with one is not shared by all)
+
+
+def warm_tokens(chat: Any, messages: Sequence[dict[str, str]]) -> list[int]:
+    """The token ids warming ``messages`` stores (see the module docstring)."""
+    messages = [dict(m) for m in messages]
+    if messages and messages[-1]["role"] == "user":
+        return chat.prompt_ids(messages)
+    renderings = [chat.prompt_ids(messages + [{"role": "user", "content": probe}]) for probe in _PROBES]
+    shared = 0
+    while all(len(r) > shared for r in renderings) and len({r[shared] for r in renderings}) == 1:
+        shared += 1
+    return renderings[0][:shared]
+
+
+def warm(engine: Any, messages: Sequence[dict[str, str]], namespace: str, pin: bool = False, ttl_s: float | None = None) -> dict[str, Any]:
+    """Prefill ``messages`` into ``namespace`` (reusing what is cached already), then pin it if asked.
+
+    Returns:
+        ``tokens`` (stored sequence length), ``reused`` (already cached), ``prefilled`` (computed now),
+        ``pinned`` and, for a pin, the cache's pin facts (``pinned_bytes``, ``expires_in_s``).
+
+    Raises:
+        ValueError: too few tokens to cache, too many for the context, or the pin refused (over budget).
+    """
+    tokens = warm_tokens(engine.chat, messages)
+    if len(tokens) < engine.cache.min_tokens:
+        raise ValueError(f"this warms {len(tokens)} tokens, fewer than the {engine.cache.min_tokens} the prefix cache keeps; send a longer prompt")
+    engine.check_prompt_tokens(len(tokens), 1)
+    match = engine.cache.match_prefix(tokens, namespace)
+    try:
+        prefilled = 0
+        if match.kind != "hit":
+            # Reuse the cached part, prefill the rest, store the whole with the logits after it.
+            model_cache = engine.pool.read_kv(match.slots, engine.model.config, engine.device, len(tokens)) if match.length else new_model_cache(engine.model.config, len(tokens))
+            logits = engine._forward(tokens[match.length :], model_cache, use_cache=True)
+            prefilled = len(tokens) - match.length
+            engine.cache.insert(tokens, engine.pool.source(model_cache, len(tokens), logits), namespace)
+    finally:
+        engine.cache.release(match)
+    result = {"tokens": len(tokens), "reused": match.length, "prefilled": prefilled, "pinned": False}
+    if pin:
+        result.update(engine.cache.pin(tokens, namespace, ttl_s), pinned=True)  # ValueError when not stored (over budget) or over the pin budget
+    return result

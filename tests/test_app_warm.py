@@ -1,0 +1,95 @@
+"""Pin and warm over real HTTP: REST /cache/warm and gradio_client /warm_cache, then hits; and the attacks.
+
+Runs against `app_server_public` (per-session, tiny model, 8 MiB) and the local shared app.
+"""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from gradio_client import Client
+
+from test_app_isolation import bearer, body, secret_system_prompt
+
+
+def test_rest_warm_then_a_request_with_that_system_prompt_is_a_partial_hit(app_server_public):
+    """POST /cache/warm pins a system prompt in the session's namespace; the next request reuses all of it; stats show the pin."""
+    url, headers = app_server_public.url, bearer(app_server_public.url)
+    system = secret_system_prompt()
+    warmed = httpx.post(url + "/cache/warm", json={"system_prompt": system, "pin": True, "ttl_s": 600}, headers=headers, timeout=120)
+    assert warmed.status_code == 200, warmed.text
+    done = warmed.json()
+    assert done["pinned"] and done["prefilled"] == done["tokens"] and 0 < done["expires_in_s"] <= 600
+    reply = httpx.post(url + "/generate", json=body(system), headers=headers, timeout=120).json()
+    assert reply["cache_status"] == "partial" and reply["cache_explanation"]["reused_tokens"] == done["tokens"]
+    stats = httpx.get(url + "/cache/stats", headers=headers).json()
+    assert stats["pins"] == 1 and stats["pinned_bytes"] > 0 and stats["pin_budget_bytes"] > stats["pinned_bytes"]
+    other = httpx.get(url + "/cache/stats", headers=bearer(url)).json()
+    assert other["pins"] == 0  # a pin is the session's own
+
+
+def test_gradio_client_warm_messages_then_exact_hit(app_server_public):
+    """gradio_client /warm_cache with [system, user] messages: the same request afterwards is an exact hit."""
+    url, headers = app_server_public.url, bearer(app_server_public.url)
+    system = secret_system_prompt()
+    client = Client(url + "/", headers=headers, verbose=False)
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": "Which book should I read?"}]
+    done = client.predict(None, messages, True, None, api_name="/warm_cache")
+    assert done["pinned"] and done["expires_in_s"] > 0  # per-session: a pin always has a TTL
+    assert httpx.post(url + "/generate", json=body(system), headers=headers, timeout=120).json()["cache_status"] == "hit"
+
+
+def test_anonymous_callers_cannot_pin(app_server_public):
+    """No session: a pin would die with the single-use namespace, so it is refused (403) on REST and gradio_client."""
+    url = app_server_public.url
+    response = httpx.post(url + "/cache/warm", json={"system_prompt": secret_system_prompt(), "pin": True}, timeout=120)
+    assert response.status_code == 403 and "anonymous" in response.json()["detail"]
+    with pytest.raises(Exception, match="anonymous"):
+        Client(url + "/", verbose=False).predict(secret_system_prompt(), None, True, None, api_name="/warm_cache")
+
+
+def test_pin_over_the_session_budget_is_refused(app_server_public):
+    """Per-session: pins count against the session's own pin budget (25% of its quota); beyond it a 400 says so."""
+    url, headers = app_server_public.url, bearer(app_server_public.url)
+    refused = None
+    for i in range(40):
+        response = httpx.post(url + "/cache/warm", json={"system_prompt": secret_system_prompt() * 4, "pin": True}, headers=headers, timeout=120)
+        if response.status_code != 200:
+            refused = response
+            break
+    assert refused is not None and refused.status_code == 400 and "pin budget" in refused.json()["detail"], refused and refused.text
+
+
+def test_cross_site_warm_is_refused(app_server_public):
+    """A browser on another site cannot make the page's session pin: the Guard refuses the Origin (403)."""
+    url = app_server_public.url
+    response = httpx.post(url + "/cache/warm", json={"system_prompt": "x" * 40}, headers={**bearer(url), "Origin": "https://evil.example"})
+    assert response.status_code == 403 and "cross-site" in response.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    "payload, field",
+    [
+        ({}, "exactly one"),
+        ({"system_prompt": "x" * 40, "messages": [{"role": "user", "content": "hi"}]}, "exactly one"),
+        ({"system_prompt": "x" * 40, "pin": "true"}, "pin"),
+        ({"system_prompt": "x" * 40, "pin": True, "ttl_s": 10**9}, "ttl_s"),
+        ({"system_prompt": "x" * 40, "pin": True, "ttl_s": -1}, "ttl_s"),
+        ({"system_prompt": "x" * 40, "ttl_s": 5}, "ttl_s applies to a pin"),
+        ({"messages": [{"role": "tool", "content": "hi"}]}, "role"),
+        ({"system_prompt": "a\x00b"}, "control character"),
+        ({"system_prompt": "x" * 40, "namespace": "session-abc"}, "unknown field"),
+    ],
+)
+def test_bad_warm_bodies_are_422_naming_the_field(app_server_public, payload, field):
+    """The one validation path (parse_body with WarmBody): each bad body is a 422 saying what is wrong."""
+    response = httpx.post(app_server_public.url + "/cache/warm", json=payload, headers=bearer(app_server_public.url), timeout=60)
+    assert response.status_code == 422 and field in response.json()["detail"], response.text
+
+
+def test_local_shared_pin_without_ttl_and_inspector_marks_it(app_server):
+    """Local shared mode: a pin may last for good; the inspector's entries mark the pinned path."""
+    url, headers = app_server.url, bearer(app_server.url)
+    done = httpx.post(url + "/cache/warm", json={"system_prompt": secret_system_prompt(), "pin": True}, headers=headers, timeout=120).json()
+    assert done["pinned"] and done["expires_in_s"] is None
+    httpx.post(url + "/cache/clear", headers=headers).raise_for_status()  # leave the shared app clean for other tests

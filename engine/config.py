@@ -28,6 +28,7 @@ class EngineConfig:
     device: str = "auto"  # "auto" (cuda when available, else cpu), "cpu", "cuda", "cuda:1", ...
     dtype: str = "auto"  # "auto" (bf16 on cuda, fp32 on cpu), "float32", "bfloat16", "float16"
     weights: str = "auto"  # weight format: "auto" (int4 on cpu, else dtype's), "fp32", "bf16", "int8", "int4" (engine.quant)
+    decode: str = "auto"  # the decode step: "auto" (engine.fast_llama's for Llama models, else transformers') or "transformers"
     cache_budget_mb: float = 512.0  # byte budget of the prefix cache
     min_cached_tokens: int = 20  # shorter prompts are neither cached nor counted
     kv_storage: str = "cpu"  # where cached KV lives: "cpu" (moved to the device on a hit) or "device"
@@ -53,6 +54,8 @@ class EngineConfig:
             raise ValueError(f"kv_storage must be 'cpu' or 'device', got {self.kv_storage!r}")
         if self.weights not in WEIGHT_FORMATS:
             raise ValueError(f"weights must be one of {', '.join(WEIGHT_FORMATS)}, got {self.weights!r}")
+        if self.decode not in ("auto", "transformers"):
+            raise ValueError(f"decode must be auto or transformers, got {self.decode!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
 

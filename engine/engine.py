@@ -19,7 +19,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from cache import DEFAULT_NAMESPACE, PrefixCache, PrefixMatch
-from engine import loading, quant
+from engine import fast_llama, loading, quant
 from engine.chat_tokens import ChatTokenizer
 from engine.config import EngineConfig
 from engine.explain import explain
@@ -121,6 +121,9 @@ class Engine:
         self._longest_token_chars = max(len(t) for t in tokenizer.get_vocab())
         self.eos_token_ids = _eos_token_ids(model, tokenizer)
         self.supports_prefix_cache = not has_sliding_layers(model.config)
+        # The one-token decode step, picked once: our own Llama step (engine/fast_llama.py) or transformers' forward.
+        use_fast = self.config.decode == "auto" and fast_llama.supports(model)
+        self.decoder: Any = fast_llama.FastDecoder(model) if use_fast else _TransformersStep(self)
         self.chat = ChatTokenizer(tokenizer)  # the chat template's rules, shared with the workload replay
         self._tokenizer_lock = self.chat.lock  # one lock for every use of the tokenizer
 
@@ -275,6 +278,7 @@ class Engine:
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
             "weights": quant.weight_format(self.model),
+            "decode_step": type(self.decoder).__name__,
             "weight_bytes": quant.weight_bytes(self.model),
             "parameters": sum(p.numel() for p in self.model.parameters()),
             "context_length": self.context_length,
@@ -411,7 +415,16 @@ class Engine:
 
     @torch.inference_mode()
     def _forward(self, token_ids: list[int], model_cache: Any, use_cache: bool) -> torch.Tensor:
-        """One model call; returns the logits of the last position as a float32 ``[vocab]`` tensor."""
+        """One model call; returns the logits of the last position as a float32 ``[vocab]`` tensor.
+
+        One token on a filled KV cache is a decode step: it goes to the step picked at start-up
+        (``self.decoder``); everything else (prefill, no cache) to transformers.
+        """
+        if model_cache is not None and len(token_ids) == 1 and model_cache.get_seq_length() > 0:
+            return self.decoder.decode_one_token(token_ids[0], model_cache)
+        return self._transformers_forward(token_ids, model_cache, use_cache)
+
+    def _transformers_forward(self, token_ids: list[int], model_cache: Any, use_cache: bool) -> torch.Tensor:
         input_ids = torch.tensor([token_ids], dtype=torch.long, device=self.device)  # [1, T]
         out = self.model(input_ids=input_ids, cache=model_cache, use_cache=use_cache, logits_to_keep=1)
         return out.logits[0, -1].float()
@@ -438,6 +451,17 @@ class Engine:
             run.finish_reason = "length"
             return True
         return False
+
+
+class _TransformersStep:
+    """The decode step through transformers' own forward: the fallback seam beside ``fast_llama.FastDecoder``."""
+
+    def __init__(self, engine: "Engine") -> None:
+        self.engine = engine
+
+    @torch.inference_mode()
+    def decode_one_token(self, token: int, model_cache: Any) -> torch.Tensor:
+        return self.engine._transformers_forward([token], model_cache, use_cache=True)
 
 
 def final_result(stream: Iterator[str | GenerationResult]) -> GenerationResult:

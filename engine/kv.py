@@ -42,6 +42,28 @@ class GrowingKVLayer(DynamicLayer):
         self.values = self._value_buffer[:, :, :end, :]
         return self.keys, self.values
 
+    # The decode step of engine/fast_llama.py writes into the buffers itself: reserve, write, advance.
+
+    @property
+    def key_buffer(self) -> torch.Tensor:
+        return self._key_buffer
+
+    @property
+    def value_buffer(self) -> torch.Tensor:
+        return self._value_buffer
+
+    def reserve(self, new: int) -> None:
+        """Make room for ``new`` more tokens in the buffers (which must exist: after a prefill)."""
+        assert self._key_buffer is not None, "reserve() before any update(): prefill first"
+        if self._length + new > self._key_buffer.shape[-2]:
+            self._grow(max(self.capacity, 2 * (self._length + new)), self._key_buffer, self._value_buffer)
+
+    def advance(self, new: int) -> None:
+        """Count ``new`` tokens written into the buffers at the next positions."""
+        self._length += new
+        self.keys = self._key_buffer[:, :, : self._length, :]
+        self.values = self._value_buffer[:, :, : self._length, :]
+
     def crop(self, tokens_to_remove: int) -> None:
         super().crop(tokens_to_remove)
         self._length = self.get_seq_length()
@@ -53,7 +75,7 @@ class GrowingKVLayer(DynamicLayer):
 
     def _grow(self, capacity: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         def bigger(old: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-            buffer = like.new_empty(like.shape[0], like.shape[1], capacity, like.shape[3])
+            buffer = like.new_zeros(like.shape[0], like.shape[1], capacity, like.shape[3])  # zeros: the fast step attends over masked, unwritten positions (0 x NaN is NaN)
             if old is not None and self._length:
                 buffer[:, :, : self._length, :] = old[:, :, : self._length, :]
             return buffer

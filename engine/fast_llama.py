@@ -1,0 +1,161 @@
+"""A hand-written Llama decode step, gpt-fast style: one token through the model, nothing else.
+
+transformers stays the loader, the tokenizer, the prefill and the fallback; this module only
+replaces the one-token decode step, the part that runs once per generated token and is bound by
+reading the weights. It is built from a loaded ``LlamaForCausalLM`` (any weight format of
+``engine.quant``) and shares its weights; the projections of each layer are fused (Q, K and V in
+one matmul, gate and up in another) where the format allows it.
+
+KV stays where the prefill put it: the per-layer buffers of the request's model cache
+(``engine.kv.GrowingKVLayer``, ``[1, kv_heads, capacity, head_dim]``, one K and one V buffer per
+layer). The step writes the new token's K and V with ``index_copy_`` at its position and attends
+over the whole buffer with a mask row that hides positions after it, so its shapes never change
+during a request and ``torch.compile(dynamic=False)`` can compile it once per buffer size. The
+prefix cache reads these same buffers, so both decode paths share one KV format.
+
+Knows nothing about requests, sampling or the prefix cache (``engine.engine`` calls
+:meth:`FastDecoder.decode_one_token`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from engine.kv import GrowingKVLayer
+from engine.quant import Int4Linear, Int8Linear
+
+
+def supports(model) -> bool:
+    """The step covers plain Llama-family models: RMSNorm, SiLU MLP, rotary embeddings, no biases."""
+    config = model.config
+    return (
+        getattr(config, "model_type", "") == "llama"
+        and not getattr(config, "attention_bias", False)
+        and not getattr(config, "mlp_bias", False)
+        and getattr(config, "hidden_act", "silu") == "silu"
+    )
+
+
+class FastDecoder(nn.Module):
+    """One decode step of a Llama model: ``decode_one_token(token, model_cache) -> logits [vocab]`` (float32)."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        config, inner = model.config, model.model
+        self.heads = config.num_attention_heads
+        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.eps = config.rms_norm_eps
+        self.embed = inner.embed_tokens
+        self.norm_weight = inner.norm.weight
+        self.lm_head = model.lm_head
+        self.layers = nn.ModuleList(_Layer(layer, self.heads, self.kv_heads, self.head_dim) for layer in inner.layers)
+        # Rotary tables for every position: [max_positions, head_dim] each, as transformers computes them.
+        positions = torch.arange(config.max_position_embeddings, device=self.norm_weight.device)[None]
+        probe = torch.zeros(1, device=self.norm_weight.device, dtype=torch.float32)
+        cos, sin = inner.rotary_emb(probe, positions)
+        self.register_buffer("cos", cos[0].to(self.norm_weight.dtype), persistent=False)
+        self.register_buffer("sin", sin[0].to(self.norm_weight.dtype), persistent=False)
+        self.step = self.forward  # what decode_one_token calls: eager, or a compiled forward (engine.compiled)
+
+    @torch.inference_mode()
+    def decode_one_token(self, token: int, model_cache) -> torch.Tensor:
+        """Feed ``token`` at the model cache's next position; return the logits after it, float32 ``[vocab]``."""
+        layers: list[GrowingKVLayer] = model_cache.layers
+        position = layers[0].get_seq_length()
+        for layer in layers:
+            layer.reserve(1)
+        device = self.norm_weight.device
+        token_t = torch.tensor([[token]], device=device)  # [1, 1]
+        pos_t = torch.tensor([position], device=device)  # [1]
+        logits = self.step(token_t, pos_t, [layer.key_buffer for layer in layers], [layer.value_buffer for layer in layers])
+        for layer in layers:
+            layer.advance(1)
+        return logits[0].float()
+
+    def forward(self, token: torch.Tensor, pos: torch.Tensor, k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor]) -> torch.Tensor:
+        """token: [1, 1]; pos: [1]; k_buffers/v_buffers: per layer [1, kv_heads, S, head_dim]. Returns logits [1, vocab]."""
+        x = self.embed(token)  # [1, 1, D]
+        cos, sin = self.cos[pos], self.sin[pos]  # [1, head_dim]
+        mask = (torch.arange(k_buffers[0].shape[2], device=pos.device) <= pos).view(1, 1, 1, -1)  # [1, 1, 1, S]: up to this position
+        for layer, k_buffer, v_buffer in zip(self.layers, k_buffers, v_buffers):
+            x = layer(x, pos, cos, sin, mask, k_buffer, v_buffer, self.eps)
+        x = _rms_norm(x, self.norm_weight, self.eps)
+        return self.lm_head(x[:, -1])
+
+
+class _Layer(nn.Module):
+    def __init__(self, layer, heads: int, kv_heads: int, head_dim: int) -> None:
+        super().__init__()
+        attn, mlp = layer.self_attn, layer.mlp
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        self.attn_norm, self.ffn_norm = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
+        self.wqkv = fuse_linears([attn.q_proj, attn.k_proj, attn.v_proj])
+        self.wo = attn.o_proj
+        self.w13 = fuse_linears([mlp.gate_proj, mlp.up_proj])
+        self.w2 = mlp.down_proj
+        self.scale = attn.scaling
+
+    def forward(self, x, pos, cos, sin, mask, k_buffer, v_buffer, eps: float) -> torch.Tensor:
+        h = _rms_norm(x, self.attn_norm, eps)
+        q, k, v = self.wqkv(h).split([self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim], dim=-1)
+        q = _rope(q.view(1, 1, self.heads, self.head_dim).transpose(1, 2), cos, sin)  # [1, H, 1, Dh]
+        k = _rope(k.view(1, 1, self.kv_heads, self.head_dim).transpose(1, 2), cos, sin)  # [1, KVH, 1, Dh]
+        v = v.view(1, 1, self.kv_heads, self.head_dim).transpose(1, 2)
+        k_buffer.index_copy_(2, pos, k.to(k_buffer.dtype))
+        v_buffer.index_copy_(2, pos, v.to(v_buffer.dtype))
+        attn = F.scaled_dot_product_attention(q, k_buffer, v_buffer, attn_mask=mask, scale=self.scale, enable_gqa=self.heads != self.kv_heads)
+        x = x + self.wo(attn.transpose(1, 2).reshape(1, 1, self.heads * self.head_dim))
+        gate, up = self.w13(_rms_norm(x, self.ffn_norm, eps)).chunk(2, dim=-1)
+        return x + self.w2(F.silu(gate) * up)
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def fuse_linears(linears: list[nn.Module]) -> nn.Module:
+    """One module computing ``cat([l(x) for l in linears], -1)`` in one matmul where the format allows it."""
+    first = linears[0]
+    if all(type(l) is nn.Linear and l.bias is None for l in linears):
+        fused = nn.Linear(first.in_features, sum(l.out_features for l in linears), bias=False, device=first.weight.device, dtype=first.weight.dtype)
+        fused.weight = nn.Parameter(torch.cat([l.weight for l in linears]), requires_grad=False)
+        for l, part in zip(linears, fused.weight.split([l.out_features for l in linears])):
+            l.weight = nn.Parameter(part, requires_grad=False)  # the originals become views: the weights exist once
+        return fused
+    if all(type(l) is Int8Linear and l.bias is None for l in linears):
+        fused = Int8Linear.stacked(linears)
+        sizes = [l.out_features for l in linears]
+        for l, w, s in zip(linears, fused.weight_int8.split(sizes), fused.scales.split(sizes)):
+            l.weight_int8, l.scales = w, s  # views, as above
+        return fused
+    # The CPU int4 packing interleaves rows in blocks of 64: stacking packed rows is exact only on that grid.
+    if all(type(l) is Int4Linear and l.bias is None and (not l.cpu_kernel or l.out_features % 64 == 0) for l in linears):
+        return Int4Linear.stacked(linears)
+    return _Concat(linears)
+
+
+class _Concat(nn.Module):
+    """Several linears, outputs concatenated: the unfused fallback of :func:`fuse_linears`."""
+
+    def __init__(self, linears: list[nn.Module]) -> None:
+        super().__init__()
+        self.linears = nn.ModuleList(linears)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([l(x) for l in self.linears], dim=-1)
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """LlamaRMSNorm: normalise in float32, scale in the input's dtype."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [1, heads, 1, Dh]; cos/sin: [1, Dh]. transformers' rotate-half form."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin

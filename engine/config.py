@@ -27,7 +27,7 @@ class EngineConfig:
     model: str | None = None  # None: the bundled SmolLM2-135M-Instruct; else a hub id, a folder or a .gguf file
     device: str = "auto"  # "auto" (cuda when available, else cpu), "cpu", "cuda", "cuda:1", ...
     dtype: str = "auto"  # "auto" (bf16 on cuda, fp32 on cpu), "float32", "bfloat16", "float16"
-    weights: str = "auto"  # weight format: "auto" (int4 on cpu, else dtype's), "fp32", "bf16", "int8", "int4" (engine.quant)
+    weights: str = "auto"  # weight format: "auto" (fp32 on cpu, else dtype's), "fp32", "bf16", "int8", "int4" (engine.quant)
     decode: str = "auto"  # the decode step: "auto" (engine.fast_llama's for Llama models, else transformers') or "transformers"
     cache_budget_mb: float = 512.0  # byte budget of the prefix cache
     min_cached_tokens: int = 20  # shorter prompts are neither cached nor counted

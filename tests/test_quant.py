@@ -103,12 +103,12 @@ def test_quantized_linear_matches_its_dequantized_weight(module):
     assert (got - expected).norm() / expected.norm() < 0.01
 
 
-def test_weight_setting_is_checked_and_auto_is_int4_on_cpu():
-    """KVCI_WEIGHTS / weights=: an unknown format is a ValueError; auto means int4 on a CPU unless a dtype is forced."""
+def test_weight_setting_is_checked_and_auto_is_fp32_on_cpu():
+    """KVCI_WEIGHTS / weights=: an unknown format is a ValueError; auto keeps fp32 on a CPU (quantized formats are opt-in)."""
     with pytest.raises(ValueError, match="weights"):
         EngineConfig(weights="int3")
     assert EngineConfig.from_env({"KVCI_WEIGHTS": "int8"}).weights == "int8"
     cpu = torch.device("cpu")
-    assert quant.resolve_format("auto", "auto", cpu) == "int4"
+    assert quant.resolve_format("auto", "auto", cpu) == "fp32"
     assert quant.resolve_format("auto", "float32", cpu) == "fp32"
     assert quant.resolve_format("bf16", "auto", cpu) == "bf16"

@@ -129,6 +129,7 @@ def build_demo(service: EngineService, issuer: SessionIssuer, planner: Planner) 
                 with gr.Row():
                     refresh_button = gr.Button("Refresh", size="sm")
                     clear_button = gr.Button("Clear cache", size="sm", variant="stop")
+                cache_tree = gr.Plot(charts.tree_figure([]), show_label=False, elem_id="kv-tree-plot")
             build_plan_tab(planner)
             with gr.Tab("API"):
                 gr.Markdown(_api_help(service))
@@ -176,16 +177,16 @@ def build_demo(service: EngineService, issuer: SessionIssuer, planner: Planner) 
                 state,
             )
 
-        def on_inspect(state: charts.SessionHistory, request: gr.Request) -> tuple[str, Any]:
+        def on_inspect(state: charts.SessionHistory, request: gr.Request) -> tuple[str, Any, Any]:
             if not service.ready:
-                return "The model is still loading.", None
+                return "The model is still loading.", None, None
             session = session_of(request)
             rows = service.entries(session, state.owned_by(session.key).sequences)
             stats = service.stats(session)
             markdown = charts.stats_markdown(stats) if stats.get("budget_bytes") is not None else backend_view.remote_stats_markdown(stats)
-            return markdown, charts.inspector_frame(rows)
+            return markdown, charts.inspector_frame(rows), charts.tree_figure(rows)
 
-        def on_pin(system: Any, state: charts.SessionHistory, request: gr.Request) -> tuple[str, Any]:
+        def on_pin(system: Any, state: charts.SessionHistory, request: gr.Request) -> tuple[str, Any, Any]:
             session = session_of(request)
             with _ui_errors():
                 body = parse_body({"system_prompt": None if system in (None, "") else system, "pin": True}, WarmBody)
@@ -193,7 +194,7 @@ def build_demo(service: EngineService, issuer: SessionIssuer, planner: Planner) 
             gr.Info(_warm_message(done))
             return on_inspect(state, request)
 
-        def on_clear(state: charts.SessionHistory, request: gr.Request) -> tuple[str, Any]:
+        def on_clear(state: charts.SessionHistory, request: gr.Request) -> tuple[str, Any, Any]:
             with _ui_errors():
                 outcome = service.clear(session_of(request))
             gr.Info(outcome["message"])
@@ -236,7 +237,8 @@ def build_demo(service: EngineService, issuer: SessionIssuer, planner: Planner) 
         status_outputs = [status, timer, backend_note, timing_note, use_cache, use_prefix_cache]
         timer.tick(on_show_status, outputs=status_outputs, **quick)
         demo.load(on_show_status, outputs=status_outputs, **quick)
-        demo.load(on_inspect, inputs=history, outputs=[cache_stats, cache_table], **quick)
+        inspect_outputs = [cache_stats, cache_table, cache_tree]  # every inspector refresh goes through on_inspect
+        demo.load(on_inspect, inputs=history, outputs=inspect_outputs, **quick)
         use_cache.change(lambda kv, prefix: prefix is True and kv is True, inputs=[use_cache, use_prefix_cache], outputs=use_prefix_cache, **quick)
         gen_inputs = [system_prompt, prompt, use_cache, use_prefix_cache, max_new_tokens, temperature, history]
         gen_outputs = [output, figures, tokens, explanation, latency_plot, hits_plot, history]
@@ -247,13 +249,13 @@ def build_demo(service: EngineService, issuer: SessionIssuer, planner: Planner) 
         unlock = dict(fn=lambda: [gr.Button(interactive=True)] * len(run_buttons), outputs=run_buttons, **quick)
         generate_button.click(**lock).then(
             on_generate, inputs=gen_inputs, outputs=gen_outputs, show_progress_on=output, **private
-        ).then(**unlock).then(on_inspect, inputs=history, outputs=[cache_stats, cache_table], **quick)
+        ).then(**unlock).then(on_inspect, inputs=history, outputs=inspect_outputs, **quick)
         verify_button.click(**lock).then(
             on_verify, inputs=gen_inputs, outputs=gen_outputs, show_progress_on=output, **private
-        ).then(**unlock).then(on_inspect, inputs=history, outputs=[cache_stats, cache_table], **quick)
-        refresh_button.click(on_inspect, inputs=history, outputs=[cache_stats, cache_table], **quick)
-        clear_button.click(on_clear, inputs=history, outputs=[cache_stats, cache_table], **quick)
-        pin_button.click(on_pin, inputs=[system_prompt, history], outputs=[cache_stats, cache_table], **private)
+        ).then(**unlock).then(on_inspect, inputs=history, outputs=inspect_outputs, **quick)
+        refresh_button.click(on_inspect, inputs=history, outputs=inspect_outputs, **quick)
+        clear_button.click(on_clear, inputs=history, outputs=inspect_outputs, **quick)
+        pin_button.click(on_pin, inputs=[system_prompt, history], outputs=inspect_outputs, **private)
         reset_button.click(on_reset_charts, inputs=history, outputs=[latency_plot, hits_plot, figures, tokens, history], **quick)
         scenario_name.change(lambda name: scenarios[name].description if name in scenarios else "", inputs=scenario_name, outputs=scenario_about, **quick)
         scenario_button.click(**lock).then(
@@ -262,7 +264,7 @@ def build_demo(service: EngineService, issuer: SessionIssuer, planner: Planner) 
             outputs=[scenario_progress, scenario_plot, latency_plot, hits_plot, history],
             show_progress_on=scenario_progress,
             **private,
-        ).then(**unlock).then(on_inspect, inputs=history, outputs=[cache_stats, cache_table], **quick)
+        ).then(**unlock).then(on_inspect, inputs=history, outputs=inspect_outputs, **quick)
 
         # ---- the gradio_client API: /generate, /cache_stats, /clear_cache
 

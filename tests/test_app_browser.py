@@ -87,3 +87,16 @@ def test_verify_button_shows_verified_identical_and_the_explanation(page, app_se
     page.locator("#kv-verify").click()
     page.locator("#kv-explanation").get_by_text("verified identical").first.wait_for()
     assert "Why:" in page.locator("#kv-explanation").inner_text()
+
+
+def test_cache_inspector_draws_the_radix_tree(page, app_server):
+    """After one generation the Cache inspector tab draws the radix tree as a plotly icicle."""
+    page.goto(app_server.url)
+    page.get_by_text("Model:").first.wait_for()
+    page.locator("#kv-prompt textarea").fill("Name a colour of the sky. One word, please.")
+    page.locator("#kv-generate").click()
+    page.locator("#kv-figures .kv-badge").wait_for()  # done: the inspector refresh follows
+    page.get_by_role("tab", name="Cache inspector").click()
+    page.locator("#kv-tree-plot .js-plotly-plot").wait_for()
+    page.locator("#kv-tree-plot .js-plotly-plot g.iciclelayer").wait_for()  # an icicle, not the empty placeholder
+    assert page.locator("#kv-tree-plot .js-plotly-plot .main-svg").count() >= 1

@@ -5,11 +5,14 @@ Runs against `app_server_public` (per-session, tiny model) and the local shared 
 
 from __future__ import annotations
 
+import json
+import uuid
+
 import httpx
 import pytest
 from gradio_client import Client
 
-from test_app_isolation import bearer, body, secret_system_prompt
+from test_app_isolation import Page, bearer, body, secret_system_prompt
 
 
 def test_rest_and_gradio_client_carry_the_explanation(app_server_public):
@@ -59,6 +62,24 @@ def test_verify_over_rest_and_gradio_client(app_server_public):
     assert hit["cache_status"] == "hit" and hit["verification"]["identical"]
     plain = httpx.post(url + "/generate", json=body(system), headers=headers, timeout=120).json()
     assert plain["verification"] is None
+
+
+def test_tree_view_shows_only_the_own_text(app_server):
+    """Shared mode over HTTP: the inspector's tree figure hovers the owner's text for the owner, the placeholder for anyone else."""
+    owner = Page(app_server.url)
+    secret = f"The tree view secret is {uuid.uuid4().hex[:8]}; never repeat it."
+    owner.generate(secret, "What is the secret?")
+
+    def tree(page: Page) -> dict:
+        response = page.event("on_inspect", None)
+        assert response.status_code == 200, response.text
+        stats, table, plot = response.json()["data"]
+        return json.loads(plot["plot"])["data"][0]
+
+    mine, theirs = tree(owner), tree(Page(app_server.url))
+    assert mine["type"] == "icicle" and "tree view secret" in json.dumps(mine)
+    assert set(theirs["ids"]) & set(mine["ids"]) - {"root"}  # the stranger sees the shared nodes' shape ...
+    assert "tree view secret" not in json.dumps(theirs) and "another session" in json.dumps(theirs)  # ... never their text
 
 
 @pytest.mark.parametrize("value", ["true", 1, None, [True]])

@@ -93,3 +93,39 @@ def test_scenario_runs_off_then_on_from_a_cold_cache_and_leaves_nothing(service)
 
 async def collect(steps):
     return [step async for step in steps]
+
+
+def _row(id: int, parent: int | None, tokens: int, preview: str, **flags) -> dict:
+    return {"id": id, "parent": parent, "start": 0, "tokens": tokens, "bytes": 1024 * tokens, "hits": flags.get("hits", 0),
+            "last_used": 1.0, "logits": False, "locked": flags.get("locked", False), "pinned": flags.get("pinned", False), "preview": preview}
+
+
+def test_tree_figure_draws_the_rows_shape_and_only_their_previews():
+    """The icicle's ids/parents/values come from the rows; another session's node shows the placeholder, never text."""
+    #   root ─ n0 "You are terse." (20) ─┬─ n1 "When do you open?" (5, locked)
+    #                                    └─ n2 (another session's) (7, pinned)
+    rows = [
+        _row(0, None, 20, "You are terse.", hits=3),
+        _row(1, 0, 5, "When do you open?", locked=True),
+        _row(2, 0, 7, "(another session's tokens)", pinned=True),
+    ]
+    trace = charts.tree_figure(rows).data[0]
+    assert list(trace.ids) == ["root", "n0", "n1", "n2"] and list(trace.parents) == ["", "root", "n0", "n0"]
+    assert list(trace.values) == [0, 20, 5, 7] and trace.branchvalues == "remainder"
+    assert list(trace.marker.colors) == [0, 3, 0, 0]  # colour: hits
+    assert trace.labels[2].startswith("🔒") and trace.labels[3].startswith("📌")
+    assert list(trace.marker.line.color)[2:] == [charts._LOCKED, charts._PINNED]
+    shown = repr(trace.labels) + repr(trace.customdata)
+    assert "another session" in trace.customdata[3][0] and "When do you open?" in shown
+    assert charts.tree_figure([]).layout.annotations  # empty: a placeholder, not an empty chart
+
+
+def test_tree_figure_from_service_rows_in_shared_mode(service):
+    """Real rows: one node per cache entry under the root, and a stranger's rows carry no text of the owner's."""
+    history = three_requests(service)
+    rows = service.entries(OWNER, history.sequences)
+    trace = charts.tree_figure(rows).data[0]
+    assert len(trace.ids) == len(rows) + 1 and sum(trace.values) == service.engine.cache.stats()["cached_tokens"]
+    assert "maps" in repr(trace.customdata)
+    stranger = charts.tree_figure(service.entries(Session(key="other", client="session:other", anonymous=False))).data[0]
+    assert "maps" not in repr(stranger.customdata) + repr(stranger.labels) and list(stranger.ids) == list(trace.ids)

@@ -28,6 +28,7 @@ STATUS_TEXT = {
 TOKEN_COLORS = {"cached": "#bbf7d0", "computed": "#fed7aa"}
 MAX_HIGHLIGHTED_TOKENS = 1200  # a longer prompt shows its start; the page stays light
 _DECODE_COLOR = "#cbd5e1"
+_LOCKED, _PINNED = "#dc2626", "#7c3aed"  # tree view outlines: held by a running request, pinned
 _LAYOUT = dict(template="plotly_white", height=340, margin=dict(l=50, r=20, t=50, b=40), legend=dict(orientation="h", y=-0.18))
 
 
@@ -279,7 +280,7 @@ def inspector_frame(rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
                 "tokens": r["tokens"],
                 "KiB": round(r["bytes"] / 1024, 1),
                 "hits": r["hits"],
-                "last used": time.strftime("%H:%M:%S", time.localtime(r["last_used"])) if r["last_used"] else "",
+                "last used": _clock_time(r["last_used"]),
                 "logits": "yes" if r["logits"] else "",
                 "locked": "yes" if r["locked"] else "",
                 "pinned": "yes" if r.get("pinned") else "",
@@ -291,6 +292,61 @@ def inspector_frame(rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
         columns=columns + ["_t"],
     )
     return frame.sort_values("_t", ascending=False, kind="stable").drop(columns="_t").reset_index(drop=True)
+
+
+def tree_figure(rows: Sequence[dict[str, Any]]) -> go.Figure:
+    """The cache inspector's tree view: an icicle of the radix tree, from ``EngineService.entries`` rows.
+
+    Each node's own width is its edge's tokens (a subtree spans its descendants too); colour is
+    hits. Locked nodes are outlined red, pinned ones violet (a locked outline wins), and both are
+    marked in the label. The hover text is the row's ``preview``, so it follows the table's rule
+    exactly: another session's tokens show as the placeholder, never as text. Clicking a node
+    zooms into its subtree; clicking the top bar zooms back out.
+    """
+    fig = go.Figure()
+    if not rows:
+        return _placeholder(fig, rows, "The cache is empty: press Generate").update_layout(template="plotly_white", height=220)
+    total = ["the whole namespace", sum(r["tokens"] for r in rows), round(sum(r["bytes"] for r in rows) / 1024, 1), "", "", "", "", ""]
+    ids, parents, labels, values, hits, outline, width, custom = ["root"], [""], ["cache"], [0], [0], ["#ffffff"], [1], [total]
+    for r in rows:
+        marks = ("🔒 " if r["locked"] else "") + ("📌 " if r.get("pinned") else "")
+        ids.append(f"n{r['id']}")
+        parents.append("root" if r["parent"] is None else f"n{r['parent']}")
+        labels.append(f"{marks}{_short(r['preview'])}")
+        values.append(r["tokens"])
+        hits.append(r["hits"])
+        outline.append(_LOCKED if r["locked"] else _PINNED if r.get("pinned") else "#ffffff")
+        width.append(3 if r["locked"] or r.get("pinned") else 1)
+        custom.append([
+            html.escape(r["preview"]),
+            r["tokens"],
+            round(r["bytes"] / 1024, 1),
+            r["hits"],
+            _clock_time(r["last_used"]),
+            "yes" if r["logits"] else "no",
+            "yes" if r["locked"] else "no",
+            "yes" if r.get("pinned") else "no",
+        ])
+    fig.add_trace(
+        go.Icicle(
+            ids=ids,
+            parents=parents,
+            labels=labels,
+            values=values,
+            branchvalues="remainder",  # a node's value is its own edge; its bar also spans its children
+            customdata=custom,
+            marker=dict(colors=hits, colorscale="Blues", cmin=0, showscale=True, colorbar=dict(title="hits"), line=dict(color=outline, width=width)),
+            hovertemplate=(
+                "%{customdata[0]}<br>%{customdata[1]} tokens · %{customdata[2]} KiB · %{customdata[3]} hits"
+                "<br>last used %{customdata[4]} · logits %{customdata[5]} · locked %{customdata[6]} · pinned %{customdata[7]}<extra></extra>"
+            ),
+            tiling=dict(orientation="v"),
+            root=dict(color="#f1f5f9"),
+            maxdepth=6,
+        )
+    )
+    fig.update_layout(template="plotly_white", height=420, margin=dict(l=10, r=10, t=40, b=10), title="Radix tree (width: tokens, colour: hits; click to zoom)")
+    return fig
 
 
 def stats_markdown(stats: dict[str, Any]) -> str:
@@ -310,6 +366,16 @@ def stats_markdown(stats: dict[str, Any]) -> str:
 
 def _x(record: RequestRecord) -> str:
     return f"#{record.index}"
+
+
+def _clock_time(t: float) -> str:
+    """A node's last use as the inspector shows it (empty when never used)."""
+    return time.strftime("%H:%M:%S", time.localtime(t)) if t else ""
+
+
+def _short(preview: str, limit: int = 24) -> str:
+    """A node's label: the start of its preview (the hover shows all of it)."""
+    return html.escape(preview if len(preview) <= limit else preview[: limit - 1] + "…")
 
 
 def _change(before: float, after: float) -> str:

@@ -446,18 +446,22 @@ class EngineService:
         In per-session mode the namespace holds only the session's own requests. In shared mode
         an entry's text is shown only when its whole path from the root is a prefix of a sequence
         this session sent or received itself; others' entries show sizes and counts, never text.
+        Rows come depth first; ``id`` and ``parent`` give the tree's shape (the inspector's tree view).
         """
         self._backend_ready()
         own_all = self.settings.per_session
-        rows, stack = [], []  # stack: (end position, path tokens) of the ancestors of the current node
+        rows, stack = [], []  # stack: (end position, path tokens, row id) of the ancestors of the current node
         for entry in self.backend.entries(self.namespace_for(session)):
             while stack and stack[-1][0] != entry.start:
                 stack.pop()
             path = (stack[-1][1] if stack else ()) + entry.token_ids
-            stack.append((entry.start + len(entry.token_ids), path))
+            parent = stack[-1][2] if stack else None
+            stack.append((entry.start + len(entry.token_ids), path, len(rows)))
             own = own_all or any(_is_prefix(path, seq) for seq in own_sequences)
             rows.append(
                 {
+                    "id": len(rows),  # depth-first index; the tree view draws from "id" and "parent"
+                    "parent": parent,  # the parent node's id, None under the root
                     "start": entry.start,
                     "tokens": len(entry.token_ids),
                     "bytes": entry.nbytes,

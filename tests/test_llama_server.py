@@ -30,10 +30,11 @@ sys.path.insert(0, str(REPO_ROOT))
 import dev  # noqa: E402  (standard library only: where dev.py builds llama-server)
 
 LLAMA_SERVER_START_TIMEOUT_S = 120
-# 2,048 tokens of context and 2 threads for a 2-core machine; one slot so that which slot serves a
-# request (and so what it can reuse) does not depend on llama-server's slot choice; slots endpoint
-# on; --slot-save-path as well, without which llama-server answers 501 to every slot action, erase too.
-LLAMA_SERVER_FLAGS = ("-c", "2048", "-t", "2", "-np", "1", "--slots", "--no-webui", "--host", "127.0.0.1")
+# 2,048 tokens of context. One thread: on the busy 2-core test machine -t 2 decoded 0.6-1.2 tokens/s
+# (its threads wait for each other at every op) and -t 1 9-10. One slot, so that what a request can
+# reuse does not depend on llama-server's choice of slot. The slots endpoint, and --slot-save-path
+# (added per run), without which llama-server answers 501 to every slot action, erase included.
+LLAMA_SERVER_FLAGS = ("-c", "2048", "-t", "1", "-np", "1", "--slots", "--no-webui", "--host", "127.0.0.1")
 
 
 def llama_server_binary() -> Path:

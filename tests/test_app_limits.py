@@ -18,6 +18,7 @@ import pytest
 from test_app_isolation import Page, bearer, body, secret_system_prompt
 from ui.limits import MAX_BODY_BYTES
 
+STORY = "Tell me a very long story about a dragon."  # greedy, the bundled model decodes it for many seconds
 LONG = 300  # new tokens: ~20 s of decoding for the bundled model on 2 cores, far longer than any check below
 
 
@@ -122,7 +123,9 @@ def test_prompts_over_max_prompt_tokens_are_refused(app_server_public):
 def test_a_dropped_rest_request_frees_its_slot_within_a_second(app_server_per_session):
     """Attack 5: a client that hangs up used to leave its generation running to the end."""
     url = app_server_per_session.url
-    request = body(secret_system_prompt(), max_new_tokens=LONG)
+    # The page test's prompt: greedy, it decodes far past the client's 2 s (a random system prompt
+    # can end in EOS within 2 s, and then there is nothing to drop).
+    request = {"prompt": STORY, "max_new_tokens": LONG, "use_cache": True, "use_prefix_cache": True}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(url + "/generate", json=request, timeout=httpx.Timeout(10, read=2.0))
     assert wait_inflight(url, 0, within_s=1.5) < 1.5
@@ -132,7 +135,7 @@ def test_a_dropped_page_stream_frees_its_slot_within_a_second(app_server_per_ses
     """Attack 5: a page closed mid-stream (13 s of decoding left) stops at the next token."""
     url = app_server_per_session.url
     page = Page(url)
-    for message in page.stream("on_generate", None, "Tell me a very long story about a dragon.", True, True, LONG, 0, None):
+    for message in page.stream("on_generate", None, STORY, True, True, LONG, 0, None):
         if message.get("msg") == "process_generating":
             break  # leaving the with-block closes the event stream, as a closed tab does
     page.http.close()
@@ -144,7 +147,7 @@ def test_gradio_client_job_cancel_stops_the_request(app_server_per_session):
     gradio_client = pytest.importorskip("gradio_client")
     url = app_server_per_session.url
     client = gradio_client.Client(url, verbose=False, headers=bearer(url))
-    job = client.submit("Tell me a very long story about a dragon.", None, LONG, api_name="/generate")
+    job = client.submit(STORY, None, LONG, api_name="/generate")
     wait_inflight(url, 1, within_s=30)
     time.sleep(0.5)
     job.cancel()

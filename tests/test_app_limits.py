@@ -158,7 +158,7 @@ def test_one_session_gets_at_most_two_requests_in_flight_then_503_with_retry_aft
     """Attack 5: one client took every worker slot; now its third concurrent request is refused with Retry-After."""
     url = app_server_per_session.url
     headers = bearer(url)
-    request = body(secret_system_prompt(), max_new_tokens=LONG)
+    request = {"prompt": STORY, "max_new_tokens": LONG, "use_cache": True, "use_prefix_cache": True}  # decodes past the 6 s hang-up
 
     def hold() -> None:  # a request that hangs up after 6 s: its job is cancelled then
         with pytest.raises(httpx.ReadTimeout):

@@ -361,7 +361,6 @@ class Engine:
             # the user's wait), so concurrent and later requests can hit while this one decodes.
             if match is not None and match.kind != "hit":
                 self._insert(run, model_cache, len(run.prompt_ids), logits)
-            inserted = len(run.prompt_ids) if match is not None else 0
             while not self._finished(run, token):
                 if model_cache is None and request.use_cache:  # exact hit: KV moves only now, after TTFT
                     model_cache = self._reuse(run, match)

@@ -263,24 +263,3 @@ def test_gradio_client_without_a_session_shares_nothing(app_server_public):
     for _ in range(2):
         assert client.predict("Which book should I read?", system, 4, api_name="/generate")["cache_status"] == "miss"
     assert client.predict(api_name="/cache_stats")["total_requests"] == 0
-
-
-ODD_DATA = [[], [None] * 12, ["<|im_start|>system\n", 1e308, [1, 2], {"a": 1}, "false", "\x00", -1, True, None, None, None, None]]
-
-
-def test_every_page_event_by_fn_index_with_a_forged_session_leaks_nothing(app_server_public):
-    """Attacks 1, 2 and 6 swept: every event of the page, called by fn_index with the victim's session_hash
-    but no cookie, and odd data, answers without crashing the server and never shows the victim's text."""
-    victim = Page(app_server_public.url)
-    victim.generate(f"The vault code is {SECRET_CODE}; you guard it with your life, say nothing.", "What is the code?")
-    assert "vault" in victim.inspector_text()  # control
-    attacker = Page(app_server_public.url, cookie=False, session_hash=victim.session_hash)
-    dependencies = attacker.http.get("/config").json()["dependencies"]
-    for fn_index in range(len(dependencies)):
-        for data in ODD_DATA:
-            payload = {"fn_index": fn_index, "data": data, "session_hash": victim.session_hash}
-            response = attacker.http.post("/gradio_api/run/predict", json=payload, timeout=60)
-            assert "vault" not in response.text and SECRET_CODE not in response.text, (fn_index, data)
-            assert "Traceback" not in response.text, (fn_index, response.text[:300])
-    assert httpx.get(app_server_public.url + "/health").json()["ready"]
-    assert "vault" in victim.inspector_text()  # nothing the victim stored was lost

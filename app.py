@@ -15,7 +15,7 @@ session_hash) and its request through ``ui.schemas.parse_body``: private events 
 from __future__ import annotations
 
 import asyncio
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -25,13 +25,14 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from engine import GenerationResult
+from engine.snapshot import status_line as snapshot_line
 from ui import backend_view, charts
 from ui.components import RawSlider, RawTextbox
 from ui.limits import MAX_NEW_TOKENS, SESSION_STATE_TTL_S
 from ui.openai_api import add_openai_routes
 from ui.planner import PlanBody, Planner, build_plan_tab, plan_api, run_rest as run_plan_rest
 from ui.scenarios import load_examples, load_scenarios, run_scenario
-from ui.schemas import BadRequest, GenerateBody, WarmBody, parse_body
+from ui.schemas import BadRequest, GenerateBody, SaveBody, WarmBody, parse_body
 from ui.security import Guard
 from ui.service import Busy, EngineService, NotAllowed, NotReady
 from ui.sessions import ID_RULE, SESSION_HEADER, BadSession, Session, SessionIssuer
@@ -184,6 +185,7 @@ def build_demo(service: EngineService, issuer: SessionIssuer, planner: Planner) 
             rows = service.entries(session, state.owned_by(session.key).sequences)
             stats = service.stats(session)
             markdown = charts.stats_markdown(stats) if stats.get("budget_bytes") is not None else backend_view.remote_stats_markdown(stats)
+            markdown += f"\n\n{snapshot_line(stats['snapshot'])}" if stats.get("snapshot") else ""
             return markdown, charts.inspector_frame(rows), charts.tree_figure(rows)
 
         def on_pin(system: Any, state: charts.SessionHistory, request: gr.Request) -> tuple[str, Any, Any]:
@@ -314,7 +316,12 @@ def build_demo(service: EngineService, issuer: SessionIssuer, planner: Planner) 
 
 def build_rest(service: EngineService, issuer: SessionIssuer, planner: Planner) -> FastAPI:
     """REST routes, behind the Guard middleware; defined before Gradio is mounted at "/" so they take precedence."""
-    api = FastAPI(title="kv-cache-inference", description="KV cache and prefix cache, measured.", docs_url="/docs", redoc_url=None)
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        await asyncio.to_thread(service.stop)  # SIGTERM / SIGINT: uvicorn's clean shutdown saves the prefix cache
+
+    api = FastAPI(title="kv-cache-inference", description="KV cache and prefix cache, measured.", docs_url="/docs", redoc_url=None, lifespan=lifespan)
 
     @api.post("/session")
     def rest_new_session() -> JSONResponse:
@@ -368,6 +375,24 @@ def build_rest(service: EngineService, issuer: SessionIssuer, planner: Planner) 
             return _error(503, str(exc), {"Retry-After": str(Busy.retry_after_s)})
         except ValueError as exc:  # BadSession too: a malformed session id
             return _error(400, str(exc))
+
+    @api.post("/cache/save")
+    def rest_cache_save(request: Request, raw: bytes = Depends(_body_bytes)) -> JSONResponse:
+        """Save the prefix cache to --cache-dir now (local servers only: 403 on a public one). No body, or `{}`."""
+        try:
+            parse_body(raw or b"{}", SaveBody)
+        except BadRequest as exc:
+            return _error(422, str(exc))
+        try:
+            return JSONResponse(service.save_cache())
+        except NotAllowed as exc:
+            return _error(403, str(exc))
+        except NotReady as exc:
+            return _error(503, str(exc))
+        except ValueError as exc:
+            return _error(400, str(exc))
+        except OSError as exc:
+            return _error(500, f"the snapshot could not be written: {exc}")
 
     @api.post("/plan", openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": PlanBody.model_json_schema()}}}})
     async def rest_plan(request: Request) -> JSONResponse:
@@ -488,7 +513,7 @@ def _api_help(service: EngineService) -> str:
         "**REST** (same port): `POST /generate` with JSON "
         '`{"prompt": "...", "system_prompt": null, "max_new_tokens": 32, "use_cache": true, "use_prefix_cache": true, "temperature": 0}` '
         "(optional `top_p`, `seed`) returns the engine's response; `GET /cache/stats`; `POST /cache/clear`; "
-        '`POST /cache/warm` with `{"system_prompt": "...", "pin": true, "ttl_s": 600}` (or `"messages": [...]`) prefills and pins; '
+        '`POST /cache/warm` with `{"system_prompt": "...", "pin": true, "ttl_s": 600}` (or `"messages": [...]`) prefills and pins; `POST /cache/save` writes the cache to `--cache-dir` (local servers); '
         "`GET /health`; schema at `/docs`. "
         "To keep a session (and its cache) across calls, get an id from `POST /session` and send it as "
         f"`Authorization: Bearer <id>` or `{SESSION_HEADER}: <id>` (or choose one: {ID_RULE.split(' (')[0]}). "

@@ -87,6 +87,23 @@ class PrefixMatch:
 
 
 @dataclass(frozen=True)
+class ExportedNode:
+    """One node as :meth:`PrefixCache.exported` hands it out (to ``cache/snapshot.py``): parents come before children."""
+
+    namespace: str
+    parent: int  # index of the parent node in the export; -1 under the namespace's root
+    token_ids: tuple[int, ...]
+    slots: tuple[Slot, ...]  # one per token
+    logits_slots: tuple[Slot, ...]  # empty when no logits end here
+    recency: int  # the tick of its last use: only the order means anything
+    last_used: float
+    hits: int
+    pinned: bool  # on a pinned path
+    pin_ends_here: bool  # a pin was made on the sequence ending exactly here
+    pin_expires_in_s: float | None  # that pin's seconds left (None: no TTL, or no pin here)
+
+
+@dataclass(frozen=True)
 class CacheEntry:
     """One node of the tree, as the cache inspector shows it."""
 
@@ -415,6 +432,45 @@ class PrefixCache:
             if pin is not None:
                 self._unpin(pin)
             return pin is not None
+
+    @contextmanager
+    def exported(self, keep: Callable[[str], bool] = lambda name: True) -> Iterator[list[ExportedNode]]:
+        """Every node of the namespaces ``keep`` selects, with their slots locked until the block ends.
+
+        The list is one consistent picture, taken in a single hold of the tree lock; the block itself
+        runs outside it, so the caller may copy the slots' bytes slowly while requests go on. The
+        slots are neither evicted nor reused meanwhile (even across a clear), exactly as a match's.
+
+        Example:
+            >>> with cache.exported(lambda name: name == "") as nodes:
+            ...     rows = pool_bytes.read([s for n in nodes for s in n.slots + n.logits_slots])
+        """
+        self._local.wait_s = 0.0
+        with self._locked():
+            self._expire_pins()
+            now, nodes, leaves, index = self._clock(), [], [], {}
+            for ns in self._namespaces.values():
+                if not keep(ns.name):
+                    continue
+                for node in _descendants(ns.root):
+                    index[id(node)] = len(nodes)
+                    pin = self._pins.get(id(node))
+                    nodes.append(
+                        ExportedNode(
+                            ns.name, index.get(id(node.parent), -1), node.key, tuple(node.value), tuple(node.logits or ()),
+                            node.last_access, node.last_used, node.hits, node.pins > 0,
+                            pin is not None, pin.expires_in(now) if pin is not None else None,
+                        )
+                    )
+                    if not node.children:  # a leaf's lock holds its whole path
+                        leaves.append(node)
+                        self._inc_lock(node)
+        try:
+            yield nodes
+        finally:
+            with self._locked():
+                for leaf in leaves:
+                    self._dec_lock(leaf)
 
     @property
     def cached_bytes(self) -> int:

@@ -128,6 +128,12 @@ class WarmBody(BaseModel):
         return [m.model_dump() for m in self.messages]
 
 
+class SaveBody(BaseModel):
+    """``POST /cache/save``: no fields (an empty body or ``{}``); anything else is refused, as everywhere."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
 class BadRequest(ValueError):
     """A request body that does not validate; the message says what is wrong (REST answers 422)."""
 
@@ -136,7 +142,7 @@ def parse_body(raw: bytes | dict, schema: type[BaseModel] = GenerateBody) -> Any
     """Validate a REST body (raw JSON bytes) or the arguments of a page / gradio_client / ``/v1`` call (a dict).
 
     ``schema`` is :class:`GenerateBody`, :class:`ConversationBody` for ``/v1`` (the same fields and limits, and more),
-    or :class:`WarmBody` for ``/cache/warm``.
+    :class:`WarmBody` for ``/cache/warm``, or :class:`SaveBody` for ``/cache/save``.
 
     Raises:
         BadRequest: with :func:`describe`'s message.

@@ -35,6 +35,7 @@ from backends import Backend, BackendInfo, BackendUnavailable, CannotClear, make
 from backends.local import LocalBackend
 from cache import DEFAULT_NAMESPACE
 from engine import Engine, EngineConfig, GenerationResult, final_result
+from engine.snapshot import Snapshots
 from engine.warm import warm
 from ui.limits import MAX_PIN_TTL_S, RETRY_AFTER_S
 from ui.schemas import WarmBody, parse_body
@@ -202,6 +203,7 @@ class EngineService:
         self._lock = threading.Lock()
         self._inflight: dict[str, int] = {}  # client -> jobs queued or running; a client at 0 is forgotten
         self._ephemeral: set[str] = set()  # namespaces of anonymous calls, dropped when their job ends
+        self.snapshots: Snapshots | None = None  # with --cache-dir: the prefix cache on disk
         for i in range(settings.concurrency):
             threading.Thread(target=self._work, name=f"generate-{i}", daemon=True).start()
 
@@ -218,6 +220,8 @@ class EngineService:
 
         try:
             self.backend.load(progress)
+            if self.settings.cache_dir:
+                self._open_snapshots(self.settings.cache_dir, progress)  # restored and checked before any request can use it
             self._ready = True
             if self.settings.warm_file:
                 self._warm_from_file(self.settings.warm_file, progress)
@@ -226,6 +230,47 @@ class EngineService:
             progress(self.load_error)
         finally:
             self._loaded.set()
+
+    def _open_snapshots(self, directory: str, progress: Callable[[object], None]) -> None:
+        """``--cache-dir``: restore the snapshot there (or start cold, saying why), then save every N minutes."""
+        engine = getattr(self.backend, "engine", None)
+        if engine is None:
+            progress(f"--cache-dir {directory}: not used (a remote {self.backend.info().kind} server keeps its own cache)")
+            return
+        try:
+            self.snapshots = Snapshots(engine, directory, self._persisted, self.settings.cache_save_interval_min * 60, progress)
+        except Exception as exc:  # an odd tokenizer or an unwritable path: serve without snapshots
+            progress(f"--cache-dir {directory}: not used ({exc})")
+            return
+        self.snapshots.restore()
+        self.snapshots.start_periodic()
+
+    def _persisted(self, namespace: str) -> bool:
+        """Which namespaces a snapshot keeps: the shared one; sessions' only with --persist-session-caches (never scratch or anonymous ones)."""
+        if "/scenario-" in namespace or namespace in self._ephemeral:
+            return False
+        return namespace == DEFAULT_NAMESPACE or self.settings.persist_session_caches
+
+    def save_cache(self) -> dict[str, Any]:
+        """``POST /cache/save``: write the snapshot now. Only where the server is local (only its owner can call it).
+
+        On a public server a visitor must not make the disk work (nor learn the cache's size from the
+        reply): it saves every N minutes and at shutdown on its own.
+
+        Raises:
+            NotAllowed: on a public server. ValueError: no ``--cache-dir``. NotReady: still loading. OSError: the write failed.
+        """
+        self._backend_ready()
+        if not self.settings.is_local:
+            raise NotAllowed("the prefix cache is saved by the server itself (every few minutes and at shutdown); visitors of a public server cannot trigger a save")
+        if self.snapshots is None:
+            raise ValueError("this app has no --cache-dir (KVCI_CACHE_DIR), so there is nowhere to save the prefix cache")
+        return self.snapshots.save()
+
+    def stop(self) -> None:
+        """A clean shutdown: save the prefix cache, if there is a cache dir."""
+        if self.snapshots is not None:
+            self.snapshots.stop()
 
     def _warm_from_file(self, path: str, progress: Callable[[object], None]) -> None:
         """``--warm-file``: prefill and pin each entry in the shared namespace; a bad entry is a log line, not a failed start."""
@@ -417,6 +462,8 @@ class EngineService:
         """Prefix-cache stats as a session may see them: its own namespace, or the shared one."""
         self._backend_ready()
         stats = self.backend.stats(self.namespace_for(session))
+        if self.snapshots is not None:  # sizes of the saved cache only to whoever sees the whole cache
+            stats["snapshot"] = self.snapshots.status(detailed=not self.settings.per_session)
         return {**stats, "cache_mode": self.settings.cache_mode, "scope": "session" if self.settings.per_session else "shared"}
 
     def clear(self, session: Session) -> dict[str, Any]:

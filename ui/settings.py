@@ -42,6 +42,9 @@ class AppSettings:
     backend_api_key: str | None = field(default=None, repr=False)  # sent to it as a bearer token
     backend_kind: str | None = None  # vllm, sglang, llama-server, kvci, openai (default: detected)
     warm_file: str | None = None  # JSON list of system prompts (or {"messages": [...], "ttl_s": ...}) pinned at start
+    cache_dir: str | None = None  # the prefix cache is saved here and restored at start (engine/snapshot.py)
+    cache_save_interval_min: float = 10.0  # with cache_dir: save every this many minutes (0: only on POST /cache/save and at shutdown)
+    persist_session_caches: bool = False  # per-session mode: save sessions' namespaces too (default: only the shared one)
 
     def __post_init__(self) -> None:
         if self.warm_file is not None and self.cache_mode == "per-session":
@@ -56,6 +59,8 @@ class AppSettings:
             raise ValueError(f"session_cache_share must be in (0, 1], got {self.session_cache_share}")
         if self.backend_kind is not None and self.backend_kind not in BACKEND_KINDS:
             raise ValueError(f"backend_kind must be one of {', '.join(BACKEND_KINDS)}, got {self.backend_kind!r}")
+        if self.cache_save_interval_min < 0:
+            raise ValueError(f"cache_save_interval_min must be >= 0 (0: no periodic save), got {self.cache_save_interval_min}")
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
             raise ValueError(f"max_prompt_tokens must be >= 1, got {self.max_prompt_tokens}")
         if self.cache_mode == "shared" and not self.is_local and not self.allow_shared_public:
@@ -119,6 +124,9 @@ def parse_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str]
     parser.add_argument("--api-key", default=environ.get("KVCI_BACKEND_API_KEY") or None, help="bearer token for the remote (env KVCI_BACKEND_API_KEY)")
     parser.add_argument("--backend-kind", choices=BACKEND_KINDS, default=environ.get("KVCI_BACKEND_KIND") or None, help="the remote's engine (default: detected from what it serves; env KVCI_BACKEND_KIND)")
     parser.add_argument("--warm-file", default=environ.get("KVCI_WARM_FILE") or None, help='JSON list of system prompts (or {"messages": [...], "ttl_s": N}) prefilled and pinned at start (env KVCI_WARM_FILE)')
+    parser.add_argument("--cache-dir", default=environ.get("KVCI_CACHE_DIR") or None, help="save the prefix cache here (at shutdown, on POST /cache/save, periodically) and restore it at start (env KVCI_CACHE_DIR)")
+    parser.add_argument("--cache-save-interval-min", type=float, default=AppSettings.cache_save_interval_min, help="with --cache-dir: minutes between saves (default 10; 0: off)")
+    parser.add_argument("--persist-session-caches", action="store_true", help="with --cache-dir in per-session mode: save every session's namespace, not only the shared one")
     parser.add_argument("--public", action="store_true", help=argparse.SUPPRESS)  # a loopback server that behaves as a public one (tests)
     args = parser.parse_args(argv)
     on_space = bool(environ.get("SPACE_ID"))
@@ -150,6 +158,9 @@ def _settings_from(args: argparse.Namespace, mode: CacheMode, on_space: bool, pu
         backend_api_key=args.api_key,
         backend_kind=args.backend_kind,
         warm_file=args.warm_file,
+        cache_dir=args.cache_dir,
+        cache_save_interval_min=args.cache_save_interval_min,
+        persist_session_caches=args.persist_session_caches,
     )
 
 

@@ -139,14 +139,14 @@ class Snapshots:
         directory: Where the snapshot lives (created if missing).
         keep: Which namespaces are saved (the app: the shared one, unless sessions' are persisted too).
         interval_s: Save every this many seconds (0: only on demand and at stop).
-        progress: Where the one-line outcome of a restore goes (the app's loading lines).
+        progress: Where the one-line outcome of a restore goes besides the log (the app's loading lines).
 
     Example:
         >>> snapshots = Snapshots(engine, "/var/cache/kvci", keep=lambda ns: ns == ""); snapshots.restore()
         >>> snapshots.save()["entries"]
     """
 
-    def __init__(self, engine: Any, directory: str | Path, keep: Callable[[str], bool], interval_s: float = 0.0, progress: Callable[[str], None] = log.info) -> None:
+    def __init__(self, engine: Any, directory: str | Path, keep: Callable[[str], bool], interval_s: float = 0.0, progress: Callable[[str], None] = lambda line: None) -> None:
         self.engine, self.directory, self.keep, self.interval_s = engine, Path(directory), keep, interval_s
         self._progress = progress
         self._bytes = PoolBytes(engine.pool)
@@ -180,16 +180,22 @@ class Snapshots:
         except Exception as exc:  # a snapshot never stops the app: anything that went wrong means a cold start
             self.engine.cache.clear()
             outcome.update(entries=0, refused=str(exc))
-            self._progress(f"Prefix-cache snapshot in {self.directory} refused, starting cold: {exc}")
+            line = f"Prefix-cache snapshot in {self.directory} refused, starting cold: {exc}"
+            log.warning("%s", line)
+            self._progress(line)
         else:
             if snapshot is not None:
-                self._progress(
+                self._report(
                     f"Restored {outcome['entries']} prefix-cache entries from {self.directory} in {time.perf_counter() - t0:.2f} s "
                     f"({outcome['dropped']} dropped to fit the budget; checked against a fresh prefill: {outcome.get('check_rel_diff', 0):.2g} of the logits' scale)."
                 )
         outcome["seconds"] = time.perf_counter() - t0
         self.last_restore = outcome
         return outcome
+
+    def _report(self, line: str) -> None:
+        log.info("%s", line)
+        self._progress(line)
 
     def save(self) -> dict[str, Any]:
         """Write the snapshot now (one save at a time; a second waits for the first). Raises OSError."""

@@ -12,7 +12,7 @@ import pytest
 from cache import DEFAULT_NAMESPACE, PrefixCache
 from cache import snapshot as disk
 from engine import Engine, EngineConfig
-from engine.snapshot import Snapshots, stamp
+from engine.snapshot import Snapshots, stamp, status_line
 
 SLOT_BYTES = 16
 STAMP = {"model": "simulated", "kv_dtype": "int"}
@@ -272,6 +272,15 @@ def test_a_corrupted_slot_fails_the_check_and_starts_cold(tiny_model, tokenizer,
     lines = []
     outcome = Snapshots(second, tmp_path, keep=lambda ns: True, progress=lines.append).restore()
     assert "differ from a fresh prefill" in outcome["refused"] and second.cache.stats()["cache_size"] == 0 and len(lines) == 1
+
+
+def test_the_inspector_line_says_when_it_was_saved_and_whether_it_was_restored():
+    """The page's line: sizes only in the detailed block (a viewer of the whole cache), the reason of a cold start."""
+    assert status_line(None) == ""
+    detailed = {"last_saved_at": 1.0e9, "restored_at": 1.0e9, "restore_refused": None, "last_save_bytes": 3 * 2**20, "last_save_entries": 7, "restored_entries": 5}
+    assert "7 entries, 3.0 MiB" in status_line(detailed) and "restored at start (5 entries)" in status_line(detailed)
+    cold = {"last_saved_at": None, "restored_at": 1.0e9, "restore_refused": "no snapshot yet"}
+    assert status_line(cold) == "Snapshot on disk: last saved not yet · started cold (no snapshot yet)"
 
 
 def make_copy(model):

@@ -238,7 +238,8 @@ class EngineService:
             progress(f"--cache-dir {directory}: not used (a remote {self.backend.info().kind} server keeps its own cache)")
             return
         try:
-            self.snapshots = Snapshots(engine, directory, self._persisted, self.settings.cache_save_interval_min * 60, progress)
+            # Its own log lines (a refusal is a warning); here only the page's loading lines.
+            self.snapshots = Snapshots(engine, directory, self._persisted, self.settings.cache_save_interval_min * 60, lambda line: self.progress_lines.append(line))
         except Exception as exc:  # an odd tokenizer or an unwritable path: serve without snapshots
             progress(f"--cache-dir {directory}: not used ({exc})")
             return

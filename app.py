@@ -377,7 +377,7 @@ def build_rest(service: EngineService, issuer: SessionIssuer, planner: Planner) 
             return _error(400, str(exc))
 
     @api.post("/cache/save")
-    def rest_cache_save(request: Request, raw: bytes = Depends(_body_bytes)) -> JSONResponse:
+    def rest_cache_save(raw: bytes = Depends(_body_bytes)) -> JSONResponse:
         """Save the prefix cache to --cache-dir now (local servers only: 403 on a public one). No body, or `{}`."""
         try:
             parse_body(raw or b"{}", SaveBody)

@@ -92,7 +92,8 @@ def save(
     released. ``before_commit`` runs between the KV file and the manifest (tests slow a save there).
 
     Returns:
-        ``entries`` (nodes), ``bytes`` (of both files), ``kv_file``, ``saved_at`` (time.time()), ``seconds``.
+        ``entries`` (nodes), ``bytes`` (of both files), ``kv_file``, ``saved_at`` (time.time()), ``seconds``,
+        ``locked_seconds`` (how long the entries were held against eviction: the copy).
     """
     start = time.perf_counter()
     directory = Path(directory)
@@ -100,6 +101,7 @@ def save(
     with cache.exported(keep) as exported:
         slots = [s for node in exported for s in node.slots + node.logits_slots]
         rows = slot_bytes.read(slots) if slots else np.zeros((0, slot_bytes.slot_bytes), dtype=np.uint8)
+    copied = time.perf_counter()
     manifest = {
         "format": FORMAT,
         "stamp": stamp,
@@ -118,7 +120,7 @@ def save(
         if old.name != kv_name and old.name.startswith(KV_PREFIX) and (old.name.endswith(KV_SUFFIX) or old.name.endswith(TMP_SUFFIX)):
             old.unlink(missing_ok=True)
     size = (directory / kv_name).stat().st_size + (directory / MANIFEST).stat().st_size
-    return {"entries": len(exported), "bytes": size, "kv_file": kv_name, "saved_at": manifest["saved_at"], "seconds": time.perf_counter() - start}
+    return {"entries": len(exported), "bytes": size, "kv_file": kv_name, "saved_at": manifest["saved_at"], "seconds": time.perf_counter() - start, "locked_seconds": copied - start}
 
 
 def load(directory: str | Path, stamp: dict[str, Any]) -> Snapshot | None:

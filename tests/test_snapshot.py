@@ -274,6 +274,22 @@ def test_a_corrupted_slot_fails_the_check_and_starts_cold(tiny_model, tokenizer,
     assert "differ from a fresh prefill" in outcome["refused"] and second.cache.stats()["cache_size"] == 0 and len(lines) == 1
 
 
+def test_periodic_saves_run_in_the_background_and_stop_saves_once_more(tiny_engine, tmp_path):
+    """interval_s > 0 saves on its own (no request needed); stop() (the clean shutdown) writes the latest entries."""
+    import time
+
+    snapshots = Snapshots(tiny_engine, tmp_path, keep=lambda ns: True, interval_s=0.2)
+    snapshots.start_periodic()
+    deadline = time.monotonic() + 30
+    while snapshots.last_save is None:
+        assert time.monotonic() < deadline, "no periodic save within 30 s"
+        time.sleep(0.05)
+    fill(tiny_engine, n=1)
+    snapshots.stop()
+    assert snapshots.last_save["entries"] > 0
+    assert disk.load(tmp_path, snapshots.stamp).nodes
+
+
 def test_the_inspector_line_says_when_it_was_saved_and_whether_it_was_restored():
     """The page's line: sizes only in the detailed block (a viewer of the whole cache), the reason of a cold start."""
     assert status_line(None) == ""

@@ -1,4 +1,5 @@
-"""Pin and warm over real HTTP: REST /cache/warm and gradio_client /warm_cache, then hits; and the attacks.
+"""Pin, unpin and warm over real HTTP: REST /cache/warm and /cache/unpin, gradio_client /warm_cache and
+/unpin_cache, the page's Pin and Unpin events, then hits; and the attacks.
 
 Runs against `app_server_public` (per-session, tiny model, 8 MiB) and the local shared app.
 """
@@ -9,7 +10,7 @@ import httpx
 import pytest
 from gradio_client import Client
 
-from test_app_isolation import bearer, body, secret_system_prompt
+from test_app_isolation import Page, bearer, body, secret_system_prompt
 
 
 def test_rest_warm_then_a_request_with_that_system_prompt_is_a_partial_hit(app_server_public):
@@ -93,3 +94,84 @@ def test_local_shared_pin_without_ttl_and_inspector_marks_it(app_server):
     done = httpx.post(url + "/cache/warm", json={"system_prompt": secret_system_prompt(), "pin": True}, headers=headers, timeout=120).json()
     assert done["pinned"] and done["expires_in_s"] is None
     httpx.post(url + "/cache/clear", headers=headers).raise_for_status()  # leave the shared app clean for other tests
+
+
+# ---------------------------------------------------------------------- unpin
+
+
+def test_rest_unpin_drops_the_own_pin_and_keeps_the_entry(app_server_public):
+    """POST /cache/unpin with the warm's body drops the pin (stats and inspector agree); the entry stays and still hits."""
+    url, headers = app_server_public.url, bearer(app_server_public.url)
+    system = secret_system_prompt()
+    httpx.post(url + "/cache/warm", json={"system_prompt": system, "pin": True}, headers=headers, timeout=120).raise_for_status()
+    assert httpx.get(url + "/cache/stats", headers=headers).json()["pins"] == 1
+    unpinned = httpx.post(url + "/cache/unpin", json={"system_prompt": system}, headers=headers, timeout=60)
+    assert unpinned.status_code == 200 and unpinned.json()["unpinned"] is True, unpinned.text
+    stats = httpx.get(url + "/cache/stats", headers=headers).json()
+    assert stats["pins"] == 0 and stats["pinned_bytes"] == 0 and stats["cache_size"] > 0
+    again = httpx.post(url + "/cache/unpin", json={"system_prompt": system}, headers=headers, timeout=60)
+    assert again.status_code == 404 and again.json()["unpinned"] is False and "Nothing to unpin" in again.json()["message"]
+    assert httpx.post(url + "/generate", json=body(system), headers=headers, timeout=120).json()["cache_status"] == "partial"
+
+
+def test_session_b_cannot_unpin_session_a_pin(app_server_public):
+    """Attack: b sends a's exact unpin body; b's own namespace has no such pin (404), and a's pin stays."""
+    url, a, b = app_server_public.url, bearer(app_server_public.url), bearer(app_server_public.url)
+    system = secret_system_prompt()
+    httpx.post(url + "/cache/warm", json={"system_prompt": system, "pin": True}, headers=a, timeout=120).raise_for_status()
+    response = httpx.post(url + "/cache/unpin", json={"system_prompt": system}, headers=b, timeout=60)
+    assert response.status_code == 404 and response.json()["unpinned"] is False, response.text
+    assert httpx.get(url + "/cache/stats", headers=a).json()["pins"] == 1
+    client_b = Client(url + "/", headers=b, verbose=False)
+    assert client_b.predict(system, None, api_name="/unpin_cache")["unpinned"] is False
+    assert httpx.get(url + "/cache/stats", headers=a).json()["pins"] == 1
+
+
+def test_anonymous_callers_cannot_unpin(app_server_public):
+    """No session: nothing of anyone's to unpin; refused (403) on REST and gradio_client, as pinning is."""
+    url = app_server_public.url
+    response = httpx.post(url + "/cache/unpin", json={"system_prompt": secret_system_prompt()}, timeout=60)
+    assert response.status_code == 403 and "anonymous" in response.json()["detail"]
+    with pytest.raises(Exception, match="anonymous"):
+        Client(url + "/", verbose=False).predict(secret_system_prompt(), None, api_name="/unpin_cache")
+
+
+def test_gradio_client_unpin_messages(app_server_public):
+    """gradio_client /unpin_cache takes the same messages as /warm_cache and drops that pin."""
+    url, headers = app_server_public.url, bearer(app_server_public.url)
+    client = Client(url + "/", headers=headers, verbose=False)
+    messages = [{"role": "system", "content": secret_system_prompt()}, {"role": "user", "content": "Which book should I read?"}]
+    client.predict(None, messages, True, None, api_name="/warm_cache")
+    done = client.predict(None, messages, api_name="/unpin_cache")
+    assert done["unpinned"] is True and done["tokens"] > 0
+    assert client.predict(api_name="/cache_stats")["pins"] == 0
+
+
+@pytest.mark.parametrize(
+    "payload, field",
+    [
+        ({}, "exactly one"),
+        ({"system_prompt": "x" * 40, "pin": True}, "unknown field"),
+        ({"system_prompt": "x" * 40, "ttl_s": 5}, "unknown field"),
+        ({"messages": []}, "messages"),
+        ({"system_prompt": ["x"]}, "system_prompt"),
+    ],
+)
+def test_bad_unpin_bodies_are_422_naming_the_field(app_server_public, payload, field):
+    """The one validation path (parse_body with UnpinBody): the warm's body without pin and ttl_s."""
+    response = httpx.post(app_server_public.url + "/cache/unpin", json=payload, headers=bearer(app_server_public.url), timeout=60)
+    assert response.status_code == 422 and field in response.json()["detail"], response.text
+
+
+def test_page_pin_and_unpin_events_follow_the_cookie_session(app_server_public):
+    """The page's Pin and Unpin events (private, called by fn_index): the cookie's session pins and unpins; a
+    caller with the page's session_hash but no cookie is anonymous and refused."""
+    page = Page(app_server_public.url)
+    system = secret_system_prompt()
+    pinned = page.event("on_pin", system, None)
+    assert pinned.status_code == 200 and " 1 pinned (" in pinned.text, pinned.text[:300]  # the stats the event returns
+    forger = Page(app_server_public.url, cookie=False, session_hash=page.session_hash)
+    assert "anonymous" in forger.event("on_unpin", system, None).json().get("error", "")
+    assert " 1 pinned (" in page.inspector_text()
+    unpinned = page.event("on_unpin", system, None)
+    assert unpinned.status_code == 200 and " 0 pinned (" in unpinned.text, unpinned.text[:300]

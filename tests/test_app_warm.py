@@ -1,15 +1,20 @@
 """Pin, unpin and warm over real HTTP: REST /cache/warm and /cache/unpin, gradio_client /warm_cache and
 /unpin_cache, the page's Pin and Unpin events, then hits; and the attacks.
 
-Runs against `app_server_public` (per-session, tiny model, 8 MiB) and the local shared app.
+Runs against `app_server_public` (per-session, tiny model, 8 MiB), the local shared app, and apps of
+its own started with --warm-file.
 """
 
 from __future__ import annotations
+
+import json
+import re
 
 import httpx
 import pytest
 from gradio_client import Client
 
+from conftest import launch_app, stop_app
 from test_app_isolation import Page, bearer, body, secret_system_prompt
 
 
@@ -175,3 +180,50 @@ def test_page_pin_and_unpin_events_follow_the_cookie_session(app_server_public):
     assert " 1 pinned (" in page.inspector_text()
     unpinned = page.event("on_unpin", system, None)
     assert unpinned.status_code == 200 and " 0 pinned (" in unpinned.text, unpinned.text[:300]
+
+
+# ---------------------------------------------------------------------- --warm-file
+
+WARM_SYSTEM = "You answer questions about the opening hours of a small public library in three words or fewer, always politely."
+WARM_MESSAGES = [{"role": "system", "content": "You recommend one classic novel per question and say nothing else at all, ever."}, {"role": "user", "content": "Which book should I read?"}]
+
+
+@pytest.fixture(scope="module")
+def warm_file_app(tmp_path_factory, tiny_model_folder):
+    """The tiny model in local shared mode, started with a warm file: two good entries and one too short to cache."""
+    folder = tmp_path_factory.mktemp("warm-file")
+    path = folder / "warm.json"
+    path.write_text(json.dumps([WARM_SYSTEM, {"messages": WARM_MESSAGES, "ttl_s": 600}, "Too short."]))
+    server = launch_app(folder, "--model", str(tiny_model_folder), "--warm-file", str(path))
+    yield server
+    stop_app(server)
+
+
+def test_warm_file_pins_at_start_and_a_request_reuses_them(warm_file_app):
+    """--warm-file: the pins exist when /health says ready (stats, progress, inspector); a request with the pinned
+    system prompt is a partial hit reusing exactly the pinned tokens, the pinned messages an exact hit; the short entry is a log line."""
+    url = warm_file_app.url
+    progress = "\n".join(httpx.get(url + "/health").json()["progress"])
+    pinned_tokens = [int(n) for n in re.findall(r"Pinned warm-file entry \d: (\d+) tokens", progress)]
+    assert len(pinned_tokens) == 2 and "entry 2 not pinned: this warms" in progress, progress
+    stats = httpx.get(url + "/cache/stats").json()
+    assert stats["pins"] == 2 and stats["pinned_bytes"] > 0
+    assert " 2 pinned (" in Page(url).inspector_text()
+    reply = httpx.post(url + "/generate", json={**body(WARM_SYSTEM), "prompt": "When do you open on Sunday?"}, timeout=120).json()
+    assert reply["cache_status"] == "partial" and reply["cache_explanation"]["reused_tokens"] == pinned_tokens[0]
+    assert httpx.post(url + "/generate", json=body(WARM_MESSAGES[0]["content"]), timeout=120).json()["cache_status"] == "hit"
+
+
+@pytest.mark.parametrize("text, reason", [("[\"unclosed", "not used (Unterminated string"), ('{"system_prompt": "a dict"}', "not used (the file must hold a JSON list)")])
+def test_a_malformed_warm_file_is_refused_with_a_log_line_and_the_app_starts_cold(tmp_path, tiny_model_folder, text, reason):
+    """A warm file that is not a JSON list does not stop the app: /health and the log say why, and nothing is pinned."""
+    path = tmp_path / "warm.json"
+    path.write_text(text)
+    server = launch_app(tmp_path, "--model", str(tiny_model_folder), "--warm-file", str(path))
+    try:
+        progress = "\n".join(httpx.get(server.url + "/health").json()["progress"])
+        assert f"--warm-file {path}: {reason}" in progress, progress
+        assert f"--warm-file {path}: {reason}" in server.log_tail(20_000)
+        assert httpx.get(server.url + "/cache/stats").json()["pins"] == 0
+    finally:
+        stop_app(server)

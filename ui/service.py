@@ -229,13 +229,19 @@ class EngineService:
             self._loaded.set()
 
     def _warm_from_file(self, path: str, progress: Callable[[object], None]) -> None:
-        """``--warm-file``: prefill and pin each entry in the shared namespace; a bad entry is a log line, not a failed start."""
+        """``--warm-file``: prefill and pin each entry in the shared namespace; a bad file or entry is a warning
+        on stderr (and a /health progress line), not a failed start: the app serves, colder."""
+
+        def refused(line: str) -> None:
+            progress(line)
+            log.warning("%s", line)  # progress logs at INFO, which the app does not print
+
         try:
             entries = json.loads(Path(path).read_text(encoding="utf-8"))
             if not isinstance(entries, list):
                 raise ValueError("the file must hold a JSON list")
         except (OSError, ValueError) as exc:
-            progress(f"--warm-file {path}: not used ({exc})")
+            refused(f"--warm-file {path}: not used ({exc})")
             return
         engine = getattr(self.backend, "engine", None)
         for i, entry in enumerate(entries):
@@ -245,7 +251,7 @@ class EngineService:
                 done = warm(engine, body.message_dicts(), DEFAULT_NAMESPACE, pin=True, ttl_s=body.ttl_s)
                 progress(f"Pinned warm-file entry {i}: {done['tokens']} tokens, {done['pinned_bytes']:,} bytes.")
             except (ValueError, AttributeError) as exc:
-                progress(f"--warm-file {path}: entry {i} not pinned: {exc}")
+                refused(f"--warm-file {path}: entry {i} not pinned: {exc}")
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         return self._loaded.wait(timeout) and self._ready

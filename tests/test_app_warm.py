@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import re
+import time
+import uuid
 
 import httpx
 import pytest
@@ -99,6 +101,28 @@ def test_local_shared_pin_without_ttl_and_inspector_marks_it(app_server):
     done = httpx.post(url + "/cache/warm", json={"system_prompt": secret_system_prompt(), "pin": True}, headers=headers, timeout=120).json()
     assert done["pinned"] and done["expires_in_s"] is None
     httpx.post(url + "/cache/clear", headers=headers).raise_for_status()  # leave the shared app clean for other tests
+
+
+def test_a_pin_survives_a_flood_and_an_expired_one_does_not(app_server_public):
+    """Issue 13's test over HTTP: the session floods its own share of the cache (evicting everything else in it);
+    its pinned system prompt is still reused whole, while a pin whose TTL ran out was evicted like any entry."""
+    url, headers = app_server_public.url, bearer(app_server_public.url)
+    kept, expiring = secret_system_prompt(), secret_system_prompt()
+    pins = {system: httpx.post(url + "/cache/warm", json={"system_prompt": system, "pin": True, **ttl}, headers=headers, timeout=120).json() for system, ttl in ((kept, {}), (expiring, {"ttl_s": 0.5}))}
+    assert all(done["pinned"] for done in pins.values()), pins
+    for _ in range(100):  # the TTL runs out with no hit; stats expire pins when read
+        if httpx.get(url + "/cache/stats", headers=headers).json()["pins"] == 1:
+            break
+        time.sleep(0.1)
+    for i in range(16):  # ~300 KiB each with their logits: well over the session's 2 MiB share of the 8 MiB
+        flood = f"Flood {i} {uuid.uuid4().hex}. " + "word " * 150
+        httpx.post(url + "/generate", json=body(None, prompt=flood, max_new_tokens=1), headers=headers, timeout=60).raise_for_status()
+    stats = httpx.get(url + "/cache/stats", headers=headers).json()
+    assert stats["pins"] == 1 and stats["evictions"] > 0 and stats["cached_bytes"] <= 0.25 * stats["budget_bytes"] + 1
+    reply = httpx.post(url + "/generate", json=body(kept), headers=headers, timeout=120).json()
+    assert reply["cache_status"] == "partial" and reply["cache_explanation"]["reused_tokens"] == pins[kept]["tokens"]
+    reply = httpx.post(url + "/generate", json=body(expiring), headers=headers, timeout=120).json()
+    assert reply["cache_explanation"]["reused_tokens"] < pins[expiring]["tokens"]  # only what it shares with the kept pin
 
 
 # ---------------------------------------------------------------------- unpin

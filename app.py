@@ -55,6 +55,11 @@ def build_demo(service: EngineService, issuer: SessionIssuer, planner: Planner) 
         with _ui_errors():
             return _session(issuer, request)
 
+    def check_colour(colour: Any) -> None:
+        """The tree view's colour control, as any caller of an inspector event may send it."""
+        if colour not in charts.TREE_COLOURS:
+            raise gr.Error(f"tree colour: pick one of {', '.join(charts.TREE_COLOURS)}")
+
     with gr.Blocks(title="KV cache & prefix cache, measured", analytics_enabled=False) as demo:
         # Keyed by Gradio's session_hash, which a client can copy: handlers bind it to the server's session.
         history = gr.State(charts.SessionHistory(), time_to_live=SESSION_STATE_TTL_S)
@@ -131,6 +136,7 @@ def build_demo(service: EngineService, issuer: SessionIssuer, planner: Planner) 
                 with gr.Row():
                     refresh_button = gr.Button("Refresh", size="sm")
                     clear_button = gr.Button("Clear cache", size="sm", variant="stop")
+                tree_colour = gr.Radio(list(charts.TREE_COLOURS), value="hits", label="Tree colour", info="hits, or time since last use", elem_id="kv-tree-colour")
                 cache_tree = gr.Plot(charts.tree_figure([]), show_label=False, elem_id="kv-tree-plot")
             build_plan_tab(planner)
             with gr.Tab("API"):
@@ -179,36 +185,40 @@ def build_demo(service: EngineService, issuer: SessionIssuer, planner: Planner) 
                 state,
             )
 
-        def on_inspect(state: charts.SessionHistory, request: gr.Request) -> tuple[str, Any, Any]:
+        def on_inspect(state: charts.SessionHistory, colour: Any, request: gr.Request) -> tuple[str, Any, Any]:
             if not service.ready:
                 return "The model is still loading.", None, None
             session = session_of(request)
+            check_colour(colour)
             rows = service.entries(session, state.owned_by(session.key).sequences)
             stats = service.stats(session)
             markdown = charts.stats_markdown(stats) if stats.get("budget_bytes") is not None else backend_view.remote_stats_markdown(stats)
-            return markdown, charts.inspector_frame(rows), charts.tree_figure(rows)
+            return markdown, charts.inspector_frame(rows), charts.tree_figure(rows, colour)
 
-        def on_pin(system: Any, state: charts.SessionHistory, request: gr.Request) -> tuple[str, Any, Any]:
+        def on_pin(system: Any, state: charts.SessionHistory, colour: Any, request: gr.Request) -> tuple[str, Any, Any]:
+            check_colour(colour)  # before any work
             session = session_of(request)
             with _ui_errors():
                 body = parse_body({"system_prompt": None if system in (None, "") else system, "pin": True}, WarmBody)
                 done = service.warm(session, body.message_dicts(), pin=True, ttl_s=body.ttl_s)
             gr.Info(_warm_message(done))
-            return on_inspect(state, request)
+            return on_inspect(state, colour, request)
 
-        def on_unpin(system: Any, state: charts.SessionHistory, request: gr.Request) -> tuple[str, Any, Any]:
+        def on_unpin(system: Any, state: charts.SessionHistory, colour: Any, request: gr.Request) -> tuple[str, Any, Any]:
+            check_colour(colour)  # before any work
             session = session_of(request)
             with _ui_errors():
                 body = parse_body({"system_prompt": None if system in (None, "") else system}, UnpinBody)
                 done = service.unpin(session, body.message_dicts())
             (gr.Info if done["unpinned"] else gr.Warning)(done["message"])
-            return on_inspect(state, request)
+            return on_inspect(state, colour, request)
 
-        def on_clear(state: charts.SessionHistory, request: gr.Request) -> tuple[str, Any, Any]:
+        def on_clear(state: charts.SessionHistory, colour: Any, request: gr.Request) -> tuple[str, Any, Any]:
+            check_colour(colour)  # before any work
             with _ui_errors():
                 outcome = service.clear(session_of(request))
             gr.Info(outcome["message"])
-            return on_inspect(state, request)
+            return on_inspect(state, colour, request)
 
         def on_reset_charts(state: charts.SessionHistory, request: gr.Request):
             state = state.owned_by(session_of(request).key)
@@ -247,8 +257,8 @@ def build_demo(service: EngineService, issuer: SessionIssuer, planner: Planner) 
         status_outputs = [status, timer, backend_note, timing_note, use_cache, use_prefix_cache]
         timer.tick(on_show_status, outputs=status_outputs, **quick)
         demo.load(on_show_status, outputs=status_outputs, **quick)
-        inspect_outputs = [cache_stats, cache_table, cache_tree]  # every inspector refresh goes through on_inspect
-        demo.load(on_inspect, inputs=history, outputs=inspect_outputs, **quick)
+        inspect_inputs, inspect_outputs = [history, tree_colour], [cache_stats, cache_table, cache_tree]  # every inspector refresh goes through on_inspect
+        demo.load(on_inspect, inputs=inspect_inputs, outputs=inspect_outputs, **quick)
         use_cache.change(lambda kv, prefix: prefix is True and kv is True, inputs=[use_cache, use_prefix_cache], outputs=use_prefix_cache, **quick)
         gen_inputs = [system_prompt, prompt, use_cache, use_prefix_cache, max_new_tokens, temperature, history]
         gen_outputs = [output, figures, tokens, explanation, latency_plot, hits_plot, history]
@@ -259,14 +269,15 @@ def build_demo(service: EngineService, issuer: SessionIssuer, planner: Planner) 
         unlock = dict(fn=lambda: [gr.Button(interactive=True)] * len(run_buttons), outputs=run_buttons, **quick)
         generate_button.click(**lock).then(
             on_generate, inputs=gen_inputs, outputs=gen_outputs, show_progress_on=output, **private
-        ).then(**unlock).then(on_inspect, inputs=history, outputs=inspect_outputs, **quick)
+        ).then(**unlock).then(on_inspect, inputs=inspect_inputs, outputs=inspect_outputs, **quick)
         verify_button.click(**lock).then(
             on_verify, inputs=gen_inputs, outputs=gen_outputs, show_progress_on=output, **private
-        ).then(**unlock).then(on_inspect, inputs=history, outputs=inspect_outputs, **quick)
-        refresh_button.click(on_inspect, inputs=history, outputs=inspect_outputs, **quick)
-        clear_button.click(on_clear, inputs=history, outputs=inspect_outputs, **quick)
-        pin_button.click(on_pin, inputs=[system_prompt, history], outputs=inspect_outputs, **private)
-        unpin_button.click(on_unpin, inputs=[system_prompt, history], outputs=inspect_outputs, **private)
+        ).then(**unlock).then(on_inspect, inputs=inspect_inputs, outputs=inspect_outputs, **quick)
+        refresh_button.click(on_inspect, inputs=inspect_inputs, outputs=inspect_outputs, **quick)
+        clear_button.click(on_clear, inputs=inspect_inputs, outputs=inspect_outputs, **quick)
+        tree_colour.change(on_inspect, inputs=inspect_inputs, outputs=inspect_outputs, **quick)
+        pin_button.click(on_pin, inputs=[system_prompt, *inspect_inputs], outputs=inspect_outputs, **private)
+        unpin_button.click(on_unpin, inputs=[system_prompt, *inspect_inputs], outputs=inspect_outputs, **private)
         reset_button.click(on_reset_charts, inputs=history, outputs=[latency_plot, hits_plot, figures, tokens, history], **quick)
         scenario_name.change(lambda name: scenarios[name].description if name in scenarios else "", inputs=scenario_name, outputs=scenario_about, **quick)
         scenario_button.click(**lock).then(
@@ -275,7 +286,7 @@ def build_demo(service: EngineService, issuer: SessionIssuer, planner: Planner) 
             outputs=[scenario_progress, scenario_plot, latency_plot, hits_plot, history],
             show_progress_on=scenario_progress,
             **private,
-        ).then(**unlock).then(on_inspect, inputs=history, outputs=inspect_outputs, **quick)
+        ).then(**unlock).then(on_inspect, inputs=inspect_inputs, outputs=inspect_outputs, **quick)
 
         # ---- the gradio_client API: /generate, /cache_stats, /clear_cache, /warm_cache, /unpin_cache
 

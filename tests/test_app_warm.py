@@ -197,12 +197,12 @@ def test_page_pin_and_unpin_events_follow_the_cookie_session(app_server_public):
     caller with the page's session_hash but no cookie is anonymous and refused."""
     page = Page(app_server_public.url)
     system = secret_system_prompt()
-    pinned = page.event("on_pin", system, None)
+    pinned = page.event("on_pin", system, None, "hits")
     assert pinned.status_code == 200 and " 1 pinned (" in pinned.text, pinned.text[:300]  # the stats the event returns
     forger = Page(app_server_public.url, cookie=False, session_hash=page.session_hash)
-    assert "anonymous" in forger.event("on_unpin", system, None).json().get("error", "")
+    assert "anonymous" in forger.event("on_unpin", system, None, "hits").json().get("error", "")
     assert " 1 pinned (" in page.inspector_text()
-    unpinned = page.event("on_unpin", system, None)
+    unpinned = page.event("on_unpin", system, None, "hits")
     assert unpinned.status_code == 200 and " 0 pinned (" in unpinned.text, unpinned.text[:300]
 
 

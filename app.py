@@ -2,7 +2,7 @@
 
 Builds the page (playground, charts, token highlights, scenarios, cache inspector) and the routes
 (REST under /session, /generate and /cache/*, gradio_client endpoints /generate, /cache_stats,
-/clear_cache, /warm_cache), and calls the engine through ``ui.service``. Everything else lives in ``ui/``:
+/clear_cache, /warm_cache, /unpin_cache), and calls the engine through ``ui.service``. Everything else lives in ``ui/``:
 settings, sessions, the request guard, the served engine and its isolation rules, request bodies
 and limits, figures and scenarios. Nothing imports this file.
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import gradio as gr
 import uvicorn
@@ -32,7 +32,7 @@ from ui.limits import MAX_NEW_TOKENS, SESSION_STATE_TTL_S
 from ui.openai_api import add_openai_routes
 from ui.planner import PlanBody, Planner, build_plan_tab, plan_api, run_rest as run_plan_rest
 from ui.scenarios import load_examples, load_scenarios, run_scenario
-from ui.schemas import BadRequest, GenerateBody, SaveBody, WarmBody, parse_body
+from ui.schemas import BadRequest, GenerateBody, SaveBody, UnpinBody, WarmBody, parse_body
 from ui.security import Guard
 from ui.service import Busy, EngineService, NotAllowed, NotReady
 from ui.sessions import ID_RULE, SESSION_HEADER, BadSession, Session, SessionIssuer
@@ -55,6 +55,11 @@ def build_demo(service: EngineService, issuer: SessionIssuer, planner: Planner) 
     def session_of(request: gr.Request | None) -> Session:
         with _ui_errors():
             return _session(issuer, request)
+
+    def check_colour(colour: Any) -> None:
+        """The tree view's colour control, as any caller of an inspector event may send it."""
+        if colour not in charts.TREE_COLOURS:
+            raise gr.Error(f"tree colour: pick one of {', '.join(charts.TREE_COLOURS)}")
 
     with gr.Blocks(title="KV cache & prefix cache, measured", analytics_enabled=False) as demo:
         # Keyed by Gradio's session_hash, which a client can copy: handlers bind it to the server's session.
@@ -84,7 +89,9 @@ def build_demo(service: EngineService, issuer: SessionIssuer, planner: Planner) 
                     temperature = RawSlider(0.0, 2.0, value=0.0, step=0.05, label="Temperature", info="0 is greedy")
                 generate_button = gr.Button("Generate", variant="primary", elem_id="kv-generate")
                 verify_button = gr.Button("Verify: generate, then rerun with no cache and compare", size="sm", elem_id="kv-verify")
-                pin_button = gr.Button("Pin this system prompt", size="sm", elem_id="kv-pin")
+                with gr.Row():
+                    pin_button = gr.Button("Pin this system prompt", size="sm", elem_id="kv-pin")
+                    unpin_button = gr.Button("Unpin", size="sm", variant="secondary", elem_id="kv-unpin")
                 gr.Examples(load_examples(), inputs=[system_prompt, prompt], label="Examples")
             with gr.Column(scale=4):
                 output = gr.Textbox(label="Output", lines=6, interactive=False, elem_id="kv-output")
@@ -130,6 +137,7 @@ def build_demo(service: EngineService, issuer: SessionIssuer, planner: Planner) 
                 with gr.Row():
                     refresh_button = gr.Button("Refresh", size="sm")
                     clear_button = gr.Button("Clear cache", size="sm", variant="stop")
+                tree_colour = gr.Radio(list(charts.TREE_COLOURS), value="hits", label="Tree colour", info="hits, or time since last use", elem_id="kv-tree-colour")
                 cache_tree = gr.Plot(charts.tree_figure([]), show_label=False, elem_id="kv-tree-plot")
             build_plan_tab(planner)
             with gr.Tab("API"):
@@ -178,29 +186,41 @@ def build_demo(service: EngineService, issuer: SessionIssuer, planner: Planner) 
                 state,
             )
 
-        def on_inspect(state: charts.SessionHistory, request: gr.Request) -> tuple[str, Any, Any]:
+        def on_inspect(state: charts.SessionHistory, colour: Any, request: gr.Request) -> tuple[str, Any, Any]:
             if not service.ready:
                 return "The model is still loading.", None, None
             session = session_of(request)
+            check_colour(colour)
             rows = service.entries(session, state.owned_by(session.key).sequences)
             stats = service.stats(session)
             markdown = charts.stats_markdown(stats) if stats.get("budget_bytes") is not None else backend_view.remote_stats_markdown(stats)
             markdown += f"\n\n{snapshot_line(stats['snapshot'])}" if stats.get("snapshot") else ""
-            return markdown, charts.inspector_frame(rows), charts.tree_figure(rows)
+            return markdown, charts.inspector_frame(rows), charts.tree_figure(rows, colour)
 
-        def on_pin(system: Any, state: charts.SessionHistory, request: gr.Request) -> tuple[str, Any, Any]:
+        def on_pin(system: Any, state: charts.SessionHistory, colour: Any, request: gr.Request) -> tuple[str, Any, Any]:
+            check_colour(colour)  # before any work
             session = session_of(request)
             with _ui_errors():
                 body = parse_body({"system_prompt": None if system in (None, "") else system, "pin": True}, WarmBody)
                 done = service.warm(session, body.message_dicts(), pin=True, ttl_s=body.ttl_s)
             gr.Info(_warm_message(done))
-            return on_inspect(state, request)
+            return on_inspect(state, colour, request)
 
-        def on_clear(state: charts.SessionHistory, request: gr.Request) -> tuple[str, Any, Any]:
+        def on_unpin(system: Any, state: charts.SessionHistory, colour: Any, request: gr.Request) -> tuple[str, Any, Any]:
+            check_colour(colour)  # before any work
+            session = session_of(request)
+            with _ui_errors():
+                body = parse_body({"system_prompt": None if system in (None, "") else system}, UnpinBody)
+                done = service.unpin(session, body.message_dicts())
+            (gr.Info if done["unpinned"] else gr.Warning)(done["message"])
+            return on_inspect(state, colour, request)
+
+        def on_clear(state: charts.SessionHistory, colour: Any, request: gr.Request) -> tuple[str, Any, Any]:
+            check_colour(colour)  # before any work
             with _ui_errors():
                 outcome = service.clear(session_of(request))
             gr.Info(outcome["message"])
-            return on_inspect(state, request)
+            return on_inspect(state, colour, request)
 
         def on_reset_charts(state: charts.SessionHistory, request: gr.Request):
             state = state.owned_by(session_of(request).key)
@@ -239,8 +259,8 @@ def build_demo(service: EngineService, issuer: SessionIssuer, planner: Planner) 
         status_outputs = [status, timer, backend_note, timing_note, use_cache, use_prefix_cache]
         timer.tick(on_show_status, outputs=status_outputs, **quick)
         demo.load(on_show_status, outputs=status_outputs, **quick)
-        inspect_outputs = [cache_stats, cache_table, cache_tree]  # every inspector refresh goes through on_inspect
-        demo.load(on_inspect, inputs=history, outputs=inspect_outputs, **quick)
+        inspect_inputs, inspect_outputs = [history, tree_colour], [cache_stats, cache_table, cache_tree]  # every inspector refresh goes through on_inspect
+        demo.load(on_inspect, inputs=inspect_inputs, outputs=inspect_outputs, **quick)
         use_cache.change(lambda kv, prefix: prefix is True and kv is True, inputs=[use_cache, use_prefix_cache], outputs=use_prefix_cache, **quick)
         gen_inputs = [system_prompt, prompt, use_cache, use_prefix_cache, max_new_tokens, temperature, history]
         gen_outputs = [output, figures, tokens, explanation, latency_plot, hits_plot, history]
@@ -251,13 +271,15 @@ def build_demo(service: EngineService, issuer: SessionIssuer, planner: Planner) 
         unlock = dict(fn=lambda: [gr.Button(interactive=True)] * len(run_buttons), outputs=run_buttons, **quick)
         generate_button.click(**lock).then(
             on_generate, inputs=gen_inputs, outputs=gen_outputs, show_progress_on=output, **private
-        ).then(**unlock).then(on_inspect, inputs=history, outputs=inspect_outputs, **quick)
+        ).then(**unlock).then(on_inspect, inputs=inspect_inputs, outputs=inspect_outputs, **quick)
         verify_button.click(**lock).then(
             on_verify, inputs=gen_inputs, outputs=gen_outputs, show_progress_on=output, **private
-        ).then(**unlock).then(on_inspect, inputs=history, outputs=inspect_outputs, **quick)
-        refresh_button.click(on_inspect, inputs=history, outputs=inspect_outputs, **quick)
-        clear_button.click(on_clear, inputs=history, outputs=inspect_outputs, **quick)
-        pin_button.click(on_pin, inputs=[system_prompt, history], outputs=inspect_outputs, **private)
+        ).then(**unlock).then(on_inspect, inputs=inspect_inputs, outputs=inspect_outputs, **quick)
+        refresh_button.click(on_inspect, inputs=inspect_inputs, outputs=inspect_outputs, **quick)
+        clear_button.click(on_clear, inputs=inspect_inputs, outputs=inspect_outputs, **quick)
+        tree_colour.change(on_inspect, inputs=inspect_inputs, outputs=inspect_outputs, **quick)
+        pin_button.click(on_pin, inputs=[system_prompt, *inspect_inputs], outputs=inspect_outputs, **private)
+        unpin_button.click(on_unpin, inputs=[system_prompt, *inspect_inputs], outputs=inspect_outputs, **private)
         reset_button.click(on_reset_charts, inputs=history, outputs=[latency_plot, hits_plot, figures, tokens, history], **quick)
         scenario_name.change(lambda name: scenarios[name].description if name in scenarios else "", inputs=scenario_name, outputs=scenario_about, **quick)
         scenario_button.click(**lock).then(
@@ -266,9 +288,9 @@ def build_demo(service: EngineService, issuer: SessionIssuer, planner: Planner) 
             outputs=[scenario_progress, scenario_plot, latency_plot, hits_plot, history],
             show_progress_on=scenario_progress,
             **private,
-        ).then(**unlock).then(on_inspect, inputs=history, outputs=inspect_outputs, **quick)
+        ).then(**unlock).then(on_inspect, inputs=inspect_inputs, outputs=inspect_outputs, **quick)
 
-        # ---- the gradio_client API: /generate, /cache_stats, /clear_cache
+        # ---- the gradio_client API: /generate, /cache_stats, /clear_cache, /warm_cache, /unpin_cache
 
         async def api_generate(
             prompt: str,
@@ -307,7 +329,15 @@ def build_demo(service: EngineService, issuer: SessionIssuer, planner: Planner) 
                 body = parse_body(dict(system_prompt=system_prompt, messages=messages, pin=pin, ttl_s=ttl_s), WarmBody)
                 return service.warm(session, body.message_dicts(), pin=body.pin, ttl_s=body.ttl_s)
 
+        def api_unpin_cache(system_prompt: str | None = None, messages: list | None = None, request: gr.Request = None) -> dict:
+            """Drop the pin of a system prompt or messages in this client's own namespace; ``unpinned`` false when there was none."""
+            session = session_of(request)
+            with _ui_errors():
+                body = parse_body(dict(system_prompt=system_prompt, messages=messages), UnpinBody)
+                return service.unpin(session, body.message_dicts())
+
         gr.api(api_warm_cache, api_name="warm_cache")
+        gr.api(api_unpin_cache, api_name="unpin_cache")
         gr.api(api_cache_stats, api_name="cache_stats", concurrency_limit=None)
         gr.api(api_clear_cache, api_name="clear_cache", concurrency_limit=None)
         gr.api(plan_api(planner), api_name="plan", concurrency_limit=1)  # ui/planner.py: a workload replay, no model work
@@ -363,18 +393,12 @@ def build_rest(service: EngineService, issuer: SessionIssuer, planner: Planner) 
     @api.post("/cache/warm", openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": WarmBody.model_json_schema()}}}})
     def rest_cache_warm(request: Request, raw: bytes = Depends(_body_bytes)) -> JSONResponse:
         """Prefill a system prompt or messages into this client's namespace, maybe pinned. Body: WarmBody. 422 bad body, 403 a pin not allowed, 400 refused."""
-        try:
-            body = parse_body(raw, WarmBody)
-        except BadRequest as exc:
-            return _error(422, str(exc))
-        try:
-            return JSONResponse(service.warm(_session(issuer, request), body.message_dicts(), pin=body.pin, ttl_s=body.ttl_s))
-        except NotAllowed as exc:
-            return _error(403, str(exc))
-        except (NotReady, Busy) as exc:
-            return _error(503, str(exc), {"Retry-After": str(Busy.retry_after_s)})
-        except ValueError as exc:  # BadSession too: a malformed session id
-            return _error(400, str(exc))
+        return _pin_call(raw, WarmBody, lambda body: service.warm(_session(issuer, request), body.message_dicts(), pin=body.pin, ttl_s=body.ttl_s))
+
+    @api.post("/cache/unpin", openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": UnpinBody.model_json_schema()}}}})
+    def rest_cache_unpin(request: Request, raw: bytes = Depends(_body_bytes)) -> JSONResponse:
+        """Drop the pin of a system prompt or messages in this client's own namespace. Body: UnpinBody. 404 no such pin, 403 not allowed."""
+        return _pin_call(raw, UnpinBody, lambda body: service.unpin(_session(issuer, request), body.message_dicts()))
 
     @api.post("/cache/save")
     def rest_cache_save(raw: bytes = Depends(_body_bytes)) -> JSONResponse:
@@ -477,6 +501,23 @@ def _warm_message(done: dict[str, Any]) -> str:
     return f"Warmed {done['tokens']} tokens ({done['prefilled']} prefilled, {done['reused']} already cached){pinned}."
 
 
+def _pin_call(raw: bytes, schema: type, call: Callable[[Any], dict[str, Any]]) -> JSONResponse:
+    """A warm or unpin route's answer: 422 a bad body, 403 not allowed, 503 busy or loading, 400 refused, 404 nothing to unpin."""
+    try:
+        body = parse_body(raw, schema)
+    except BadRequest as exc:
+        return _error(422, str(exc))
+    try:
+        outcome = call(body)
+    except NotAllowed as exc:
+        return _error(403, str(exc))
+    except (NotReady, Busy) as exc:
+        return _error(503, str(exc), {"Retry-After": str(Busy.retry_after_s)})
+    except ValueError as exc:  # BadSession too: a malformed session id
+        return _error(400, str(exc))
+    return JSONResponse(outcome, status_code=404 if outcome.get("unpinned") is False else 200)
+
+
 def _rest_call(call: Any) -> JSONResponse:
     """A small REST route's answer: 400 for a malformed session id, 503 while loading, 403 where not allowed."""
     try:
@@ -514,11 +555,12 @@ def _api_help(service: EngineService) -> str:
         '`{"prompt": "...", "system_prompt": null, "max_new_tokens": 32, "use_cache": true, "use_prefix_cache": true, "temperature": 0}` '
         "(optional `top_p`, `seed`) returns the engine's response; `GET /cache/stats`; `POST /cache/clear`; "
         '`POST /cache/warm` with `{"system_prompt": "...", "pin": true, "ttl_s": 600}` (or `"messages": [...]`) prefills and pins; `POST /cache/save` writes the cache to `--cache-dir` (local servers); '
+        "`POST /cache/unpin` with the same `system_prompt` or `messages` drops the pin; "
         "`GET /health`; schema at `/docs`. "
         "To keep a session (and its cache) across calls, get an id from `POST /session` and send it as "
         f"`Authorization: Bearer <id>` or `{SESSION_HEADER}: <id>` (or choose one: {ID_RULE.split(' (')[0]}). "
         "Without one, each call is a session of its own.\n\n"
-        "**gradio_client**: `Client(url, headers={\"Authorization\": \"Bearer <id>\"}).predict(prompt, api_name=\"/generate\")`, `/cache_stats`, `/clear_cache`, `/warm_cache`.\n\n"
+        "**gradio_client**: `Client(url, headers={\"Authorization\": \"Bearer <id>\"}).predict(prompt, api_name=\"/generate\")`, `/cache_stats`, `/clear_cache`, `/warm_cache`, `/unpin_cache`.\n\n"
         f"Cache mode: **{service.settings.cache_mode}**. In per-session mode each session gets its own namespace: identical "
         "prompts from two sessions never hit each other, and stats, the inspector and clearing only ever see your own."
     )

@@ -4,8 +4,8 @@ A list ending with a user message is stored exactly as a request with those mess
 it (the assistant's turn opened), so that request is an exact hit. Otherwise (a system prompt, or
 a conversation ending with the assistant) only the tokens every next user turn shares are stored:
 the common prefix of renderings with different user messages, so any request that goes on
-from there is a partial hit. Pinning itself is the cache's (``PrefixCache.pin``); this module
-knows nothing of sessions, budgets per caller or HTTP.
+from there is a partial hit. :func:`unpin` drops such a pin by the same messages. Pinning itself is
+the cache's (``PrefixCache.pin``, ``unpin``); this module knows nothing of sessions, budgets per caller or HTTP.
 """
 
 from __future__ import annotations
@@ -58,3 +58,13 @@ def warm(engine: Any, messages: Sequence[dict[str, str]], namespace: str, pin: b
     if pin:
         result.update(engine.cache.pin(tokens, namespace, ttl_s), pinned=True)  # ValueError when not stored (over budget) or over the pin budget
     return result
+
+
+def unpin(engine: Any, messages: Sequence[dict[str, str]], namespace: str) -> dict[str, Any]:
+    """Drop the pin that warming ``messages`` with a pin made in ``namespace``; the entry stays cached, evictable again.
+
+    Returns:
+        ``tokens`` (the warmed sequence's length) and ``unpinned`` (False: that sequence had no pin here).
+    """
+    tokens = warm_tokens(engine.chat, messages)
+    return {"tokens": len(tokens), "unpinned": engine.cache.unpin(tokens, namespace)}

@@ -59,9 +59,9 @@ def test_gradio_client_second_identical_request_is_a_hit_with_the_same_text(clie
 
 
 def test_gradio_client_sees_only_the_named_endpoints(client):
-    """UI events are private: only /generate, /cache_stats, /clear_cache, /warm_cache and /plan are callable by clients."""
+    """UI events are private: only /generate, /cache_stats, /clear_cache, /warm_cache, /unpin_cache and /plan are callable by clients."""
     named = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
-    assert set(named) == {"/generate", "/cache_stats", "/clear_cache", "/warm_cache", "/plan"}
+    assert set(named) == {"/generate", "/cache_stats", "/clear_cache", "/warm_cache", "/unpin_cache", "/plan"}
 
 
 @pytest.mark.parametrize(

@@ -90,7 +90,7 @@ def test_verify_button_shows_verified_identical_and_the_explanation(page, app_se
 
 
 def test_cache_inspector_draws_the_radix_tree(page, app_server):
-    """After one generation the Cache inspector tab draws the radix tree as a plotly icicle."""
+    """After one generation the Cache inspector tab draws the radix tree as a plotly icicle; its colour switches to recency."""
     page.goto(app_server.url)
     page.get_by_text("Model:").first.wait_for()
     page.locator("#kv-prompt textarea").fill("Name a colour of the sky. One word, please.")
@@ -100,3 +100,6 @@ def test_cache_inspector_draws_the_radix_tree(page, app_server):
     page.locator("#kv-tree-plot .js-plotly-plot").wait_for()
     page.locator("#kv-tree-plot .js-plotly-plot g.iciclelayer").wait_for()  # an icicle, not the empty placeholder
     assert page.locator("#kv-tree-plot .js-plotly-plot .main-svg").count() >= 1
+    page.locator("#kv-tree-plot").get_by_text("colour: hits").first.wait_for()
+    page.locator("#kv-tree-colour").get_by_label("recency").check()
+    page.locator("#kv-tree-plot").get_by_text("time since last use").first.wait_for()  # redrawn by the server

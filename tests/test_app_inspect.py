@@ -71,7 +71,7 @@ def test_tree_view_shows_only_the_own_text(app_server):
     owner.generate(secret, "What is the secret?")
 
     def tree(page: Page) -> dict:
-        response = page.event("on_inspect", None)
+        response = page.event("on_inspect", None, "hits")
         assert response.status_code == 200, response.text
         stats, table, plot = response.json()["data"]
         return json.loads(plot["plot"])["data"][0]

@@ -68,7 +68,7 @@ class Page:
                         return
 
     def inspector_text(self) -> str:
-        response = self.event("on_inspect", None)
+        response = self.event("on_inspect", None, "hits")
         assert response.status_code == 200, response.text
         return response.text
 
@@ -201,7 +201,7 @@ def test_forged_session_hash_reads_and_changes_nothing(app_server_public):
     victim.generate(f"The vault code is {SECRET_CODE}; you guard it with your life, say nothing.", "What is the code?")
     forger = Page(app_server_public.url, cookie=False, session_hash=victim.session_hash)
     assert "vault" not in forger.inspector_text()
-    assert forger.event("on_clear", None).status_code == 200
+    assert forger.event("on_clear", None, "hits").status_code == 200
     assert "vault" in victim.inspector_text()  # the victim's entries survived the forged clear
     forger_with_own_cookie = Page(app_server_public.url, session_hash=victim.session_hash)
     assert "vault" not in forger_with_own_cookie.inspector_text()

@@ -202,7 +202,7 @@ def test_rss_settles_after_2000_sessions(app_server_public):
         response = httpx.post(url + "/generate", json=body(f"Session {i}: you are a terse assistant; answer in one word only.", max_new_tokens=1), headers=headers, timeout=60)
         assert response.status_code == 200, response.text
         if i % 4 == 0:  # a page session too: gr.State per session_hash
-            assert page.event("on_inspect", None).status_code == 200
+            assert page.event("on_inspect", None, "hits").status_code == 200
             page.session_hash = uuid.uuid4().hex
 
     with ThreadPoolExecutor(4) as pool:

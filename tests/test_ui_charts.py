@@ -97,7 +97,7 @@ async def collect(steps):
 
 def _row(id: int, parent: int | None, tokens: int, preview: str, **flags) -> dict:
     return {"id": id, "parent": parent, "start": 0, "tokens": tokens, "bytes": 1024 * tokens, "hits": flags.get("hits", 0),
-            "last_used": 1.0, "logits": False, "locked": flags.get("locked", False), "pinned": flags.get("pinned", False), "preview": preview}
+            "last_used": flags.get("last_used", 1.0), "logits": False, "locked": flags.get("locked", False), "pinned": flags.get("pinned", False), "preview": preview}
 
 
 def test_tree_figure_draws_the_rows_shape_and_only_their_previews():
@@ -118,6 +118,28 @@ def test_tree_figure_draws_the_rows_shape_and_only_their_previews():
     shown = repr(trace.labels) + repr(trace.customdata)
     assert "another session" in trace.customdata[3][0] and "When do you open?" in shown
     assert charts.tree_figure([]).layout.annotations  # empty: a placeholder, not an empty chart
+
+
+def test_tree_figure_colours_by_recency_and_keeps_the_marks():
+    """Recency: colour is seconds since the last use (darkest newest), the hover gives the age; locks and pins stay marked."""
+    now = 10_000.0
+    rows = [
+        _row(0, None, 20, "You are terse.", hits=3, last_used=now - 5),
+        _row(1, 0, 5, "When do you open?", locked=True, last_used=now - 300),
+        _row(2, 0, 7, "Where are you?", pinned=True, last_used=now - 7200),
+        _row(3, 0, 2, "Never matched", last_used=0.0),
+    ]
+    trace = charts.tree_figure(rows, "recency", now=now).data[0]
+    assert list(trace.marker.colors) == [7200, 5, 300, 7200, 7200]  # the root and a never-used node: as old as the oldest
+    assert trace.marker.reversescale and trace.marker.cmax == 7200
+    assert [c[8] for c in trace.customdata[1:]] == ["5 s ago", "5 min ago", "2.0 h ago", "never"]
+    assert "customdata[8]" in trace.hovertemplate and "recency" not in trace.hovertemplate
+    assert trace.labels[2].startswith("🔒") and trace.labels[3].startswith("📌")
+    assert list(trace.marker.line.color)[2:4] == [charts._LOCKED, charts._PINNED]
+    hits = charts.tree_figure(rows, "hits", now=now).data[0]
+    assert list(hits.marker.colors) == [0, 3, 0, 0, 0] and hits.customdata[1][8] == "5 s ago"  # the age shows either way
+    with pytest.raises(ValueError, match="pick one of hits, recency"):
+        charts.tree_figure(rows, "size")
 
 
 def test_tree_figure_from_service_rows_in_shared_mode(service):

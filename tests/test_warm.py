@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine.warm import warm, warm_tokens
+from engine.warm import unpin, warm, warm_tokens
 
 SYSTEM = "You are a careful assistant for a small bakery. Answer in one short sentence, politely."
 
@@ -38,3 +38,16 @@ def test_warm_too_short_is_refused(tiny_engine):
     tiny_engine.cache.min_tokens = 10_000
     with pytest.raises(ValueError, match="fewer than"):
         warm(tiny_engine, [{"role": "system", "content": SYSTEM}], "")
+
+
+def test_unpin_by_the_same_messages_drops_only_that_pin(tiny_engine):
+    """unpin finds the pin a warm made from the same messages; another namespace's or an unpinned one is False."""
+    messages = [{"role": "system", "content": SYSTEM}]
+    warm(tiny_engine, messages, "a", pin=True)
+    warm(tiny_engine, messages, "b", pin=True)
+    assert unpin(tiny_engine, messages, "c")["unpinned"] is False  # never warmed there
+    done = unpin(tiny_engine, messages, "a")
+    assert done["unpinned"] is True and done["tokens"] == len(warm_tokens(tiny_engine.chat, messages))
+    assert unpin(tiny_engine, messages, "a")["unpinned"] is False
+    assert tiny_engine.cache.stats("a")["pins"] == 0 and tiny_engine.cache.stats("b")["pins"] == 1
+    assert tiny_engine.cache.stats("a")["cache_size"] > 0  # cached still

@@ -28,6 +28,7 @@ STATUS_TEXT = {
 TOKEN_COLORS = {"cached": "#bbf7d0", "computed": "#fed7aa"}
 MAX_HIGHLIGHTED_TOKENS = 1200  # a longer prompt shows its start; the page stays light
 _DECODE_COLOR = "#cbd5e1"
+TREE_COLOURS = ("hits", "recency")  # what the tree view's colour shows: a node's hits, or the time since its last use
 _LOCKED, _PINNED = "#dc2626", "#7c3aed"  # tree view outlines: held by a running request, pinned
 _LAYOUT = dict(template="plotly_white", height=340, margin=dict(l=50, r=20, t=50, b=40), legend=dict(orientation="h", y=-0.18))
 
@@ -294,27 +295,38 @@ def inspector_frame(rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
     return frame.sort_values("_t", ascending=False, kind="stable").drop(columns="_t").reset_index(drop=True)
 
 
-def tree_figure(rows: Sequence[dict[str, Any]]) -> go.Figure:
+def tree_figure(rows: Sequence[dict[str, Any]], colour: str = "hits", now: float | None = None) -> go.Figure:
     """The cache inspector's tree view: an icicle of the radix tree, from ``EngineService.entries`` rows.
 
-    Each node's own width is its edge's tokens (a subtree spans its descendants too); colour is
-    hits. Locked nodes are outlined red, pinned ones violet (a locked outline wins), and both are
-    marked in the label. The hover text is the row's ``preview``, so it follows the table's rule
-    exactly: another session's tokens show as the placeholder, never as text. Clicking a node
-    zooms into its subtree; clicking the top bar zooms back out.
+    Each node's own width is its edge's tokens (a subtree spans its descendants too); ``colour``
+    (one of ``TREE_COLOURS``) is its hits, or its recency: seconds since its last use at ``now``
+    (default: the wall clock), darkest for the newest. Locked nodes are outlined red, pinned ones
+    violet (a locked outline wins), and both are marked in the label, whatever the colour. The
+    hover text is the row's ``preview``, so it follows the table's rule exactly: another
+    session's tokens show as the placeholder, never as text; it also gives the last use's age.
+    Clicking a node zooms into its subtree; clicking the top bar zooms back out.
+
+    Raises:
+        ValueError: ``colour`` is not one of ``TREE_COLOURS``.
     """
+    if colour not in TREE_COLOURS:
+        raise ValueError(f"colour: pick one of {', '.join(TREE_COLOURS)}")
     fig = go.Figure()
     if not rows:
         return _placeholder(fig, rows, "The cache is empty: press Generate").update_layout(template="plotly_white", height=220)
-    total = ["the whole namespace", sum(r["tokens"] for r in rows), round(sum(r["bytes"] for r in rows) / 1024, 1), "", "", "", "", ""]
-    ids, parents, labels, values, hits, outline, width, custom = ["root"], [""], ["cache"], [0], [0], ["#ffffff"], [1], [total]
-    for r in rows:
+    now = time.time() if now is None else now
+    ages = [max(now - r["last_used"], 0.0) if r["last_used"] else None for r in rows]
+    oldest = max((a for a in ages if a is not None), default=0.0)
+    total = ["the whole namespace", sum(r["tokens"] for r in rows), round(sum(r["bytes"] for r in rows) / 1024, 1), "", "", "", "", "", ""]
+    ids, parents, labels, values, outline, width, custom = ["root"], [""], ["cache"], [0], ["#ffffff"], [1], [total]
+    colours = [0.0 if colour == "hits" else oldest]  # the root bar: no hits, as old as the oldest node
+    for r, age in zip(rows, ages):
         marks = ("🔒 " if r["locked"] else "") + ("📌 " if r.get("pinned") else "")
         ids.append(f"n{r['id']}")
         parents.append("root" if r["parent"] is None else f"n{r['parent']}")
         labels.append(f"{marks}{_short(r['preview'])}")
         values.append(r["tokens"])
-        hits.append(r["hits"])
+        colours.append(r["hits"] if colour == "hits" else oldest if age is None else round(age, 1))
         outline.append(_LOCKED if r["locked"] else _PINNED if r.get("pinned") else "#ffffff")
         width.append(3 if r["locked"] or r.get("pinned") else 1)
         custom.append([
@@ -326,7 +338,11 @@ def tree_figure(rows: Sequence[dict[str, Any]]) -> go.Figure:
             "yes" if r["logits"] else "no",
             "yes" if r["locked"] else "no",
             "yes" if r.get("pinned") else "no",
+            _age(age),
         ])
+    scale = dict(colorscale="Blues", cmin=0, colorbar=dict(title="hits")) if colour == "hits" else dict(
+        colorscale="Blues", reversescale=True, cmin=0, cmax=max(oldest, 1.0), colorbar=dict(title="seconds since<br>last use")
+    )
     fig.add_trace(
         go.Icicle(
             ids=ids,
@@ -335,17 +351,18 @@ def tree_figure(rows: Sequence[dict[str, Any]]) -> go.Figure:
             values=values,
             branchvalues="remainder",  # a node's value is its own edge; its bar also spans its children
             customdata=custom,
-            marker=dict(colors=hits, colorscale="Blues", cmin=0, showscale=True, colorbar=dict(title="hits"), line=dict(color=outline, width=width)),
+            marker=dict(colors=colours, showscale=True, line=dict(color=outline, width=width), **scale),
             hovertemplate=(
                 "%{customdata[0]}<br>%{customdata[1]} tokens · %{customdata[2]} KiB · %{customdata[3]} hits"
-                "<br>last used %{customdata[4]} · logits %{customdata[5]} · locked %{customdata[6]} · pinned %{customdata[7]}<extra></extra>"
+                "<br>last used %{customdata[4]} (%{customdata[8]}) · logits %{customdata[5]} · locked %{customdata[6]} · pinned %{customdata[7]}<extra></extra>"
             ),
             tiling=dict(orientation="v"),
             root=dict(color="#f1f5f9"),
             maxdepth=6,
         )
     )
-    fig.update_layout(template="plotly_white", height=420, margin=dict(l=10, r=10, t=40, b=10), title="Radix tree (width: tokens, colour: hits; click to zoom)")
+    title = {"hits": "colour: hits", "recency": "colour: time since last use, darkest newest"}[colour]
+    fig.update_layout(template="plotly_white", height=420, margin=dict(l=10, r=10, t=40, b=10), title=f"Radix tree (width: tokens, {title}; click to zoom)")
     return fig
 
 
@@ -371,6 +388,15 @@ def _x(record: RequestRecord) -> str:
 def _clock_time(t: float) -> str:
     """A node's last use as the inspector shows it (empty when never used)."""
     return time.strftime("%H:%M:%S", time.localtime(t)) if t else ""
+
+
+def _age(seconds: float | None) -> str:
+    """How long ago a node was last used, for the tree view's hover."""
+    if seconds is None:
+        return "never"
+    if seconds < 90:
+        return f"{seconds:.0f} s ago"
+    return f"{seconds / 60:.0f} min ago" if seconds < 5400 else f"{seconds / 3600:.1f} h ago"
 
 
 def _short(preview: str, limit: int = 24) -> str:

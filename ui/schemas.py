@@ -95,19 +95,13 @@ class Message(BaseModel):
         return _printable(value)
 
 
-class WarmBody(BaseModel):
-    """``POST /cache/warm``: prefill a system prompt, or a list of messages, into the caller's namespace; maybe pin it.
-
-    Exactly one of ``system_prompt`` and ``messages``. ``ttl_s`` applies to a pin only; a pin
-    without one lasts until evicted by nothing (a local server) or ``MAX_PIN_TTL_S`` (per-session).
-    """
+class PromptSource(BaseModel):
+    """What to warm or unpin: exactly one of a system prompt and a list of messages (``engine/warm.py`` tokenizes it)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
     system_prompt: str | None = Field(None, min_length=1, max_length=MAX_PROMPT_CHARS, description="a system prompt to prefill")
     messages: list[Message] | None = Field(None, min_length=1, max_length=MAX_HISTORY_TURNS + 2, description="messages to prefill, in order")
-    pin: bool = Field(False, description="exempt the prefilled entry from eviction, within the pin budget")
-    ttl_s: float | None = Field(None, gt=0, le=MAX_PIN_TTL_S, allow_inf_nan=False, description=f"seconds a pin lasts without a hit (at most {MAX_PIN_TTL_S})")
 
     @field_validator("system_prompt")
     @classmethod
@@ -115,11 +109,9 @@ class WarmBody(BaseModel):
         return None if value is None else _printable(value)
 
     @model_validator(mode="after")
-    def _one_source(self) -> "WarmBody":
+    def _one_source(self) -> "PromptSource":
         if (self.system_prompt is None) == (self.messages is None):
             raise ValueError("send exactly one of system_prompt and messages")
-        if self.ttl_s is not None and not self.pin:
-            raise ValueError("ttl_s applies to a pin: set pin to true or drop ttl_s")
         return self
 
     def message_dicts(self) -> list[dict[str, str]]:
@@ -134,6 +126,28 @@ class SaveBody(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+class WarmBody(PromptSource):
+    """``POST /cache/warm``: prefill a system prompt, or a list of messages, into the caller's namespace; maybe pin it.
+
+    Exactly one of ``system_prompt`` and ``messages``. ``ttl_s`` applies to a pin only; a pin
+    without one lasts until evicted by nothing (a local server) or ``MAX_PIN_TTL_S`` (per-session).
+    """
+
+    pin: bool = Field(False, description="exempt the prefilled entry from eviction, within the pin budget")
+    ttl_s: float | None = Field(None, gt=0, le=MAX_PIN_TTL_S, allow_inf_nan=False, description=f"seconds a pin lasts without a hit (at most {MAX_PIN_TTL_S})")
+
+    @model_validator(mode="after")
+    def _ttl_needs_pin(self) -> "WarmBody":
+        if self.ttl_s is not None and not self.pin:
+            raise ValueError("ttl_s applies to a pin: set pin to true or drop ttl_s")
+        return self
+
+
+class UnpinBody(PromptSource):
+    """``POST /cache/unpin``: drop the pin of a system prompt or messages (the same body as a warm, without ``pin``
+    and ``ttl_s``) in the caller's own namespace; the entry stays cached, evictable again."""
+
+
 class BadRequest(ValueError):
     """A request body that does not validate; the message says what is wrong (REST answers 422)."""
 
@@ -142,7 +156,7 @@ def parse_body(raw: bytes | dict, schema: type[BaseModel] = GenerateBody) -> Any
     """Validate a REST body (raw JSON bytes) or the arguments of a page / gradio_client / ``/v1`` call (a dict).
 
     ``schema`` is :class:`GenerateBody`, :class:`ConversationBody` for ``/v1`` (the same fields and limits, and more),
-    :class:`WarmBody` for ``/cache/warm``, or :class:`SaveBody` for ``/cache/save``.
+    :class:`WarmBody` for ``/cache/warm``, :class:`UnpinBody` for ``/cache/unpin``, or :class:`SaveBody` for ``/cache/save``.
 
     Raises:
         BadRequest: with :func:`describe`'s message.

@@ -26,6 +26,7 @@ import queue
 import threading
 import uuid
 from collections import OrderedDict, deque
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Sequence
 
@@ -36,7 +37,7 @@ from backends.local import LocalBackend
 from cache import DEFAULT_NAMESPACE
 from engine import Engine, EngineConfig, GenerationResult, final_result
 from engine.snapshot import Snapshots
-from engine.warm import warm
+from engine.warm import unpin, warm
 from ui.limits import MAX_PIN_TTL_S, RETRY_AFTER_S
 from ui.schemas import WarmBody, parse_body
 from ui.sessions import Session
@@ -274,13 +275,19 @@ class EngineService:
             self.snapshots.stop()
 
     def _warm_from_file(self, path: str, progress: Callable[[object], None]) -> None:
-        """``--warm-file``: prefill and pin each entry in the shared namespace; a bad entry is a log line, not a failed start."""
+        """``--warm-file``: prefill and pin each entry in the shared namespace; a bad file or entry is a warning
+        on stderr (and a /health progress line), not a failed start: the app serves, colder."""
+
+        def refused(line: str) -> None:
+            progress(line)
+            log.warning("%s", line)  # progress logs at INFO, which the app does not print
+
         try:
             entries = json.loads(Path(path).read_text(encoding="utf-8"))
             if not isinstance(entries, list):
                 raise ValueError("the file must hold a JSON list")
         except (OSError, ValueError) as exc:
-            progress(f"--warm-file {path}: not used ({exc})")
+            refused(f"--warm-file {path}: not used ({exc})")
             return
         engine = getattr(self.backend, "engine", None)
         for i, entry in enumerate(entries):
@@ -290,7 +297,7 @@ class EngineService:
                 done = warm(engine, body.message_dicts(), DEFAULT_NAMESPACE, pin=True, ttl_s=body.ttl_s)
                 progress(f"Pinned warm-file entry {i}: {done['tokens']} tokens, {done['pinned_bytes']:,} bytes.")
             except (ValueError, AttributeError) as exc:
-                progress(f"--warm-file {path}: entry {i} not pinned: {exc}")
+                refused(f"--warm-file {path}: entry {i} not pinned: {exc}")
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         return self._loaded.wait(timeout) and self._ready
@@ -400,20 +407,51 @@ class EngineService:
             NotAllowed: a pin this caller may not make. ValueError: bad input or a pin over budget.
             NotReady, Busy: as :meth:`stream`.
         """
+        engine = self._pinning_engine(session, checked=pin)
+        if pin and self.settings.per_session:
+            ttl_s = min(ttl_s or MAX_PIN_TTL_S, MAX_PIN_TTL_S)
+        with self._admitted(session):
+            return warm(engine, messages, self.namespace_for(session), pin=pin, ttl_s=ttl_s)
+
+    def unpin(self, session: Session, messages: list[dict[str, str]]) -> dict[str, Any]:
+        """Drop the pin that warming ``messages`` made in the session's own namespace (``engine/warm.unpin``).
+
+        The same rules as pinning: an anonymous caller has no pins, and a visitor of a public server
+        cannot unpin the shared namespace. Another session's pin is out of reach: only the caller's
+        own namespace is looked at, so that case reads as "nothing pinned".
+
+        Returns:
+            ``tokens``, ``unpinned`` (False: no such pin here) and a ``message`` saying which.
+
+        Raises:
+            NotAllowed, ValueError, NotReady, Busy: as :meth:`warm`.
+        """
+        engine = self._pinning_engine(session, checked=True)
+        with self._admitted(session):
+            done = unpin(engine, messages, self.namespace_for(session))
+        what = f"{done['tokens']} tokens"
+        message = f"Unpinned {what}: cached still, evictable again." if done["unpinned"] else f"Nothing to unpin: these {what} are not pinned in your cache."
+        return {**done, "message": message}
+
+    def _pinning_engine(self, session: Session, checked: bool) -> Engine:
+        """The local engine for a warm or an unpin, after the pin rules when ``checked``; NotAllowed says which rule."""
         self._backend_ready()
         engine = getattr(self.backend, "engine", None)
         if engine is None:
-            raise ValueError(f"warming needs the local engine; this app measures a remote {self.backend.info().kind} server")
-        if pin and session.anonymous:
-            raise NotAllowed("an anonymous caller cannot pin: get a session id from POST /session and send it as Authorization: Bearer <id>")
-        if pin and not self.settings.per_session and not self.settings.may_clear_everything:
-            raise NotAllowed("the shared cache of a public server cannot be pinned by a visitor")
-        if pin and self.settings.per_session:
-            ttl_s = min(ttl_s or MAX_PIN_TTL_S, MAX_PIN_TTL_S)
+            raise ValueError(f"warming and pinning need the local engine; this app measures a remote {self.backend.info().kind} server")
+        if checked and session.anonymous:
+            raise NotAllowed("an anonymous caller cannot pin or unpin: get a session id from POST /session and send it as Authorization: Bearer <id>")
+        if checked and not self.settings.per_session and not self.settings.may_clear_everything:
+            raise NotAllowed("the shared cache of a public server cannot be pinned or unpinned by a visitor")
+        return engine
+
+    @contextmanager
+    def _admitted(self, session: Session) -> Iterator[None]:
+        """One of the session's in-flight places, held on the caller's thread for a warm or an unpin."""
         with self._lock:
             self._admit(session, 1)
         try:
-            return warm(engine, messages, self.namespace_for(session), pin=pin, ttl_s=ttl_s)
+            yield
         finally:
             with self._lock:
                 self._leave(session.client, 1)

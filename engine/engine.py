@@ -26,7 +26,7 @@ from engine.explain import explain
 from engine.oracle import compare
 from engine.kv import has_sliding_layers, kv_bytes_per_token, new_model_cache
 from engine.kv_pool import KVPool
-from engine.sampling import SamplingParams, sample_next_token
+from engine.sampling import Sampler, SamplingParams
 
 CacheStatus = str  # "hit" | "partial" | "miss" | "skipped" (prompt under min_cached_tokens) | "off"
 
@@ -170,6 +170,9 @@ class Engine:
             temperature: 0 for greedy (default); > 0 samples.
             top_p: Nucleus sampling mass in (0, 1] (default 1).
             seed: Seed for sampling, for repeatable samples.
+            repetition_penalty: 1 (default) is off; above 1 discounts tokens this reply already
+                generated (CTRL's penalty; the prompt's tokens are not penalised).
+            no_repeat_ngram_size: 0 (default) is off; n never generates the same n tokens twice.
             raw: Feed the prompt as plain text, without the chat template.
             cache_key: Prefix-cache namespace; requests only reuse entries of their own key.
             verify: Then run the request again with no cache at all and report, in ``verification``,
@@ -197,6 +200,8 @@ class Engine:
         temperature: float = 0.0,
         top_p: float = 1.0,
         seed: int | None = None,
+        repetition_penalty: float = 1.0,
+        no_repeat_ngram_size: int = 0,
         raw: bool = False,
         cache_key: str = DEFAULT_NAMESPACE,
         verify: bool = False,
@@ -235,7 +240,7 @@ class Engine:
             max_new_tokens=max_new_tokens,
             use_cache=use_cache,
             use_prefix_cache=use_prefix_cache,
-            sampling=SamplingParams.checked(temperature, top_p, seed),
+            sampling=SamplingParams.checked(temperature, top_p, seed, repetition_penalty, no_repeat_ngram_size),
             raw=raw,
             cache_key=cache_key,
             verify=verify,
@@ -352,7 +357,7 @@ class Engine:
 
             # 7. Decode: the first token comes from the prefill's logits (TTFT), then one step per token.
             with clock.span("first_sample_ms"):
-                token = sample_next_token(logits, request.sampling, run.generator)
+                token = run.sampler(logits)
             clock.mark_first_token()
             run.generated.append(token)
             yield token
@@ -366,7 +371,7 @@ class Engine:
                     model_cache = self._reuse(run, match)
                 with clock.span("decode_ms"):
                     logits = self._decode_one_token(run, token, model_cache)
-                    token = sample_next_token(logits, request.sampling, run.generator)
+                    token = run.sampler(logits)
                 run.generated.append(token)
                 yield token
 
@@ -523,7 +528,7 @@ class _Run:
     def __init__(self, request: GenerationRequest, device: torch.device) -> None:
         self.request = request
         self.clock = _Clock(device)
-        self.generator = request.sampling.make_generator()
+        self.sampler = Sampler(request.sampling)  # the random stream and the history repetition control reads
         self.prompt_ids: list[int] = []
         self.generated: list[int] = []
         self.match: PrefixMatch | None = None  # the prefix-cache lookup, for the explanation

@@ -330,6 +330,8 @@ class RemoteBackend:
             raise ValueError("verify compares with an uncached run of the local engine; a remote server cannot do that")
         if not request.get("use_cache", True):
             raise ValueError("the KV cache cannot be turned off on a remote serving engine; it is local-only")
+        if request.get("no_repeat_ngram_size", 0):
+            raise ValueError("no_repeat_ngram_size runs in the local engine's sampler; an OpenAI-compatible server has no such field: set it to 0")
         if request.get("use_prefix_cache", True) is False and not self.adapter.capabilities()["prefix_cache_off"].available:
             raise ValueError(f"the prefix cache cannot be turned off on this {self.adapter.kind} server: {self.adapter.capabilities()['prefix_cache_off'].note}")
 
@@ -412,8 +414,10 @@ class RemoteBackend:
 
     # ------------------------------------------------------------------ helpers
 
-    def _request_body(self, namespace: str, stop: list[str], *, prompt: str, system_prompt: str | None = None, history: Sequence[Mapping[str, str]] | None = None, max_new_tokens: int = 64, use_cache: bool = True, use_prefix_cache: bool = True, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, raw: bool = False, verify: bool = False) -> tuple[str, dict[str, Any]]:
+    def _request_body(self, namespace: str, stop: list[str], *, prompt: str, system_prompt: str | None = None, history: Sequence[Mapping[str, str]] | None = None, max_new_tokens: int = 64, use_cache: bool = True, use_prefix_cache: bool = True, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, repetition_penalty: float = 1.0, raw: bool = False, verify: bool = False) -> tuple[str, dict[str, Any]]:
         body: dict[str, Any] = {"model": self.model, "max_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "stream": True, "stream_options": {"include_usage": True}}
+        if repetition_penalty != 1.0:
+            body["repetition_penalty"] = repetition_penalty  # vLLM's and SGLang's extra field (they also count the prompt's tokens); a server without it answers 400
         if seed is not None:
             body["seed"] = seed
         if stop:

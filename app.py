@@ -498,7 +498,7 @@ def _status_markdown(service: EngineService) -> str:
     if s["ready"] and s["backend"]["kind"] != "local":
         return f"**Model:** {s['model']} · **backend:** remote {s['backend']['kind']} at {s['backend']['url']} · {mode}"
     if s["ready"]:
-        return f"**Model:** {s['model']} · {s['parameters'] / 1e6:,.0f}M parameters · **device:** {s['device']} ({s['dtype']}) · context {s['context_length']:,} tokens · {mode}"
+        return f"**Model:** {s['model']} · {s['parameters'] / 1e6:,.0f}M parameters · **device:** {s['device']} ({s['dtype']}) · **KV:** {s['kv_dtype']} · context {s['context_length']:,} tokens · {mode}"
     if s["error"]:
         return f"**Error:** {s['error']}"
     lines = "\n".join(f"- {line}" for line in s["progress"]) or "- starting…"

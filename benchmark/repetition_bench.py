@@ -13,7 +13,7 @@ with its own earlier replies) through the bundled model, once per setting of
 Prints a table per setting and per item, the page's default marked, and a JSON summary last.
 
     python -m benchmark.repetition_bench                      # ~6 settings, a few minutes on 2 cores
-    python -m benchmark.repetition_bench --settings 1.0:0 1.2:0 1.0:3 --max-new-tokens 96
+    python -m benchmark.repetition_bench --settings 1.0:0 1.2:0 1.0:3 --max-new-tokens 128   # longer replies loop more
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
     results["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     markdown = render(results, page)
     print(markdown)
-    write_results("repetition_bench", results, markdown)
+    write_results("repetition_bench" + (f"_{args.max_new_tokens}" if args.max_new_tokens else ""), results, markdown)
     print(json.dumps({k: {m: v[m] for m in ("mean_repeated_4gram_share", "loops")} for k, v in results["settings"].items()} | {"loadavg_end": results["loadavg_end"]}))
     return results
 

@@ -107,8 +107,10 @@ class Engine:
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.storage_device = torch.device("cpu") if self.config.kv_storage == "cpu" else self.device
+        # KV storage, the model caches' and the pool's alike; None ("auto"): the dtype the model's layers produce.
+        self.kv_dtype = _resolve_kv_dtype(self.config.kv_dtype, self.dtype, model.config)
         pin = self.storage_device.type == "cpu" and self.device.type == "cuda"  # pinned host memory: fast copies
-        self.pool = KVPool(model.config, self.dtype, self.config.cache_budget_bytes, self.storage_device, pin_memory=pin)
+        self.pool = KVPool(model.config, self.kv_dtype or self.dtype, self.config.cache_budget_bytes, self.storage_device, pin_memory=pin)
         self.cache = PrefixCache(
             self.pool, self.config.min_cached_tokens, namespace_quota=self.config.namespace_quota, namespace_idle_s=self.config.namespace_idle_s,
             policy=self.config.eviction_policy,
@@ -287,7 +289,8 @@ class Engine:
             "weight_bytes": quant.weight_bytes(self.model),
             "parameters": sum(p.numel() for p in self.model.parameters()),
             "context_length": self.context_length,
-            "kv_bytes_per_token": kv_bytes_per_token(self.model.config, self.dtype),
+            "kv_dtype": str(self.pool.dtype).removeprefix("torch."),
+            "kv_bytes_per_token": kv_bytes_per_token(self.model.config, self.pool.dtype),
             "kv_storage": str(self.storage_device),
             "cache_budget_bytes": self.cache.budget_bytes,
             "min_cached_tokens": self.cache.min_tokens,
@@ -400,7 +403,7 @@ class Engine:
                 return self.pool.read_logits(match.logits_slots, self.device), None
         model_cache = None
         if request.use_cache:
-            model_cache = self._reuse(run, match) if reused else new_model_cache(self.model.config, run.capacity)
+            model_cache = self._reuse(run, match) if reused else new_model_cache(self.model.config, run.capacity, self.kv_dtype)
         suffix = prompt_ids[reused:]
         run.prefill_tokens = len(suffix)
         with clock.span("prefill_ms"):
@@ -429,6 +432,8 @@ class Engine:
         return self._transformers_forward(token_ids, model_cache, use_cache)
 
     def _transformers_forward(self, token_ids: list[int], model_cache: Any, use_cache: bool) -> torch.Tensor:
+        if model_cache is None and self.kv_dtype is not None:  # no KV cache: still attend over KV at the storage precision, as cached runs do
+            model_cache, use_cache = new_model_cache(self.model.config, len(token_ids), self.kv_dtype), True
         input_ids = torch.tensor([token_ids], dtype=torch.long, device=self.device)  # [1, T]
         out = self.model(input_ids=input_ids, cache=model_cache, use_cache=use_cache, logits_to_keep=1)
         return out.logits[0, -1].float()
@@ -625,6 +630,16 @@ def _resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device cuda was asked for, but torch sees no CUDA device; use auto or cpu")
     return device
+
+
+def _resolve_kv_dtype(name: str, model_dtype: torch.dtype, config) -> torch.dtype | None:
+    """The KV storage dtype: None for "auto" (the model's own), else fp32 or bf16 (not for sliding-window models, whose layers keep the model's)."""
+    if name == "auto":
+        return None
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
+    if dtype != model_dtype and has_sliding_layers(config):
+        raise ValueError(f"kv_dtype {name} needs full-attention layers; this model has sliding-window ones: use kv_dtype auto")
+    return dtype
 
 
 def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:

@@ -242,6 +242,7 @@ def test_health_says_which_model_and_mode(rest):
     """The page and scripts can tell which model, device and cache mode are in use."""
     health = rest.get("/health").json()
     assert health["ready"] and health["model"] and health["device"] == "cpu" and health["cache_mode"] == "shared"
+    assert health["kv_dtype"] == "float32"  # --kv-dtype auto: the fp32 model's own; the page's status line shows it
     schema = rest.get("/openapi.json").json()  # the REST routes are documented (at /docs)
     assert {"/generate", "/cache/stats", "/cache/clear"} <= set(schema["paths"])
     assert "prompt" in schema["paths"]["/generate"]["post"]["requestBody"]["content"]["application/json"]["schema"]["properties"]

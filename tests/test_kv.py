@@ -6,8 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine import Engine, EngineConfig
+from conftest import make_tiny_model
+from engine import Engine, EngineConfig, quant
 from engine.kv import GrowingKVLayer, kv_bytes_per_token, new_model_cache
+from test_quant import equivalence_statuses
 
 SYSTEM = "You are a careful assistant. Answer briefly and precisely, in plain words. " * 3
 QUESTIONS = ["What is machine learning?", "Name three prime numbers.", "Why is the sky blue?"]
@@ -81,3 +83,12 @@ def test_bf16_kv_halves_the_bytes_per_token_and_doubles_the_slots(tiny_engine):
 def test_unknown_kv_dtype_is_a_value_error(value):
     with pytest.raises(ValueError, match="kv_dtype"):
         EngineConfig(kv_dtype=value)
+
+
+@pytest.mark.parametrize("fmt, kv_dtype", [("bf16", "fp32"), ("int4", "fp32"), ("int8", "bf16")])
+def test_kv_dtype_with_other_weight_formats(tokenizer, fmt, kv_dtype):
+    """A KV dtype other than the compute dtype of a quantized or bf16 model keeps every cache path equal to no cache."""
+    model = quant.apply_format(make_tiny_model(tokenizer), fmt)
+    engine = Engine(model, tokenizer, EngineConfig(min_cached_tokens=4, kv_dtype=kv_dtype), name=f"tiny-{fmt}")
+    assert equivalence_statuses(engine) == ["miss", "hit", "partial", "miss", "partial"]
+    assert engine.pool.dtype == {"fp32": torch.float32, "bf16": torch.bfloat16}[kv_dtype]

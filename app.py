@@ -25,9 +25,9 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from engine import GenerationResult
+from engine.sampling import NO_REPEAT_NGRAM_MAX, REPETITION_PENALTY_MAX, REPETITION_PENALTY_MIN
 from ui import backend_view, charts
 from ui.components import RawSlider, RawTextbox
-from engine.sampling import NO_REPEAT_NGRAM_MAX, REPETITION_PENALTY_MAX, REPETITION_PENALTY_MIN
 from ui.limits import MAX_NEW_TOKENS, PAGE_MAX_NEW_TOKENS, PAGE_NO_REPEAT_NGRAM_SIZE, PAGE_REPETITION_PENALTY, SESSION_STATE_TTL_S
 from ui.openai_api import add_openai_routes
 from ui.planner import PlanBody, Planner, build_plan_tab, plan_api, run_rest as run_plan_rest

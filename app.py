@@ -290,12 +290,15 @@ def build_demo(service: EngineService, issuer: SessionIssuer, planner: Planner) 
             verify: bool = False,
             repetition_penalty: float = 1.0,
             no_repeat_ngram_size: int = 0,
+            frequency_penalty: float = 0.0,
+            presence_penalty: float = 0.0,
             request: gr.Request = None,
         ) -> dict:
             """Generate a reply; returns the engine's response (text, token_ids, cache_status, timings, ...)."""
             raw = dict(
                 prompt=prompt, system_prompt=system_prompt, max_new_tokens=max_new_tokens, use_cache=use_cache, use_prefix_cache=use_prefix_cache,
                 temperature=temperature, top_p=top_p, seed=seed, verify=verify, repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
+                frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
             )
             session = session_of(request)
             with _ui_errors():
@@ -509,7 +512,7 @@ def _api_help(service: EngineService) -> str:
     return (
         "**REST** (same port): `POST /generate` with JSON "
         '`{"prompt": "...", "system_prompt": null, "max_new_tokens": 32, "use_cache": true, "use_prefix_cache": true, "temperature": 0}` '
-        "(optional `top_p`, `seed`, `repetition_penalty`, `no_repeat_ngram_size`) returns the engine's response; `GET /cache/stats`; `POST /cache/clear`; "
+        "(optional `top_p`, `seed`, `repetition_penalty`, `no_repeat_ngram_size`, `frequency_penalty`, `presence_penalty`) returns the engine's response; `GET /cache/stats`; `POST /cache/clear`; "
         '`POST /cache/warm` with `{"system_prompt": "...", "pin": true, "ttl_s": 600}` (or `"messages": [...]`) prefills and pins; '
         "`GET /health`; schema at `/docs`. "
         "To keep a session (and its cache) across calls, get an id from `POST /session` and send it as "

@@ -417,10 +417,11 @@ class RemoteBackend:
 
     # ------------------------------------------------------------------ helpers
 
-    def _request_body(self, namespace: str, stop: list[str], *, prompt: str, system_prompt: str | None = None, history: Sequence[Mapping[str, str]] | None = None, max_new_tokens: int = 64, use_cache: bool = True, use_prefix_cache: bool = True, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, repetition_penalty: float = 1.0, raw: bool = False, verify: bool = False) -> tuple[str, dict[str, Any]]:
+    def _request_body(self, namespace: str, stop: list[str], *, prompt: str, system_prompt: str | None = None, history: Sequence[Mapping[str, str]] | None = None, max_new_tokens: int = 64, use_cache: bool = True, use_prefix_cache: bool = True, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, repetition_penalty: float = 1.0, frequency_penalty: float = 0.0, presence_penalty: float = 0.0, raw: bool = False, verify: bool = False) -> tuple[str, dict[str, Any]]:
         body: dict[str, Any] = {"model": self.model, "max_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "stream": True, "stream_options": {"include_usage": True}}
         if repetition_penalty != 1.0:
             body[self.adapter.repetition_penalty_field] = repetition_penalty
+        body |= {name: value for name, value in (("frequency_penalty", frequency_penalty), ("presence_penalty", presence_penalty)) if value}  # OpenAI's own fields
         if seed is not None:
             body["seed"] = seed
         if stop:

@@ -175,6 +175,8 @@ class Engine:
             repetition_penalty: 1 (default) is off; above 1 discounts tokens this reply already
                 generated (CTRL's penalty; the prompt's tokens are not penalised).
             no_repeat_ngram_size: 0 (default) is off; n never generates the same n tokens twice.
+            frequency_penalty, presence_penalty: OpenAI's, -2 to 2 (0, the default, is off), over
+                the tokens this reply generated.
             raw: Feed the prompt as plain text, without the chat template.
             cache_key: Prefix-cache namespace; requests only reuse entries of their own key.
             verify: Then run the request again with no cache at all and report, in ``verification``,
@@ -204,6 +206,8 @@ class Engine:
         seed: int | None = None,
         repetition_penalty: float = 1.0,
         no_repeat_ngram_size: int = 0,
+        frequency_penalty: float = 0.0,
+        presence_penalty: float = 0.0,
         raw: bool = False,
         cache_key: str = DEFAULT_NAMESPACE,
         verify: bool = False,
@@ -242,7 +246,7 @@ class Engine:
             max_new_tokens=max_new_tokens,
             use_cache=use_cache,
             use_prefix_cache=use_prefix_cache,
-            sampling=SamplingParams.checked(temperature, top_p, seed, repetition_penalty, no_repeat_ngram_size),
+            sampling=SamplingParams.checked(temperature, top_p, seed, repetition_penalty, no_repeat_ngram_size, frequency_penalty, presence_penalty),
             raw=raw,
             cache_key=cache_key,
             verify=verify,

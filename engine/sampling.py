@@ -1,5 +1,6 @@
 """Choosing the next token from logits: greedy by default, temperature / top-p sampling on request,
-and repetition control (a repetition penalty, an n-gram ban) over the tokens the request generated.
+and repetition control (a repetition penalty, OpenAI's frequency and presence penalties, an n-gram
+ban) over the tokens the request generated.
 
 Knows nothing about models or caches; works on one ``[vocab]`` float tensor at a time. The
 per-request state (the random stream, the token history the penalties read) is a :class:`Sampler`.
@@ -25,6 +26,7 @@ TOP_P_MIN_EXCLUSIVE, TOP_P_MAX = 0.0, 1.0
 SEED_MAX = 2**63 - 1
 REPETITION_PENALTY_MIN, REPETITION_PENALTY_MAX = 1.0, 2.0  # 1 is off; below 1 would reward loops
 NO_REPEAT_NGRAM_MAX = 16  # 0 is off; a ban on longer n-grams never fires in a 512-token reply
+OPENAI_PENALTY_MIN, OPENAI_PENALTY_MAX = -2.0, 2.0  # frequency_penalty and presence_penalty, as OpenAI bounds them
 
 
 @dataclass(frozen=True)
@@ -34,10 +36,13 @@ class SamplingParams:
     seed: int | None = None  # None: a fresh random stream per request
     repetition_penalty: float = 1.0  # CTRL: divide a generated token's positive logit, multiply its negative one
     no_repeat_ngram_size: int = 0  # n > 0: never generate the same n tokens twice
+    frequency_penalty: float = 0.0  # OpenAI: subtracted from a token's logit once per time the reply generated it
+    presence_penalty: float = 0.0  # OpenAI: subtracted once from the logit of any token the reply generated
 
     @classmethod
     def checked(
-        cls, temperature: float, top_p: float, seed: int | None, repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0
+        cls, temperature: float, top_p: float, seed: int | None, repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
+        frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
     ) -> "SamplingParams":
         """Validate user input; raise ``ValueError`` saying what is allowed."""
         if not _is_number(temperature) or not 0 <= temperature <= TEMPERATURE_MAX:
@@ -52,7 +57,10 @@ class SamplingParams:
             )
         if isinstance(no_repeat_ngram_size, bool) or not isinstance(no_repeat_ngram_size, int) or not 0 <= no_repeat_ngram_size <= NO_REPEAT_NGRAM_MAX:
             raise ValueError(f"no_repeat_ngram_size must be an integer from 0 (off) to {NO_REPEAT_NGRAM_MAX}, got {no_repeat_ngram_size!r}")
-        return cls(float(temperature), float(top_p), seed, float(repetition_penalty), no_repeat_ngram_size)
+        for name, value in (("frequency_penalty", frequency_penalty), ("presence_penalty", presence_penalty)):
+            if not _is_number(value) or not OPENAI_PENALTY_MIN <= value <= OPENAI_PENALTY_MAX:
+                raise ValueError(f"{name} must be a number from {OPENAI_PENALTY_MIN:g} to {OPENAI_PENALTY_MAX:g} (0 is off), got {value!r}")
+        return cls(float(temperature), float(top_p), seed, float(repetition_penalty), no_repeat_ngram_size, float(frequency_penalty), float(presence_penalty))
 
     @property
     def greedy(self) -> bool:
@@ -60,7 +68,7 @@ class SamplingParams:
 
     @property
     def controls_repetition(self) -> bool:
-        return self.repetition_penalty != 1.0 or self.no_repeat_ngram_size > 0
+        return self.repetition_penalty != 1.0 or self.no_repeat_ngram_size > 0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
 
     def make_generator(self) -> torch.Generator | None:
         """A per-request CPU generator, so concurrent requests never share random state."""
@@ -78,8 +86,8 @@ class Sampler:
     """One request's sampling: ``sampler(logits) -> token``, remembering each token it picks.
 
     The history is kept incrementally so that a step costs the same at token 500 as at token 5:
-    a ``[vocab]`` bool mask of the tokens generated so far (the penalty is one vectorised
-    ``where``), and an index from each (n-1)-token context to the tokens that followed it (the
+    a ``[vocab]`` count of each token generated so far (each penalty is one vectorised
+    operation), and an index from each (n-1)-token context to the tokens that followed it (the
     ban is one dictionary lookup). Nothing is rescanned. The logits passed in are never modified:
     the engine stores them in the prefix cache and compares them in ``verify``.
     """
@@ -88,7 +96,7 @@ class Sampler:
         self.params = params
         self.generator = params.make_generator()
         self.history: list[int] = []
-        self._seen: torch.Tensor | None = None  # [vocab] bool, on the logits' device: generated so far
+        self._counts: torch.Tensor | None = None  # [vocab] float32, on the logits' device: times generated so far
         self._followers: dict[tuple[int, ...], set[int]] = {}  # (n-1)-token context -> tokens seen after it
 
     def __call__(self, logits: torch.Tensor) -> int:
@@ -107,13 +115,16 @@ class Sampler:
         return self._followers.get(tuple(self.history[len(self.history) - n + 1 :]), set())
 
     def _controlled(self, logits: torch.Tensor) -> torch.Tensor:
-        """A float32 copy of ``logits`` with the penalty and the ban applied."""
+        """A float32 copy of ``logits`` with the penalties and the ban applied."""
         logits = logits.float().clone()
-        if self._seen is None:
-            self._seen = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
-        penalty = self.params.repetition_penalty
-        if penalty != 1.0:
-            logits = torch.where(self._seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+        if self._counts is None:
+            self._counts = torch.zeros(logits.shape[-1], dtype=torch.float32, device=logits.device)
+        seen = self._counts > 0
+        p = self.params
+        if p.repetition_penalty != 1.0:  # CTRL's, as transformers applies it
+            logits = torch.where(seen, torch.where(logits > 0, logits / p.repetition_penalty, logits * p.repetition_penalty), logits)
+        if p.frequency_penalty != 0.0 or p.presence_penalty != 0.0:  # OpenAI's, as vLLM applies them
+            logits = logits - p.frequency_penalty * self._counts - p.presence_penalty * seen.float()
         banned = self.banned()
         if banned:  # a few tokens: a reply is far shorter than the vocabulary, so most stay possible
             logits[torch.tensor(sorted(banned), device=logits.device)] = -math.inf
@@ -121,8 +132,8 @@ class Sampler:
 
     def _observe(self, token: int) -> None:
         self.history.append(token)
-        if self._seen is not None:
-            self._seen[token] = True
+        if self._counts is not None:
+            self._counts[token] += 1
         n = self.params.no_repeat_ngram_size
         if n and len(self.history) >= n:
             *context, last = self.history[-n:]

@@ -155,6 +155,8 @@ BAD_BODIES = [
     ("huge no_repeat_ngram_size", body(no_repeat_ngram_size=2**62), 422, "no_repeat_ngram_size: Input should be less than or equal to 16"),
     ("no_repeat_ngram_size as a float", body(no_repeat_ngram_size=3.0), 422, "no_repeat_ngram_size: Input should be a valid integer"),
     ("no_repeat_ngram_size as a boolean", body(no_repeat_ngram_size=True), 422, "no_repeat_ngram_size: Input should be a valid integer"),
+    ("NaN frequency_penalty", b'{"prompt": "hi", "max_new_tokens": 4, "frequency_penalty": NaN}', 422, "frequency_penalty: Input should be a finite number"),
+    ("huge presence_penalty", body(presence_penalty=1e9), 422, "presence_penalty: Input should be less than or equal to 2"),
     ("prefix cache without KV cache", body(use_cache=False, use_prefix_cache=True), 400, "needs use_cache=True"),
     ("prompt beyond the context window", body(prompt="x " * 9000), 400, "context window"),
     ("prompt over the character cap", _big(40_000), 422, "at most 32000 characters"),

@@ -60,6 +60,15 @@ def test_greedy_never_repeats_an_ngram():
     assert len(grams) == len(set(grams))
 
 
+def test_frequency_and_presence_penalties_are_openais():
+    """OpenAI's formula, as vLLM applies it to the reply: logit - count * frequency_penalty - (count > 0) * presence_penalty."""
+    sampler = Sampler(SamplingParams.checked(0.0, 1.0, None, frequency_penalty=0.5, presence_penalty=1.0))
+    feed(sampler, [3, 3, 7])
+    expected = torch.zeros(VOCAB)
+    expected[3], expected[7] = -(2 * 0.5 + 1.0), -(0.5 + 1.0)
+    torch.testing.assert_close(sampler._controlled(torch.zeros(VOCAB)), expected)
+
+
 def test_logits_are_not_modified():
     """The engine stores these logits in the prefix cache and compares them in verify: the sampler must not touch them."""
     sampler = Sampler(SamplingParams.checked(0.0, 1.0, None, repetition_penalty=1.5, no_repeat_ngram_size=1))
@@ -91,6 +100,10 @@ BAD = [
     (dict(no_repeat_ngram_size=3.0), "no_repeat_ngram_size"),
     (dict(no_repeat_ngram_size=True), "no_repeat_ngram_size"),
     (dict(no_repeat_ngram_size="3"), "no_repeat_ngram_size"),
+    (dict(frequency_penalty=2.5), "frequency_penalty"),
+    (dict(frequency_penalty=math.nan), "frequency_penalty"),
+    (dict(presence_penalty=-3), "presence_penalty"),
+    (dict(presence_penalty=False), "presence_penalty"),
 ]
 
 
@@ -104,7 +117,12 @@ def test_bad_values_are_a_value_error_naming_the_field(tiny_engine, kwargs, fiel
 
 # ---------------------------------------------------------------------- equivalence with repetition control on
 
-CONTROL = [dict(repetition_penalty=2.0), dict(no_repeat_ngram_size=2), dict(repetition_penalty=1.2, no_repeat_ngram_size=3)]
+CONTROL = [
+    dict(repetition_penalty=2.0),
+    dict(no_repeat_ngram_size=2),
+    dict(repetition_penalty=1.2, no_repeat_ngram_size=3),
+    dict(frequency_penalty=2.0, presence_penalty=1.0),
+]
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ a rule that REST decides differently.
 - **cache_salt** (vLLM's field): a prefix-cache namespace of the caller's own session.
 - **Repetition control**: ``repetition_penalty`` and ``no_repeat_ngram_size`` as extra body fields
   (vLLM and SGLang take the first; our penalty counts only the reply's tokens, theirs the prompt's
-  too). OpenAI's ``frequency_penalty`` and ``presence_penalty`` are refused unless 0.
+  too), beside OpenAI's own ``frequency_penalty`` and ``presence_penalty`` (over the reply's tokens, as vLLM).
 - **Responses** have OpenAI's shapes; ``usage.prompt_tokens_details.cached_tokens`` is the number
   of prompt tokens reused from the prefix cache; our cache status and timings are under ``"kvci"``.
 - **Errors**: ``{"error": {"message", "type", "param", "code"}}`` with a 4xx (429 busy, 503 loading).
@@ -88,7 +88,7 @@ class _Common(BaseModel):
     # repetition_penalty counts only the reply's tokens (engine/sampling.py); theirs counts the prompt's too.
     repetition_penalty: float = Field(1.0, strict=True)
     no_repeat_ngram_size: int = Field(0, strict=True)
-    frequency_penalty: float = Field(0.0, strict=True)  # OpenAI's; refused unless 0 (_engine_fields)
+    frequency_penalty: float = Field(0.0, strict=True)
     presence_penalty: float = Field(0.0, strict=True)
     logprobs: Literal[False] | None = None
 
@@ -189,13 +189,12 @@ def _parse(raw: bytes, schema: type[_Common]) -> _Common:
 
 def _engine_fields(body: _Common) -> dict[str, Any]:
     """The OpenAI request as ``ConversationBody`` fields; raises ApiError for what has no mapping."""
-    for name in ("frequency_penalty", "presence_penalty"):
-        if getattr(body, name) != 0:
-            raise ApiError(400, f"{name} is not supported by this server (only 0): use repetition_penalty (1 to 2) or no_repeat_ngram_size instead", param=name)
     fields: dict[str, Any] = {
         "max_new_tokens": next((n for n in (body.max_completion_tokens, body.max_tokens) if n is not None), MAX_NEW_TOKENS),
         "repetition_penalty": body.repetition_penalty,
         "no_repeat_ngram_size": body.no_repeat_ngram_size,
+        "frequency_penalty": body.frequency_penalty,
+        "presence_penalty": body.presence_penalty,
         "temperature": body.temperature,
         "top_p": body.top_p,
         "seed": body.seed,

@@ -26,9 +26,10 @@ from fastapi.responses import JSONResponse
 
 from engine import GenerationResult
 from engine.snapshot import status_line as snapshot_line
+from engine.sampling import NO_REPEAT_NGRAM_MAX, REPETITION_PENALTY_MAX, REPETITION_PENALTY_MIN
 from ui import backend_view, charts
 from ui.components import RawSlider, RawTextbox
-from ui.limits import MAX_NEW_TOKENS, SESSION_STATE_TTL_S
+from ui.limits import MAX_NEW_TOKENS, PAGE_MAX_NEW_TOKENS, PAGE_NO_REPEAT_NGRAM_SIZE, PAGE_REPETITION_PENALTY, SESSION_STATE_TTL_S
 from ui.openai_api import add_openai_routes
 from ui.planner import PlanBody, Planner, build_plan_tab, plan_api, run_rest as run_plan_rest
 from ui.scenarios import load_examples, load_scenarios, run_scenario
@@ -85,8 +86,17 @@ def build_demo(service: EngineService, issuer: SessionIssuer, planner: Planner) 
                     use_cache = gr.Checkbox(value=True, label="KV cache", info="reuse keys/values while decoding")
                     use_prefix_cache = gr.Checkbox(value=True, label="Prefix cache", info="reuse KV across requests")
                 with gr.Row():
-                    max_new_tokens = RawSlider(1, MAX_NEW_TOKENS, value=48, step=1, label="Max new tokens")
+                    max_new_tokens = RawSlider(1, MAX_NEW_TOKENS, value=PAGE_MAX_NEW_TOKENS, step=1, label="Max new tokens")
                     temperature = RawSlider(0.0, 2.0, value=0.0, step=0.05, label="Temperature", info="0 is greedy")
+                with gr.Row():  # repetition control: the page's default is measured by benchmark/repetition_bench.py
+                    repetition_penalty = RawSlider(
+                        REPETITION_PENALTY_MIN, REPETITION_PENALTY_MAX, value=PAGE_REPETITION_PENALTY, step=0.05, label="Repetition penalty",
+                        info="1 is off; above 1 discounts tokens the reply already used", elem_id="kv-repetition-penalty",
+                    )
+                    no_repeat_ngram_size = RawSlider(
+                        0, NO_REPEAT_NGRAM_MAX, value=PAGE_NO_REPEAT_NGRAM_SIZE, step=1, label="No repeat n-gram size",
+                        info="0 is off; n: never the same n tokens twice", elem_id="kv-no-repeat-ngram",
+                    )
                 generate_button = gr.Button("Generate", variant="primary", elem_id="kv-generate")
                 verify_button = gr.Button("Verify: generate, then rerun with no cache and compare", size="sm", elem_id="kv-verify")
                 with gr.Row():
@@ -152,19 +162,19 @@ def build_demo(service: EngineService, issuer: SessionIssuer, planner: Planner) 
                 backend_view.backend_markdown(info), backend_view.timing_note(info), *backend_view.toggle_updates(info),
             )
 
-        async def on_generate(system: Any, text: Any, kv: Any, prefix: Any, max_tokens: Any, temp: Any, state: charts.SessionHistory, request: gr.Request):
-            async for outputs in page_generate(system, text, kv, prefix, max_tokens, temp, state, request, verify=False):
+        async def on_generate(system: Any, text: Any, kv: Any, prefix: Any, max_tokens: Any, temp: Any, penalty: Any, ngram: Any, state: charts.SessionHistory, request: gr.Request):
+            async for outputs in page_generate(system, text, kv, prefix, max_tokens, temp, penalty, ngram, state, request, verify=False):
                 yield outputs
 
-        async def on_verify(system: Any, text: Any, kv: Any, prefix: Any, max_tokens: Any, temp: Any, state: charts.SessionHistory, request: gr.Request):
-            async for outputs in page_generate(system, text, kv, prefix, max_tokens, temp, state, request, verify=True):
+        async def on_verify(system: Any, text: Any, kv: Any, prefix: Any, max_tokens: Any, temp: Any, penalty: Any, ngram: Any, state: charts.SessionHistory, request: gr.Request):
+            async for outputs in page_generate(system, text, kv, prefix, max_tokens, temp, penalty, ngram, state, request, verify=True):
                 yield outputs
 
-        async def page_generate(system: Any, text: Any, kv: Any, prefix: Any, max_tokens: Any, temp: Any, state: charts.SessionHistory, request: gr.Request, verify: bool):
+        async def page_generate(system: Any, text: Any, kv: Any, prefix: Any, max_tokens: Any, temp: Any, penalty: Any, ngram: Any, state: charts.SessionHistory, request: gr.Request, verify: bool):
             session = session_of(request)
             state = state.owned_by(session.key)
             with _ui_errors():
-                body = parse_body({**_page_fields(text, system, max_tokens, kv, prefix, temp), "verify": verify})
+                body = parse_body({**_page_fields(text, system, max_tokens, kv, prefix, temp, penalty, ngram), "verify": verify})
                 job = service.stream(session, **body.engine_kwargs())
             skip = [gr.skip()] * 6
             produced, result = "", None
@@ -262,7 +272,7 @@ def build_demo(service: EngineService, issuer: SessionIssuer, planner: Planner) 
         inspect_inputs, inspect_outputs = [history, tree_colour], [cache_stats, cache_table, cache_tree]  # every inspector refresh goes through on_inspect
         demo.load(on_inspect, inputs=inspect_inputs, outputs=inspect_outputs, **quick)
         use_cache.change(lambda kv, prefix: prefix is True and kv is True, inputs=[use_cache, use_prefix_cache], outputs=use_prefix_cache, **quick)
-        gen_inputs = [system_prompt, prompt, use_cache, use_prefix_cache, max_new_tokens, temperature, history]
+        gen_inputs = [system_prompt, prompt, use_cache, use_prefix_cache, max_new_tokens, temperature, repetition_penalty, no_repeat_ngram_size, history]
         gen_outputs = [output, figures, tokens, explanation, latency_plot, hits_plot, history]
         # One run at a time per page: two events of a session each get their own copy of the
         # history state, and the one finishing last would drop the other's records.
@@ -302,10 +312,18 @@ def build_demo(service: EngineService, issuer: SessionIssuer, planner: Planner) 
             top_p: float = 1.0,
             seed: int | None = None,
             verify: bool = False,
+            repetition_penalty: float = 1.0,
+            no_repeat_ngram_size: int = 0,
+            frequency_penalty: float = 0.0,
+            presence_penalty: float = 0.0,
             request: gr.Request = None,
         ) -> dict:
             """Generate a reply; returns the engine's response (text, token_ids, cache_status, timings, ...)."""
-            raw = dict(prompt=prompt, system_prompt=system_prompt, max_new_tokens=max_new_tokens, use_cache=use_cache, use_prefix_cache=use_prefix_cache, temperature=temperature, top_p=top_p, seed=seed, verify=verify)
+            raw = dict(
+                prompt=prompt, system_prompt=system_prompt, max_new_tokens=max_new_tokens, use_cache=use_cache, use_prefix_cache=use_prefix_cache,
+                temperature=temperature, top_p=top_p, seed=seed, verify=verify, repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
+                frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
+            )
             session = session_of(request)
             with _ui_errors():
                 job = service.stream(session, **parse_body(raw).engine_kwargs())
@@ -470,7 +488,7 @@ def _ui_errors() -> Iterator[None]:
         raise gr.Error(str(exc)) from None
 
 
-def _page_fields(prompt: Any, system_prompt: Any, max_new_tokens: Any, use_cache: Any, use_prefix_cache: Any, temperature: Any) -> dict:
+def _page_fields(prompt: Any, system_prompt: Any, max_new_tokens: Any, use_cache: Any, use_prefix_cache: Any, temperature: Any, repetition_penalty: Any, no_repeat_ngram_size: Any) -> dict:
     """A page event's inputs as a request body for ``parse_body``: values as sent, but for the page's own forms.
 
     The page sends None for a cleared box and may send a whole slider value as a float (48.0); both
@@ -479,11 +497,18 @@ def _page_fields(prompt: Any, system_prompt: Any, max_new_tokens: Any, use_cache
     return dict(
         prompt="" if prompt is None else prompt,
         system_prompt=None if system_prompt in (None, "") else system_prompt,
-        max_new_tokens=int(max_new_tokens) if isinstance(max_new_tokens, float) and max_new_tokens.is_integer() else max_new_tokens,
+        max_new_tokens=_slider_int(max_new_tokens),
         use_cache=use_cache,
         use_prefix_cache=use_prefix_cache,
         temperature=temperature,
+        repetition_penalty=repetition_penalty,
+        no_repeat_ngram_size=_slider_int(no_repeat_ngram_size),
     )
+
+
+def _slider_int(value: Any) -> Any:
+    """A whole slider value sent as a float (48.0) as the int it is; anything else as sent, for the validation to judge."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 def _session(issuer: SessionIssuer, request: Request | gr.Request | None) -> Session:
@@ -542,7 +567,7 @@ def _status_markdown(service: EngineService) -> str:
     if s["ready"] and s["backend"]["kind"] != "local":
         return f"**Model:** {s['model']} · **backend:** remote {s['backend']['kind']} at {s['backend']['url']} · {mode}"
     if s["ready"]:
-        return f"**Model:** {s['model']} · {s['parameters'] / 1e6:,.0f}M parameters · **device:** {s['device']} ({s['dtype']}) · context {s['context_length']:,} tokens · {mode}"
+        return f"**Model:** {s['model']} · {s['parameters'] / 1e6:,.0f}M parameters · **device:** {s['device']} ({s['dtype']}) · **KV:** {s['kv_dtype']} · context {s['context_length']:,} tokens · {mode}"
     if s["error"]:
         return f"**Error:** {s['error']}"
     lines = "\n".join(f"- {line}" for line in s["progress"]) or "- starting…"
@@ -553,7 +578,7 @@ def _api_help(service: EngineService) -> str:
     return (
         "**REST** (same port): `POST /generate` with JSON "
         '`{"prompt": "...", "system_prompt": null, "max_new_tokens": 32, "use_cache": true, "use_prefix_cache": true, "temperature": 0}` '
-        "(optional `top_p`, `seed`) returns the engine's response; `GET /cache/stats`; `POST /cache/clear`; "
+        "(optional `top_p`, `seed`, `repetition_penalty`, `no_repeat_ngram_size`, `frequency_penalty`, `presence_penalty`) returns the engine's response; `GET /cache/stats`; `POST /cache/clear`; "
         '`POST /cache/warm` with `{"system_prompt": "...", "pin": true, "ttl_s": 600}` (or `"messages": [...]`) prefills and pins; `POST /cache/save` writes the cache to `--cache-dir` (local servers); '
         "`POST /cache/unpin` with the same `system_prompt` or `messages` drops the pin; "
         "`GET /health`; schema at `/docs`. "

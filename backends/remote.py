@@ -54,6 +54,8 @@ class Adapter:
     kind = "openai"
     salt_field: str | None = None  # a request field that selects a prefix-cache namespace (vLLM's cache_salt)
     cached_zero_omitted = False  # vLLM leaves prompt_tokens_details out when nothing was cached
+    # vLLM's, SGLang's and our extra field (theirs count the prompt's tokens too; OpenAI itself refuses it with a 400)
+    repetition_penalty_field = "repetition_penalty"
 
     def request_fields(self, namespace: str | None, prefix_cache: bool) -> dict[str, Any]:
         """Extra request fields: the namespace's salt, or what turns the prefix cache off for this request."""
@@ -156,6 +158,7 @@ class LlamaServerAdapter(Adapter):
     """llama.cpp's llama-server: ``cache_prompt``, ``timings.cache_n`` / ``prompt_n``, slots erased one by one."""
 
     kind = "llama-server"
+    repetition_penalty_field = "repeat_penalty"  # llama.cpp's: over its last 64 tokens, prompt included
 
     def request_fields(self, namespace: str | None, prefix_cache: bool) -> dict[str, Any]:
         return {} if prefix_cache else {"cache_prompt": False}
@@ -330,6 +333,8 @@ class RemoteBackend:
             raise ValueError("verify compares with an uncached run of the local engine; a remote server cannot do that")
         if not request.get("use_cache", True):
             raise ValueError("the KV cache cannot be turned off on a remote serving engine; it is local-only")
+        if request.get("no_repeat_ngram_size", 0):
+            raise ValueError("no_repeat_ngram_size runs in the local engine's sampler; an OpenAI-compatible server has no such field: set it to 0")
         if request.get("use_prefix_cache", True) is False and not self.adapter.capabilities()["prefix_cache_off"].available:
             raise ValueError(f"the prefix cache cannot be turned off on this {self.adapter.kind} server: {self.adapter.capabilities()['prefix_cache_off'].note}")
 
@@ -412,8 +417,11 @@ class RemoteBackend:
 
     # ------------------------------------------------------------------ helpers
 
-    def _request_body(self, namespace: str, stop: list[str], *, prompt: str, system_prompt: str | None = None, history: Sequence[Mapping[str, str]] | None = None, max_new_tokens: int = 64, use_cache: bool = True, use_prefix_cache: bool = True, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, raw: bool = False, verify: bool = False) -> tuple[str, dict[str, Any]]:
+    def _request_body(self, namespace: str, stop: list[str], *, prompt: str, system_prompt: str | None = None, history: Sequence[Mapping[str, str]] | None = None, max_new_tokens: int = 64, use_cache: bool = True, use_prefix_cache: bool = True, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, repetition_penalty: float = 1.0, frequency_penalty: float = 0.0, presence_penalty: float = 0.0, raw: bool = False, verify: bool = False) -> tuple[str, dict[str, Any]]:
         body: dict[str, Any] = {"model": self.model, "max_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "stream": True, "stream_options": {"include_usage": True}}
+        if repetition_penalty != 1.0:
+            body[self.adapter.repetition_penalty_field] = repetition_penalty
+        body |= {name: value for name, value in (("frequency_penalty", frequency_penalty), ("presence_penalty", presence_penalty)) if value}  # OpenAI's own fields
         if seed is not None:
             body["seed"] = seed
         if stop:

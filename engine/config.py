@@ -13,7 +13,8 @@ from typing import Any, get_args, get_type_hints
 from cache.policies import get_priority
 from engine.quant import WEIGHT_FORMATS
 
-ENV_PREFIX = "KVCI_"  # KVCI_MODEL, KVCI_DEVICE, KVCI_DTYPE, KVCI_WEIGHTS, KVCI_CACHE_BUDGET_MB, ...
+ENV_PREFIX = "KVCI_"  # KVCI_MODEL, KVCI_DEVICE, KVCI_DTYPE, KVCI_WEIGHTS, KVCI_KV_DTYPE, KVCI_CACHE_BUDGET_MB, ...
+KV_DTYPES = ("auto", "fp32", "bf16")  # how KV is stored, in the request's model cache and the prefix cache alike
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,7 @@ class EngineConfig:
     device: str = "auto"  # "auto" (cuda when available, else cpu), "cpu", "cuda", "cuda:1", ...
     dtype: str = "auto"  # "auto" (bf16 on cuda, fp32 on cpu), "float32", "bfloat16", "float16"
     weights: str = "auto"  # weight format: "auto" (fp32 on cpu, else dtype's), "fp32", "bf16", "int8", "int4" (engine.quant)
+    kv_dtype: str = "auto"  # KV storage: "auto" (the model's dtype), "fp32" or "bf16" (half the bytes per cached token)
     decode: str = "auto"  # the decode step: "auto" (engine.fast_llama's for Llama models, else transformers') or "transformers"
     cache_budget_mb: float = 512.0  # byte budget of the prefix cache
     min_cached_tokens: int = 20  # shorter prompts are neither cached nor counted
@@ -54,6 +56,8 @@ class EngineConfig:
             raise ValueError(f"kv_storage must be 'cpu' or 'device', got {self.kv_storage!r}")
         if self.weights not in WEIGHT_FORMATS:
             raise ValueError(f"weights must be one of {', '.join(WEIGHT_FORMATS)}, got {self.weights!r}")
+        if self.kv_dtype not in KV_DTYPES:
+            raise ValueError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {self.kv_dtype!r}")
         if self.decode not in ("auto", "transformers"):
             raise ValueError(f"decode must be auto or transformers, got {self.decode!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):

@@ -26,7 +26,7 @@ from engine.explain import explain
 from engine.oracle import compare
 from engine.kv import has_sliding_layers, kv_bytes_per_token, new_model_cache
 from engine.kv_pool import KVPool
-from engine.sampling import SamplingParams, sample_next_token
+from engine.sampling import Sampler, SamplingParams
 
 CacheStatus = str  # "hit" | "partial" | "miss" | "skipped" (prompt under min_cached_tokens) | "off"
 
@@ -107,8 +107,10 @@ class Engine:
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.storage_device = torch.device("cpu") if self.config.kv_storage == "cpu" else self.device
+        # KV storage, the model caches' and the pool's alike; None ("auto"): the dtype the model's layers produce.
+        self.kv_dtype = _resolve_kv_dtype(self.config.kv_dtype, self.dtype, model.config)
         pin = self.storage_device.type == "cpu" and self.device.type == "cuda"  # pinned host memory: fast copies
-        self.pool = KVPool(model.config, self.dtype, self.config.cache_budget_bytes, self.storage_device, pin_memory=pin)
+        self.pool = KVPool(model.config, self.kv_dtype or self.dtype, self.config.cache_budget_bytes, self.storage_device, pin_memory=pin)
         self.cache = PrefixCache(
             self.pool, self.config.min_cached_tokens, namespace_quota=self.config.namespace_quota, namespace_idle_s=self.config.namespace_idle_s,
             policy=self.config.eviction_policy,
@@ -170,6 +172,11 @@ class Engine:
             temperature: 0 for greedy (default); > 0 samples.
             top_p: Nucleus sampling mass in (0, 1] (default 1).
             seed: Seed for sampling, for repeatable samples.
+            repetition_penalty: 1 (default) is off; above 1 discounts tokens this reply already
+                generated (CTRL's penalty; the prompt's tokens are not penalised).
+            no_repeat_ngram_size: 0 (default) is off; n never generates the same n tokens twice.
+            frequency_penalty, presence_penalty: OpenAI's, -2 to 2 (0, the default, is off), over
+                the tokens this reply generated.
             raw: Feed the prompt as plain text, without the chat template.
             cache_key: Prefix-cache namespace; requests only reuse entries of their own key.
             verify: Then run the request again with no cache at all and report, in ``verification``,
@@ -197,6 +204,10 @@ class Engine:
         temperature: float = 0.0,
         top_p: float = 1.0,
         seed: int | None = None,
+        repetition_penalty: float = 1.0,
+        no_repeat_ngram_size: int = 0,
+        frequency_penalty: float = 0.0,
+        presence_penalty: float = 0.0,
         raw: bool = False,
         cache_key: str = DEFAULT_NAMESPACE,
         verify: bool = False,
@@ -235,7 +246,7 @@ class Engine:
             max_new_tokens=max_new_tokens,
             use_cache=use_cache,
             use_prefix_cache=use_prefix_cache,
-            sampling=SamplingParams.checked(temperature, top_p, seed),
+            sampling=SamplingParams.checked(temperature, top_p, seed, repetition_penalty, no_repeat_ngram_size, frequency_penalty, presence_penalty),
             raw=raw,
             cache_key=cache_key,
             verify=verify,
@@ -282,7 +293,8 @@ class Engine:
             "weight_bytes": quant.weight_bytes(self.model),
             "parameters": sum(p.numel() for p in self.model.parameters()),
             "context_length": self.context_length,
-            "kv_bytes_per_token": kv_bytes_per_token(self.model.config, self.dtype),
+            "kv_dtype": str(self.pool.dtype).removeprefix("torch."),
+            "kv_bytes_per_token": kv_bytes_per_token(self.model.config, self.pool.dtype),
             "kv_storage": str(self.storage_device),
             "cache_budget_bytes": self.cache.budget_bytes,
             "min_cached_tokens": self.cache.min_tokens,
@@ -352,7 +364,7 @@ class Engine:
 
             # 7. Decode: the first token comes from the prefill's logits (TTFT), then one step per token.
             with clock.span("first_sample_ms"):
-                token = sample_next_token(logits, request.sampling, run.generator)
+                token = run.sampler(logits)
             clock.mark_first_token()
             run.generated.append(token)
             yield token
@@ -366,7 +378,7 @@ class Engine:
                     model_cache = self._reuse(run, match)
                 with clock.span("decode_ms"):
                     logits = self._decode_one_token(run, token, model_cache)
-                    token = sample_next_token(logits, request.sampling, run.generator)
+                    token = run.sampler(logits)
                 run.generated.append(token)
                 yield token
 
@@ -395,7 +407,7 @@ class Engine:
                 return self.pool.read_logits(match.logits_slots, self.device), None
         model_cache = None
         if request.use_cache:
-            model_cache = self._reuse(run, match) if reused else new_model_cache(self.model.config, run.capacity)
+            model_cache = self._reuse(run, match) if reused else new_model_cache(self.model.config, run.capacity, self.kv_dtype)
         suffix = prompt_ids[reused:]
         run.prefill_tokens = len(suffix)
         with clock.span("prefill_ms"):
@@ -424,6 +436,8 @@ class Engine:
         return self._transformers_forward(token_ids, model_cache, use_cache)
 
     def _transformers_forward(self, token_ids: list[int], model_cache: Any, use_cache: bool) -> torch.Tensor:
+        if model_cache is None and self.kv_dtype is not None:  # no KV cache: still attend over KV at the storage precision, as cached runs do
+            model_cache, use_cache = new_model_cache(self.model.config, len(token_ids), self.kv_dtype), True
         input_ids = torch.tensor([token_ids], dtype=torch.long, device=self.device)  # [1, T]
         out = self.model(input_ids=input_ids, cache=model_cache, use_cache=use_cache, logits_to_keep=1)
         return out.logits[0, -1].float()
@@ -523,7 +537,7 @@ class _Run:
     def __init__(self, request: GenerationRequest, device: torch.device) -> None:
         self.request = request
         self.clock = _Clock(device)
-        self.generator = request.sampling.make_generator()
+        self.sampler = Sampler(request.sampling)  # the random stream and the history repetition control reads
         self.prompt_ids: list[int] = []
         self.generated: list[int] = []
         self.match: PrefixMatch | None = None  # the prefix-cache lookup, for the explanation
@@ -620,6 +634,16 @@ def _resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device cuda was asked for, but torch sees no CUDA device; use auto or cpu")
     return device
+
+
+def _resolve_kv_dtype(name: str, model_dtype: torch.dtype, config) -> torch.dtype | None:
+    """The KV storage dtype: None for "auto" (the model's own), else fp32 or bf16 (not for sliding-window models, whose layers keep the model's)."""
+    if name == "auto":
+        return None
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
+    if dtype != model_dtype and has_sliding_layers(config):
+        raise ValueError(f"kv_dtype {name} needs full-attention layers; this model has sliding-window ones: use kv_dtype auto")
+    return dtype
 
 
 def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:

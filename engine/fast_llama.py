@@ -106,7 +106,8 @@ class _Layer(nn.Module):
         v = v.view(1, 1, self.kv_heads, self.head_dim).transpose(1, 2)
         k_buffer.index_copy_(2, pos, k.to(k_buffer.dtype))
         v_buffer.index_copy_(2, pos, v.to(v_buffer.dtype))
-        attn = F.scaled_dot_product_attention(q, k_buffer, v_buffer, attn_mask=mask, scale=self.scale, enable_gqa=self.heads != self.kv_heads)
+        # Buffers stored below the compute dtype (bf16 KV) are attended in it, as the prefill does (engine/kv.py).
+        attn = F.scaled_dot_product_attention(q, k_buffer.to(q.dtype), v_buffer.to(q.dtype), attn_mask=mask, scale=self.scale, enable_gqa=self.heads != self.kv_heads)
         x = x + self.wo(attn.transpose(1, 2).reshape(1, 1, self.heads * self.head_dim))
         gate, up = self.w13(_rms_norm(x, self.ffn_norm, eps)).chunk(2, dim=-1)
         return x + self.w2(F.silu(gate) * up)

@@ -1,4 +1,4 @@
-"""The model cache of one request: a preallocated ``DynamicCache``, and KV sizes.
+"""The model cache of one request: a preallocated ``DynamicCache`` storing KV at a chosen precision, and KV sizes.
 
 Moving KV between a model cache and the prefix cache's pool is ``engine/kv_pool.py``'s job.
 """
@@ -19,11 +19,17 @@ class GrowingKVLayer(DynamicLayer):
     the rare case it is full. ``keys``/``values`` are views of its filled part; positions already
     written are never written again, so views taken of them (to insert into the prefix cache) stay
     valid. Outputs are bit-identical to ``DynamicLayer``.
+
+    ``storage_dtype`` (default: the dtype of the first KV written) may be lower than the model's:
+    bf16 KV for an fp32 model. New KV is rounded on writing, and attention gets the stored values
+    back in the compute dtype, so the model attends over exactly what the prefix cache stores and
+    a hit reproduces a miss token for token. ``keys``/``values`` stay views at the storage dtype.
     """
 
-    def __init__(self, capacity: int = 0) -> None:
+    def __init__(self, capacity: int = 0, storage_dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.capacity = capacity
+        self.storage_dtype = storage_dtype
         self._key_buffer: torch.Tensor | None = None  # [1, kv_heads, capacity, head_dim]
         self._value_buffer: torch.Tensor | None = None
         self._length = 0
@@ -40,7 +46,8 @@ class GrowingKVLayer(DynamicLayer):
         self._length = end
         self.keys = self._key_buffer[:, :, :end, :]
         self.values = self._value_buffer[:, :, :end, :]
-        return self.keys, self.values
+        # Stored lower (bf16 KV): attention reads the rounded values, in the compute dtype (a no-op otherwise).
+        return self.keys.to(key_states.dtype), self.values.to(value_states.dtype)
 
     # The decode step of engine/fast_llama.py writes into the buffers itself: reserve, write, advance.
 
@@ -75,7 +82,7 @@ class GrowingKVLayer(DynamicLayer):
 
     def _grow(self, capacity: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         def bigger(old: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-            buffer = like.new_zeros(like.shape[0], like.shape[1], capacity, like.shape[3])  # zeros: the fast step attends over masked, unwritten positions (0 x NaN is NaN)
+            buffer = like.new_zeros(like.shape[0], like.shape[1], capacity, like.shape[3], dtype=self.storage_dtype or like.dtype)  # zeros: the fast step attends over masked, unwritten positions (0 x NaN is NaN)
             if old is not None and self._length:
                 buffer[:, :, : self._length, :] = old[:, :, : self._length, :]
             return buffer
@@ -84,11 +91,12 @@ class GrowingKVLayer(DynamicLayer):
         self._value_buffer = bigger(self._value_buffer, value_states)
 
 
-def new_model_cache(config, capacity: int) -> DynamicCache:
-    """An empty model cache whose layers preallocate ``capacity`` tokens (plain layers for sliding-window models)."""
+def new_model_cache(config, capacity: int, dtype: torch.dtype | None = None) -> DynamicCache:
+    """An empty model cache whose layers preallocate ``capacity`` tokens and store KV in ``dtype``
+    (None: the model's); plain layers, at the model's dtype, for sliding-window models."""
     cache = DynamicCache(config=config)
     if not _has_sliding(cache):
-        cache.layers = [GrowingKVLayer(capacity) for _ in cache.layers]
+        cache.layers = [GrowingKVLayer(capacity, dtype) for _ in cache.layers]
     return cache
 
 

@@ -3,7 +3,8 @@
 The radix tree (``cache/``) only sees slot indices; this module owns the bytes. The pool is one
 flat ``uint8`` tensor ``[num_slots, slot_bytes]`` sized by the cache budget, with a typed view
 ``[num_slots, layers, 2 (K, V), kv_heads, head_dim]`` for KV: a slot is one token's KV in the
-model's dtype. Logits (float32 ``[vocab]``) take ``ceil(vocab * 4 / slot_bytes)`` slots, any
+KV dtype (the model's, or bf16 with ``--kv-dtype bf16``: half the bytes, twice the tokens per budget;
+the request's model cache stores the same precision, so a hit changes no token). Logits (float32 ``[vocab]``) take ``ceil(vocab * 4 / slot_bytes)`` slots, any
 slots, gathered on read: nothing the cache holds lives outside the pool, so the budget is exact.
 
 Memory comes from ``torch.empty``: untouched pages of a host pool cost nothing until used. With
@@ -31,7 +32,7 @@ class KVPool(SlotAllocator):
 
     Args:
         config: The model's config (layers, KV heads, head size, vocabulary).
-        dtype: The dtype KV is stored in (the model's).
+        dtype: The dtype KV is stored in (the engine's KV dtype), here and in the model caches it builds.
         budget_bytes: Size of the pool; ``budget_bytes // slot_bytes`` slots.
         device: Where the pool lives (the host or the model's device).
         pin_memory: Pin a host pool (for fast copies to and from a CUDA model).
@@ -73,7 +74,7 @@ class KVPool(SlotAllocator):
 
     def read_kv(self, slots: Sequence[Slot], config, device: torch.device, capacity: int = 0) -> DynamicCache:
         """A fresh model cache on ``device`` holding the KV of ``slots`` (in order), room for ``capacity`` tokens."""
-        cache = new_model_cache(config, capacity)
+        cache = new_model_cache(config, capacity, self.dtype)
         if not slots:
             return cache
         # data: [T, layers, 2, kv_heads, head_dim], moved to the device in one transfer

@@ -3,7 +3,8 @@
 The text is the scenarios' own prose (``assets/scenarios.json``, 1,346 tokens, at most 2,000), fed
 through the model once; at every position we keep the argmax and the negative log-likelihood of
 the true next token. A format passes when its argmax agrees with fp32's at >= 90% of positions
-and its mean NLL is within 2% of fp32's. Used by ``tests/test_quant.py`` and the decode benchmark.
+and its mean NLL is within 2% of fp32's. Used by ``tests/test_quant.py`` and the decode benchmark;
+with ``kv_dtype`` the same measure scores a KV storage precision (``benchmark/kv_dtype_bench.py``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from engine.kv import new_model_cache
 
 SCENARIOS = Path(__file__).resolve().parent.parent / "assets" / "scenarios.json"
 QUALITY_TOKENS = 2000
@@ -48,11 +51,15 @@ def quality_token_ids(tokenizer, tokens: int = QUALITY_TOKENS) -> list[int]:
 
 
 @torch.inference_mode()
-def teacher_forced(model, token_ids: list[int], chunk: int = 256) -> TeacherForced:
-    """Run ``token_ids`` through ``model`` in one pass; the lm_head in chunks so the logits never all exist at once."""
+def teacher_forced(model, token_ids: list[int], chunk: int = 256, kv_dtype: torch.dtype | None = None) -> TeacherForced:
+    """Run ``token_ids`` through ``model`` in one pass; the lm_head in chunks so the logits never all exist at once.
+
+    ``kv_dtype``: attend over KV stored at that precision (``engine.kv``), as the engine does with ``--kv-dtype``.
+    """
     device = next(model.parameters()).device
     ids = torch.tensor([token_ids], device=device)
-    hidden = model.model(input_ids=ids).last_hidden_state[0, :-1]  # [T - 1, hidden]
+    cache = new_model_cache(model.config, len(token_ids), kv_dtype) if kv_dtype is not None else None
+    hidden = model.model(input_ids=ids, cache=cache, use_cache=cache is not None).last_hidden_state[0, :-1]  # [T - 1, hidden]
     targets = ids[0, 1:]
     top1, nll = [], []
     for start in range(0, hidden.shape[0], chunk):

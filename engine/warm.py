@@ -48,7 +48,7 @@ def warm(engine: Any, messages: Sequence[dict[str, str]], namespace: str, pin: b
         prefilled = 0
         if match.kind != "hit":
             # Reuse the cached part, prefill the rest, store the whole with the logits after it.
-            model_cache = engine.pool.read_kv(match.slots, engine.model.config, engine.device, len(tokens)) if match.length else new_model_cache(engine.model.config, len(tokens))
+            model_cache = engine.pool.read_kv(match.slots, engine.model.config, engine.device, len(tokens)) if match.length else new_model_cache(engine.model.config, len(tokens), engine.kv_dtype)
             logits = engine._forward(tokens[match.length :], model_cache, use_cache=True)
             prefilled = len(tokens) - match.length
             engine.cache.insert(tokens, engine.pool.source(model_cache, len(tokens), logits), namespace)

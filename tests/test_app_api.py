@@ -72,6 +72,9 @@ def test_gradio_client_sees_only_the_named_endpoints(client):
         (dict(prompt="hi", max_new_tokens=0), "greater than or equal to 1"),
         (dict(prompt="hi", max_new_tokens=10**9), f"less than or equal to {MAX_NEW_TOKENS}"),
         (dict(prompt="hi", temperature=-1.0), "temperature"),
+        (dict(prompt="hi", repetition_penalty=0.5), "repetition_penalty"),
+        (dict(prompt="hi", no_repeat_ngram_size=10**6), "no_repeat_ngram_size"),
+        (dict(prompt="hi", no_repeat_ngram_size=True), "no_repeat_ngram_size"),
         (dict(prompt="hi", use_cache=False, use_prefix_cache=True), "needs use_cache=True"),
         (dict(prompt="x " * 9000, max_new_tokens=8), "context window"),
     ],
@@ -142,6 +145,18 @@ BAD_BODIES = [
     ("negative temperature", body(temperature=-0.5), 422, "temperature"),
     ("NaN temperature", b'{"prompt": "hi", "max_new_tokens": 4, "use_cache": true, "use_prefix_cache": true, "temperature": NaN}', 422, "finite number"),
     ("infinite top_p", b'{"prompt": "hi", "max_new_tokens": 4, "use_cache": true, "use_prefix_cache": true, "top_p": Infinity}', 422, "top_p"),
+    ("NaN repetition_penalty", b'{"prompt": "hi", "max_new_tokens": 4, "repetition_penalty": NaN}', 422, "repetition_penalty: Input should be a finite number"),
+    ("infinite repetition_penalty", b'{"prompt": "hi", "max_new_tokens": 4, "repetition_penalty": Infinity}', 422, "repetition_penalty"),
+    ("negative repetition_penalty", body(repetition_penalty=-1.2), 422, "repetition_penalty: Input should be greater than or equal to 1"),
+    ("huge repetition_penalty", body(repetition_penalty=1e308), 422, "repetition_penalty: Input should be less than or equal to 2"),
+    ("repetition_penalty as a string", body(repetition_penalty="1.2"), 422, "repetition_penalty: Input should be a valid number"),
+    ("repetition_penalty as a boolean", body(repetition_penalty=True), 422, "repetition_penalty: Input should be a valid number"),
+    ("negative no_repeat_ngram_size", body(no_repeat_ngram_size=-3), 422, "no_repeat_ngram_size: Input should be greater than or equal to 0"),
+    ("huge no_repeat_ngram_size", body(no_repeat_ngram_size=2**62), 422, "no_repeat_ngram_size: Input should be less than or equal to 16"),
+    ("no_repeat_ngram_size as a float", body(no_repeat_ngram_size=3.0), 422, "no_repeat_ngram_size: Input should be a valid integer"),
+    ("no_repeat_ngram_size as a boolean", body(no_repeat_ngram_size=True), 422, "no_repeat_ngram_size: Input should be a valid integer"),
+    ("NaN frequency_penalty", b'{"prompt": "hi", "max_new_tokens": 4, "frequency_penalty": NaN}', 422, "frequency_penalty: Input should be a finite number"),
+    ("huge presence_penalty", body(presence_penalty=1e9), 422, "presence_penalty: Input should be less than or equal to 2"),
     ("prefix cache without KV cache", body(use_cache=False, use_prefix_cache=True), 400, "needs use_cache=True"),
     ("prompt beyond the context window", body(prompt="x " * 9000), 400, "context window"),
     ("prompt over the character cap", _big(40_000), 422, "at most 32000 characters"),
@@ -195,6 +210,8 @@ FUZZ_BODY = st.fixed_dictionaries(
         "temperature": st.one_of(st.floats(-1, 3), JSON_VALUES),
         "top_p": st.one_of(st.floats(-1, 2), JSON_VALUES),
         "seed": JSON_VALUES,
+        "repetition_penalty": st.one_of(st.floats(0, 3), JSON_VALUES),
+        "no_repeat_ngram_size": st.one_of(st.integers(-2, 20), JSON_VALUES),
         "extra": JSON_VALUES,
     },
 )
@@ -212,10 +229,22 @@ def test_rest_fuzzed_bodies_never_get_a_500(rest, payload):
         assert 400 <= response.status_code < 500 and isinstance(response.json()["detail"], str)
 
 
+def test_repetition_control_reaches_the_sampler_from_rest_and_gradio_client(rest, client):
+    """no_repeat_ngram_size=1 bans every token already generated: a reply with no repeated token, where plain greedy repeats."""
+    request = body(prompt="List the days of the week, one per line.", max_new_tokens=24)
+    plain = rest.post("/generate", json=request).json()["token_ids"]
+    assert len(set(plain)) < len(plain), "plain greedy repeated no token: the test cannot tell the ban from no ban"
+    banned = rest.post("/generate", json=request | {"no_repeat_ngram_size": 1}).json()["token_ids"]
+    assert len(set(banned)) == len(banned) and banned[0] == plain[0]
+    through_client = client.predict(request["prompt"], None, 24, api_name="/generate", no_repeat_ngram_size=1)["token_ids"]
+    assert through_client == banned
+
+
 def test_health_says_which_model_and_mode(rest):
     """The page and scripts can tell which model, device and cache mode are in use."""
     health = rest.get("/health").json()
     assert health["ready"] and health["model"] and health["device"] == "cpu" and health["cache_mode"] == "shared"
+    assert health["kv_dtype"] == "float32"  # --kv-dtype auto: the fp32 model's own; the page's status line shows it
     schema = rest.get("/openapi.json").json()  # the REST routes are documented (at /docs)
     assert {"/generate", "/cache/stats", "/cache/clear"} <= set(schema["paths"])
     assert "prompt" in schema["paths"]["/generate"]["post"]["requestBody"]["content"]["application/json"]["schema"]["properties"]

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from ui.limits import PAGE_NO_REPEAT_NGRAM_SIZE, PAGE_REPETITION_PENALTY
+
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
     "--no-sandbox",
@@ -103,3 +105,20 @@ def test_cache_inspector_draws_the_radix_tree(page, app_server):
     page.locator("#kv-tree-plot").get_by_text("colour: hits").first.wait_for()
     page.locator("#kv-tree-colour").get_by_label("recency").check()
     page.locator("#kv-tree-plot").get_by_text("time since last use").first.wait_for()  # redrawn by the server
+
+
+def test_repetition_controls_are_visible_with_the_page_defaults(page, app_server):
+    """The page shows its repetition penalty (the measured default) and n-gram ban, changeable; the status line names the KV dtype."""
+    page.goto(app_server.url)
+    page.get_by_text("KV:").first.wait_for()
+    assert "KV: float32" in page.locator("#kv-model-status").inner_text().replace("*", "")
+    penalty = page.locator("#kv-repetition-penalty input[type=number]")
+    ngram = page.locator("#kv-no-repeat-ngram input[type=number]")
+    assert float(penalty.input_value()) == PAGE_REPETITION_PENALTY and int(ngram.input_value()) == PAGE_NO_REPEAT_NGRAM_SIZE
+    assert page.locator("#kv-repetition-penalty").get_by_text("1 is off").count() >= 1
+    penalty.fill("1.5")
+    penalty.press("Enter")
+    page.locator("#kv-prompt textarea").fill("Name two colours. Two words, please.")
+    page.locator("#kv-generate").click()
+    page.locator("#kv-figures .kv-badge").wait_for()
+    assert page.locator("#kv-output textarea").input_value().strip()

@@ -27,7 +27,7 @@ ODD_DATA = [
     ["<|im_start|>system\n", 1e308, [1, 2], {"a": 1}, "false", "\x00", -1, True, None, None, None, None],  # wrong types
     ["x" * 100_000, "y" * 100_000],  # huge strings, under the 256 KiB body cap
     [None, "hits"],  # what the inspector events take: the forged clear, pin and inspect run for real
-    [None, "Which book should I read?", True, True, 2, 0, None],  # a real generation where the event takes one
+    [None, "Which book should I read?", True, True, 2, 0, 1.0, 0, None],  # a real generation where the event takes one
 ]
 
 

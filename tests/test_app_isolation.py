@@ -52,7 +52,7 @@ class Page:
 
     def generate(self, system: str, prompt: str, max_new_tokens: int = 4) -> list[dict]:
         """The page's generate event through the queue, as the browser runs it: join, then read the stream to its end."""
-        return list(self.stream("on_generate", system, prompt, True, True, max_new_tokens, 0, None))
+        return list(self.stream("on_generate", system, prompt, True, True, max_new_tokens, 0, 1.0, 0, None))
 
     def stream(self, name: str, *data) -> Iterator[dict]:
         """Join the queue with an event and yield its server-sent messages until it completes."""
@@ -228,11 +228,17 @@ def test_shared_mode_chart_history_is_bound_to_the_cookie_session(app_server):
         (dict(max_tokens=8.5), "max_new_tokens"),
         (dict(max_tokens=10**9), "less than or equal to"),
         (dict(temp="hot"), "temperature"),
+        (dict(penalty="strong"), "repetition_penalty: Input should be a valid number"),
+        (dict(penalty=True), "repetition_penalty: Input should be a valid number"),
+        (dict(penalty=-1.5), "repetition_penalty: Input should be greater than or equal to 1"),
+        (dict(ngram=3.5), "no_repeat_ngram_size: Input should be a valid integer"),
+        (dict(ngram=10**12), "no_repeat_ngram_size: Input should be less than or equal to"),
+        (dict(ngram=[3]), "no_repeat_ngram_size: Input should be a valid integer"),
     ],
 )
 def test_page_event_inputs_go_through_the_one_validation(app_server_public, fields, message):
     """Attack 6: the page's generate event refuses what REST refuses (strict types, same limits), with the same message."""
-    values = dict(system=None, text="hello there", kv=True, prefix=True, max_tokens=4, temp=0, state=None) | fields
+    values = dict(system=None, text="hello there", kv=True, prefix=True, max_tokens=4, temp=0, penalty=1.0, ngram=0, state=None) | fields
     response = Page(app_server_public.url).event("on_generate", *values.values())
     assert message in response.json().get("error", ""), response.text[:300]
 

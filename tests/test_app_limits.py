@@ -135,7 +135,7 @@ def test_a_dropped_page_stream_frees_its_slot_within_a_second(app_server_per_ses
     """Attack 5: a page closed mid-stream (13 s of decoding left) stops at the next token."""
     url = app_server_per_session.url
     page = Page(url)
-    for message in page.stream("on_generate", None, STORY, True, True, LONG, 0, None):
+    for message in page.stream("on_generate", None, STORY, True, True, LONG, 0, 1.0, 0, None):
         if message.get("msg") == "process_generating":
             break  # leaving the with-block closes the event stream, as a closed tab does
     page.http.close()

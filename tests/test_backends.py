@@ -109,6 +109,18 @@ def test_stats_and_clear_go_through_the_backend(fronted, remote):
     assert generate(fronted.url, prompt="Hi", system_prompt=system)["cache_status"] == "miss"
 
 
+def test_repetition_penalty_is_forwarded_and_the_ngram_ban_refused(fronted, remote):
+    """A remote applies repetition_penalty itself (our /v1 takes the field); no_repeat_ngram_size has no OpenAI field: a 400 naming it.
+
+    (The tiny random remote does not repeat itself, so the penalty leaves its text as it is: this checks the field's way, not its effect.)
+    """
+    system = system_prompt("penalty")
+    local = generate(remote.url, prompt="Name one novel.", system_prompt=system, repetition_penalty=1.5, max_new_tokens=12, use_prefix_cache=False)
+    assert generate(fronted.url, prompt="Name one novel.", system_prompt=system, repetition_penalty=1.5, max_new_tokens=12)["text"] == local["text"]
+    refused = httpx.post(fronted.url + "/generate", json={"prompt": "Hi", "no_repeat_ngram_size": 3}, timeout=60)
+    assert refused.status_code == 400 and "no_repeat_ngram_size" in refused.json()["detail"]
+
+
 # ---------------------------------------------------------------------- per-engine parsing, on bodies from the engines' own docs and code
 
 from backends.remote import ADAPTERS, detect_kind, prometheus_values  # noqa: E402

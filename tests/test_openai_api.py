@@ -151,6 +151,21 @@ def test_seeded_sampling_repeats(client, model):
     assert client.chat.completions.create(**kwargs).choices[0].message.content == client.chat.completions.create(**kwargs).choices[0].message.content
 
 
+def test_repetition_control_as_extra_body_fields(client, model, app_server):
+    """repetition_penalty and no_repeat_ngram_size (vLLM-style extra fields) and OpenAI's frequency and presence penalties reach the sampler, as REST's do."""
+    kwargs = dict(model=model, messages=[{"role": "user", "content": "List the days of the week, one per line."}], max_tokens=24, temperature=0)
+    body = kwargs | {"extra_body": {"no_repeat_ngram_size": 1}}
+    banned = client.chat.completions.create(**body).model_dump()
+    rest = httpx.post(app_server.url + "/generate", json={"prompt": kwargs["messages"][0]["content"], "max_new_tokens": 24, "no_repeat_ngram_size": 1}, timeout=120).json()
+    assert banned["choices"][0]["message"]["content"] == rest["text"] and len(set(rest["token_ids"])) == len(rest["token_ids"])
+    penalised = client.chat.completions.create(**kwargs | {"extra_body": {"repetition_penalty": 1.3}}).choices[0].message.content
+    assert penalised == httpx.post(app_server.url + "/generate", json={"prompt": kwargs["messages"][0]["content"], "max_new_tokens": 24, "repetition_penalty": 1.3}, timeout=120).json()["text"]
+    openai_style = client.chat.completions.create(**kwargs, frequency_penalty=1.5, presence_penalty=0.5).choices[0].message.content
+    rest = httpx.post(app_server.url + "/generate", json={"prompt": kwargs["messages"][0]["content"], "max_new_tokens": 24, "frequency_penalty": 1.5, "presence_penalty": 0.5}, timeout=120).json()
+    plain = client.chat.completions.create(**kwargs).choices[0].message.content
+    assert openai_style == rest["text"] != plain
+
+
 # ---------------------------------------------------------------------- sessions and cache_salt
 
 
@@ -181,7 +196,17 @@ def test_cache_salt_isolates_within_and_across_sessions(app_server, model):
         (dict(max_tokens=0), 400, "max_tokens"),
         (dict(temperature=5), 400, "temperature"),
         (dict(logit_bias={"1": 5}), 400, "Unrecognized request argument supplied: logit_bias"),
-        (dict(presence_penalty=1.5), 400, "presence_penalty"),
+        (dict(presence_penalty=2.5), 400, "presence_penalty: Input should be less than or equal to 2"),
+        (dict(frequency_penalty=-3), 400, "frequency_penalty: Input should be greater than or equal to -2"),
+        (dict(frequency_penalty="0.5"), 400, "frequency_penalty"),
+        (dict(presence_penalty=True), 400, "presence_penalty"),
+        (dict(repetition_penalty=0.0), 400, "repetition_penalty: Input should be greater than or equal to 1"),
+        (dict(repetition_penalty=3), 400, "repetition_penalty: Input should be less than or equal to 2"),
+        (dict(repetition_penalty="1.1"), 400, "repetition_penalty"),
+        (dict(repetition_penalty=True), 400, "repetition_penalty"),
+        (dict(no_repeat_ngram_size=-1), 400, "no_repeat_ngram_size"),
+        (dict(no_repeat_ngram_size=10**9), 400, "no_repeat_ngram_size: Input should be less than or equal to 16"),
+        (dict(no_repeat_ngram_size=2.5), 400, "no_repeat_ngram_size"),
         (dict(stream_options={"include_usage": True}), 400, "only allowed when stream is true"),
         (dict(messages=[{"role": "assistant", "content": "hi"}]), 400, "last message must be the user's"),
         (dict(messages=[{"role": "user", "content": "a"}, {"role": "system", "content": "b"}, {"role": "user", "content": "c"}]), 400, "must come before"),

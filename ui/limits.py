@@ -25,3 +25,10 @@ PLAN_MAX_UNITS = 2_000_000  # tokens (or blocks of a block trace) over all reque
 PLAN_MAX_BUDGETS = 12
 PLAN_TIME_LIMIT_S = 60.0  # a replay still running after this stops with an error
 MAX_PIN_TTL_S = 24 * 3600  # a pin lasts at most a day without a hit (per-session mode: also the default)
+
+# The page's generation defaults. Its repetition control is picked by measurement on the page's own
+# examples and scenarios (benchmark/repetition_bench.py): plain greedy SmolLM2-135M loops. The engine's
+# own default stays plain greedy (penalty 1, no ban), and so do REST, gradio_client and /v1.
+PAGE_MAX_NEW_TOKENS = 48
+PAGE_REPETITION_PENALTY = 1.2  # removed every repeated 4-gram and loop at 48 and 128 tokens; 1.1 left some
+PAGE_NO_REPEAT_NGRAM_SIZE = 0

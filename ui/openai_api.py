@@ -11,6 +11,9 @@ a rule that REST decides differently.
 - **Messages**: system (and developer) messages before the first turn become the system prompt;
   the turns before the last become the history; the last message must be the user's.
 - **cache_salt** (vLLM's field): a prefix-cache namespace of the caller's own session.
+- **Repetition control**: ``repetition_penalty`` and ``no_repeat_ngram_size`` as extra body fields
+  (vLLM and SGLang take the first; our penalty counts only the reply's tokens, theirs the prompt's
+  too), beside OpenAI's own ``frequency_penalty`` and ``presence_penalty`` (over the reply's tokens, as vLLM).
 - **Responses** have OpenAI's shapes; ``usage.prompt_tokens_details.cached_tokens`` is the number
   of prompt tokens reused from the prefix cache; our cache status and timings are under ``"kvci"``.
 - **Errors**: ``{"error": {"message", "type", "param", "code"}}`` with a 4xx (429 busy, 503 loading).
@@ -81,8 +84,12 @@ class _Common(BaseModel):
     user: str | None = Field(None, max_length=256)
     n: int = 1
     cache_salt: str | None = Field(None, min_length=1, max_length=256)
-    frequency_penalty: Literal[0] = 0
-    presence_penalty: Literal[0] = 0
+    # vLLM's and SGLang's extra sampling fields, checked (strictly, with their bounds) by ConversationBody. Our
+    # repetition_penalty counts only the reply's tokens (engine/sampling.py); theirs counts the prompt's too.
+    repetition_penalty: float = Field(1.0, strict=True)
+    no_repeat_ngram_size: int = Field(0, strict=True)
+    frequency_penalty: float = Field(0.0, strict=True)
+    presence_penalty: float = Field(0.0, strict=True)
     logprobs: Literal[False] | None = None
 
 
@@ -184,6 +191,10 @@ def _engine_fields(body: _Common) -> dict[str, Any]:
     """The OpenAI request as ``ConversationBody`` fields; raises ApiError for what has no mapping."""
     fields: dict[str, Any] = {
         "max_new_tokens": next((n for n in (body.max_completion_tokens, body.max_tokens) if n is not None), MAX_NEW_TOKENS),
+        "repetition_penalty": body.repetition_penalty,
+        "no_repeat_ngram_size": body.no_repeat_ngram_size,
+        "frequency_penalty": body.frequency_penalty,
+        "presence_penalty": body.presence_penalty,
         "temperature": body.temperature,
         "top_p": body.top_p,
         "seed": body.seed,

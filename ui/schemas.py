@@ -12,7 +12,7 @@ from typing import Any, Iterable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from engine.sampling import SEED_MAX, TEMPERATURE_MAX, TOP_P_MAX, TOP_P_MIN_EXCLUSIVE
+from engine.sampling import NO_REPEAT_NGRAM_MAX, OPENAI_PENALTY_MAX, OPENAI_PENALTY_MIN, REPETITION_PENALTY_MAX, REPETITION_PENALTY_MIN, SEED_MAX, TEMPERATURE_MAX, TOP_P_MAX, TOP_P_MIN_EXCLUSIVE
 from ui.limits import DEFAULT_MAX_NEW_TOKENS, MAX_HISTORY_TURNS, MAX_NEW_TOKENS, MAX_PIN_TTL_S, MAX_PROMPT_CHARS, MAX_STOP_CHARS, MAX_STOP_STRINGS
 _ALLOWED_CONTROLS = frozenset("\t\n\r")
 
@@ -30,6 +30,13 @@ class GenerateBody(BaseModel):
     temperature: float = Field(0.0, ge=0.0, le=TEMPERATURE_MAX, allow_inf_nan=False, description="0 is greedy")
     top_p: float = Field(1.0, gt=TOP_P_MIN_EXCLUSIVE, le=TOP_P_MAX, allow_inf_nan=False, description="nucleus sampling mass")
     seed: int | None = Field(None, ge=0, le=SEED_MAX, description="seed for repeatable sampling")
+    repetition_penalty: float = Field(
+        1.0, ge=REPETITION_PENALTY_MIN, le=REPETITION_PENALTY_MAX, allow_inf_nan=False,
+        description="1 is off; above 1 discounts tokens the reply already generated (CTRL; the prompt is not penalised)",
+    )
+    no_repeat_ngram_size: int = Field(0, ge=0, le=NO_REPEAT_NGRAM_MAX, description="0 is off; n never generates the same n tokens twice")
+    frequency_penalty: float = Field(0.0, ge=OPENAI_PENALTY_MIN, le=OPENAI_PENALTY_MAX, allow_inf_nan=False, description="OpenAI's: minus this per time a token was generated")
+    presence_penalty: float = Field(0.0, ge=OPENAI_PENALTY_MIN, le=OPENAI_PENALTY_MAX, allow_inf_nan=False, description="OpenAI's: minus this for any token generated")
     verify: bool = Field(False, description="also run with no cache at all and compare tokens and first-token logits (counts as two requests)")
 
     @field_validator("prompt")
@@ -45,7 +52,9 @@ class GenerateBody(BaseModel):
         return None if value is None else _printable(value)
 
     def engine_kwargs(self) -> dict:
-        return self.model_dump(exclude=set() if self.verify else {"verify"})  # only a local engine verifies
+        """The engine's arguments; fields at their neutral value are left out, so a remote backend never sees what it need not do."""
+        neutral = {"verify": False, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "frequency_penalty": 0.0, "presence_penalty": 0.0}  # only a local engine verifies
+        return self.model_dump(exclude={name for name, value in neutral.items() if getattr(self, name) == value})
 
 
 class Turn(BaseModel):

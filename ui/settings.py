@@ -13,6 +13,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal, Mapping, Sequence
 
+from engine.config import KV_DTYPES
+
 CacheMode = Literal["shared", "per-session"]
 CACHE_MODES: tuple[str, ...] = ("shared", "per-session")
 BACKEND_KINDS: tuple[str, ...] = ("vllm", "sglang", "llama-server", "kvci", "openai")  # backends/remote.py's adapters
@@ -27,6 +29,7 @@ class AppSettings:
     port: int = 7860
     model: str | None = None  # None: the engine's default (KVCI_MODEL, else the bundled SmolLM2)
     cache_budget_mb: float | None = None  # None: the engine's default (KVCI_CACHE_BUDGET_MB, else 512)
+    kv_dtype: str | None = None  # KV storage, auto / fp32 / bf16; None: the engine's default (KVCI_KV_DTYPE, else auto)
     cache_mode: CacheMode = "shared"
     on_space: bool = False  # running on Hugging Face Spaces (SPACE_ID is set)
     concurrency: int = 2  # generations at once, UI and REST together (2 CPU cores: more only contends)
@@ -106,6 +109,7 @@ def parse_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str]
     parser.add_argument("--port", type=int, default=int(environ.get("GRADIO_SERVER_PORT") or AppSettings.port), help="port (default 7860)")
     parser.add_argument("--model", default=None, help="hub id, model folder or .gguf file (default: the bundled SmolLM2-135M-Instruct)")
     parser.add_argument("--cache-budget-mb", type=float, default=None, help="prefix-cache byte budget in MiB (default 512)")
+    parser.add_argument("--kv-dtype", choices=KV_DTYPES, default=None, help="KV storage precision: auto (the model's dtype), fp32, or bf16 (half the bytes per cached token; env KVCI_KV_DTYPE)")
     parser.add_argument(
         "--cache-mode",
         choices=CACHE_MODES,
@@ -144,6 +148,7 @@ def _settings_from(args: argparse.Namespace, mode: CacheMode, on_space: bool, pu
         port=args.port,
         model=args.model,
         cache_budget_mb=args.cache_budget_mb,
+        kv_dtype=args.kv_dtype,
         cache_mode=mode,
         on_space=on_space,
         concurrency=args.concurrency,

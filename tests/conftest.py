@@ -7,12 +7,18 @@ equivalence tests need.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from engine import Engine, EngineConfig
 from engine import loading
+
+# No background compiling of the decode step in the suite (engines, and the app servers that inherit
+# the environment): tests/test_compiled.py compiles where it means to.
+os.environ.setdefault("KVCI_COMPILE", "off")
 
 TINY_CONFIG = dict(
     hidden_size=64,

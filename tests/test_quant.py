@@ -50,7 +50,8 @@ def test_cached_equals_uncached_within_each_format_tiny(tokenizer, fmt):
     model = quant.apply_format(make_tiny_model(tokenizer), fmt)
     engine = Engine(model, tokenizer, EngineConfig(min_cached_tokens=4), name=f"tiny-{fmt}")
     assert equivalence_statuses(engine) == ["miss", "hit", "partial", "miss", "partial"]
-    assert engine.info()["weights"] == fmt and engine.dtype == torch.bfloat16  # KV in bf16: half the bytes of fp32
+    assert engine.info()["weights"] == fmt
+    assert engine.dtype == (torch.bfloat16 if fmt == "bf16" else torch.float32)  # int8/int4 prefill in fp32: KV in fp32
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +59,7 @@ def quality_reference(bundled_folder, tokenizer):
     """fp32's teacher-forced argmax and NLL on the scenarios' text."""
     engine = Engine.from_pretrained(device="cpu", weights="fp32", cache_budget_mb=8)
     ids = quality_token_ids(tokenizer)
-    return ids, teacher_forced(engine.model, ids)
+    return ids, teacher_forced(engine, ids)
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])  # fp32: tests/test_engine.py
@@ -68,7 +69,7 @@ def test_bundled_model_equivalence_and_quality_per_format(quality_reference, fmt
     engine = Engine.from_pretrained(device="cpu", weights=fmt, cache_budget_mb=8, min_cached_tokens=4)
     assert engine.info()["weights"] == fmt
     assert equivalence_statuses(engine, bf16_ties=True) == ["miss", "hit", "partial", "miss", "partial"]
-    scores = teacher_forced(engine.model, ids).against(reference)
+    scores = teacher_forced(engine, ids).against(reference)
     assert scores["top1_agreement"] >= MIN_TOP1_AGREEMENT and scores["nll_ratio"] <= MAX_NLL_RATIO, scores
 
 
@@ -103,12 +104,12 @@ def test_quantized_linear_matches_its_dequantized_weight(module):
     assert (got - expected).norm() / expected.norm() < 0.01
 
 
-def test_weight_setting_is_checked_and_auto_is_fp32_on_cpu():
-    """KVCI_WEIGHTS / weights=: an unknown format is a ValueError; auto keeps fp32 on a CPU (quantized formats are opt-in)."""
+def test_weight_setting_is_checked_and_auto_is_int4_on_cpu():
+    """KVCI_WEIGHTS / weights=: an unknown format is a ValueError; auto is int4 on a CPU unless a float dtype is asked for."""
     with pytest.raises(ValueError, match="weights"):
         EngineConfig(weights="int3")
     assert EngineConfig.from_env({"KVCI_WEIGHTS": "int8"}).weights == "int8"
     cpu = torch.device("cpu")
-    assert quant.resolve_format("auto", "auto", cpu) == "fp32"
+    assert quant.resolve_format("auto", "auto", cpu) == "int4"
     assert quant.resolve_format("auto", "float32", cpu) == "fp32"
     assert quant.resolve_format("bf16", "auto", cpu) == "bf16"

@@ -276,6 +276,8 @@ class EngineService:
             "model": info.get("model"),
             "device": info.get("device"),
             "dtype": info.get("dtype"),
+            "weights": info.get("weights_detail"),
+            "decode": info.get("decode_compile"),
             "parameters": info.get("parameters"),
             "context_length": info.get("context_length"),
             "max_prompt_tokens": self.settings.prompt_token_limit or info.get("context_length"),
@@ -291,7 +293,7 @@ class EngineService:
 
     def _engine_settings(self) -> dict[str, Any]:
         """The app's engine settings, each passed only where this engine version has the field."""
-        settings = {"cache_budget_mb": self.settings.cache_budget_mb, "max_prompt_tokens": self.settings.prompt_token_limit}
+        settings = {"cache_budget_mb": self.settings.cache_budget_mb, "max_prompt_tokens": self.settings.prompt_token_limit, "weights": self.settings.weights}
         if self.settings.per_session:
             settings["namespace_quota"] = self.settings.session_cache_share
         known = {f.name for f in dataclasses.fields(EngineConfig)}

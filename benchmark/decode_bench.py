@@ -69,9 +69,11 @@ def main(argv: list[str] | None = None) -> dict:
         print_machine_info(info)
     bandwidth = copy_bandwidth()
     results: dict = {"machine": info, "copy_bandwidth_gb_s": bandwidth / 1e9, "formats": {}}
-    inductor_dir = os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="decode-bench-inductor-"))
+    # One fresh inductor cache folder for the run (children inherit it): the first compile of a format is cold, later ones warm.
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="decode-bench-inductor-"))
     if not child and not args.no_compile:
-        results["compile_seconds"] = {name: compile_times(name, inductor_dir) for name in args.compile_times}
+        results["compile_seconds"] = {name: compile_times(name) for name in args.compile_times}
+        print(f"compile seconds: {json.dumps(results['compile_seconds'])}", flush=True)
     reference = None
     for name in args.formats:
         engine = Engine.from_pretrained(device="cpu", weights=name, compile="off", cache_budget_mb=64, min_cached_tokens=16, progress=lambda _: None)
@@ -84,6 +86,8 @@ def main(argv: list[str] | None = None) -> dict:
             row["quality"] = scored.against(reference)
             row["quality"]["passes"] = passes(row["quality"])
         results["formats"][name] = row
+        if not child:
+            print(f"{name}: {json.dumps(row)}", flush=True)  # as it goes: a long run interrupted still says what it measured
         del engine
     if child:
         print(json.dumps(results))
@@ -172,10 +176,9 @@ def copy_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
     return 2 * src.numel() * 4 / best
 
 
-def compile_times(name: str, inductor_dir: str) -> dict:
-    """Seconds to compile ``name``'s step in a child with an empty inductor cache folder (cold), then in another reusing it (warm)."""
-    folder = tempfile.mkdtemp(prefix="decode-bench-compile-", dir=inductor_dir)
-    return {kind: _child(["--child", "compile-time", "--formats", name], {"TORCHINDUCTOR_CACHE_DIR": folder}) for kind in ("cold", "warm")}
+def compile_times(name: str) -> dict:
+    """Seconds to compile ``name``'s step in a child with the run's (still empty) inductor cache folder (cold), then in another reusing it (warm)."""
+    return {kind: _child(["--child", "compile-time", "--formats", name], {}) for kind in ("cold", "warm")}
 
 
 def compile_time_child(name: str) -> dict:

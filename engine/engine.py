@@ -425,11 +425,13 @@ class Engine:
             return self.pool.read_kv(match.slots, self.model.config, self.device, run.capacity)
 
     def _decode_one_token(self, run: "_Run", token: int, model_cache: Any) -> torch.Tensor:
-        if model_cache is None:  # no KV cache: the whole sequence again, every step; the new token through the same decode step
-            sequence = run.prompt_ids + run.generated
-            scratch = new_model_cache(self.model.config, len(sequence))
-            self._forward(sequence[:-1], scratch, use_cache=True)
-            return self._forward(sequence[-1:], scratch, use_cache=True)
+        if model_cache is None:
+            # No KV cache: the whole sequence again, every step, nothing kept between steps. The prompt is
+            # prefilled and the tokens generated so far go through the decode step's code, as with a cache,
+            # so both runs compute with the same weights and kernels (int8/int4: prefill fp32, decode quantized).
+            scratch = new_model_cache(self.model.config, len(run.prompt_ids) + len(run.generated))
+            self._forward(run.prompt_ids, scratch, use_cache=True)
+            return self.decoder.decode_tokens(run.generated, scratch)
         return self._forward([token], model_cache, use_cache=True)
 
     @torch.inference_mode()
@@ -480,7 +482,11 @@ class _TransformersStep:
 
     @torch.inference_mode()
     def decode_one_token(self, token: int, model_cache: Any) -> torch.Tensor:
-        return self.engine._transformers_forward([token], model_cache, use_cache=True)
+        return self.decode_tokens([token], model_cache)
+
+    @torch.inference_mode()
+    def decode_tokens(self, tokens: list[int], model_cache: Any) -> torch.Tensor:
+        return self.engine._transformers_forward(tokens, model_cache, use_cache=True)
 
     def bytes_per_step(self) -> int:
         """The model's weights but the embedding table (unless the lm_head reads it too)."""

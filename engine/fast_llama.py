@@ -71,16 +71,22 @@ class FastDecoder(nn.Module):
     @torch.inference_mode()
     def decode_one_token(self, token: int, model_cache) -> torch.Tensor:
         """Feed ``token`` at the model cache's next position; return the logits after it, float32 ``[vocab]``."""
+        return self.decode_tokens([token], model_cache)
+
+    @torch.inference_mode()
+    def decode_tokens(self, tokens: list[int], model_cache) -> torch.Tensor:
+        """Feed ``tokens`` at the model cache's next positions through this step's code (several at once eagerly); the last one's logits."""
         layers: list[GrowingKVLayer] = model_cache.layers
         position = layers[0].get_seq_length()
         for layer in layers:
-            layer.reserve(1)
+            layer.reserve(len(tokens))
         device = self.norm_weight.device
-        token_t = torch.tensor([[token]], device=device)  # [1, 1]
-        pos_t = torch.tensor([position], device=device)  # [1]
-        logits = self.step(token_t, pos_t, [layer.key_buffer for layer in layers], [layer.value_buffer for layer in layers])
+        tokens_t = torch.tensor([tokens], device=device)  # [1, T]
+        pos_t = torch.arange(position, position + len(tokens), device=device)  # [T]
+        step = self.step if len(tokens) == 1 else self.forward  # the compiled graph is for one token
+        logits = step(tokens_t, pos_t, [layer.key_buffer for layer in layers], [layer.value_buffer for layer in layers])
         for layer in layers:
-            layer.advance(1)
+            layer.advance(len(tokens))
         return logits[0].float()
 
     def bytes_per_step(self) -> int:

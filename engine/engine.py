@@ -153,7 +153,7 @@ class Engine:
             weights = "fp32"  # auto: the quantized formats need our Llama decode step
         if weights in quant.QUANTIZED:
             progress(f"Quantizing {loaded.name}'s decode step to {weights}{' from the GGUF file' if weights == 'int4' and loaded.gguf else ''} (prefill stays fp32)...")
-        model = quant.apply_format(loaded.model, weights, gguf=loaded.gguf)
+        model = quant.apply_format(loaded.model, weights, gguf=loaded.gguf, cache_dir=config.resolved_model_cache_dir())
         engine = cls(model, loaded.tokenizer, config, name=loaded.name)
         if config.compile == "auto":
             engine.compiler.start()  # in the background: requests decode eagerly until it is ready

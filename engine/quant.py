@@ -24,6 +24,7 @@ picks the format once at start-up.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -186,7 +187,7 @@ def resolve_format(weights: str, dtype: str, device: torch.device) -> str:
 QUANTIZED = ("int8", "int4")  # formats whose decode step reads quantized copies; the model itself stays float32
 
 
-def apply_format(model: nn.Module, fmt: str, gguf: Path | None = None) -> nn.Module:
+def apply_format(model: nn.Module, fmt: str, gguf: Path | None = None, cache_dir: Path | None = None) -> nn.Module:
     """Give a loaded (float) transformers causal LM the weight format ``fmt`` in place and return it.
 
     ``fp32``/``bf16``/``fp16``: a plain cast. ``int8``/``int4``: the model in float32 (prefill), and
@@ -194,7 +195,8 @@ def apply_format(model: nn.Module, fmt: str, gguf: Path | None = None) -> nn.Mod
     name, for the decode step; the float32 weights become the copies' de-quantized values, so that
     prefill and decode compute with the same weights (for the GGUF's Q4_1 linears they already are). The ``lm_head`` is int8 in both (its own copy, the tied embedding
     stays float32: on SmolLM2 an int4 ``lm_head`` drops top-1 agreement with fp32 from 97% to 90%
-    and raises the mean NLL by 2%). ``gguf``: the file the model came from, whose Q4_1 blocks int4 reuses.
+    and raises the mean NLL by 2%). ``gguf``: the file the model came from, whose Q4_1 blocks int4 reuses
+    (read once into ``cache_dir``, where given: parsing the file takes seconds).
     """
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     if fmt not in (*dtypes, *QUANTIZED):
@@ -203,7 +205,7 @@ def apply_format(model: nn.Module, fmt: str, gguf: Path | None = None) -> nn.Mod
         return model.to(dtypes[fmt]).eval()
     model.to(torch.float32)
     device = next(model.parameters()).device
-    from_file = gguf_int4_blocks(gguf, model.config) if fmt == "int4" and gguf is not None else {}
+    from_file = gguf_int4_blocks(gguf, model.config, cache_dir) if fmt == "int4" and gguf is not None else {}
     copies: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear) or not (name.startswith("model.layers.") or name == "lm_head"):
@@ -263,14 +265,27 @@ _GGUF_LINEARS = {
 }
 
 
-def gguf_int4_blocks(path: Path, config) -> dict[str, Int4Blocks]:
+def gguf_int4_blocks(path: Path, config, cache_dir: Path | None = None) -> dict[str, Int4Blocks]:
     """The Q4_1 linears of a Llama GGUF file as :class:`Int4Blocks`, keyed by transformers module name.
 
     A Q4_1 block is 20 bytes: ``d`` (f16), ``m`` (f16), then 16 bytes whose low nibbles are weights
     0-15 and high nibbles 16-31. llama.cpp's converter permutes the rows of Q and K for its rotary
     layout; the rows are put back as transformers does (whole rows move, blocks stay intact).
     Tensors of other types (the Q8_0 embedding) are left out: their modules are rounded from floats.
+    With ``cache_dir`` the blocks are kept there (keyed by the file's name, size and time) and read
+    back on later starts: gguf-py parses the whole file's metadata in Python, seconds on a small CPU.
     """
+    if cache_dir is not None:
+        stat = path.stat()
+        cached = cache_dir / f"{path.stem.lower()}-{stat.st_size}-{stat.st_mtime_ns}.int4-blocks.pt"
+        if cached.exists():
+            return {name: Int4Blocks(*parts) for name, parts in torch.load(cached, weights_only=True).items()}
+        blocks = gguf_int4_blocks(path, config)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        staging = cached.with_suffix(f".{os.getpid()}.tmp")
+        torch.save({name: (b.q, b.scale, b.minimum) for name, b in blocks.items()}, staging)
+        os.replace(staging, cached)  # whole or not at all, also with two processes starting at once
+        return blocks
     import gguf as gguf_py
 
     text = config.get_text_config(decoder=True)

@@ -73,13 +73,16 @@ def test_bundled_model_equivalence_and_quality_per_format(quality_reference, fmt
     assert scores["top1_agreement"] >= MIN_TOP1_AGREEMENT and scores["nll_ratio"] <= MAX_NLL_RATIO, scores
 
 
-def test_int4_takes_the_gguf_q4_1_blocks_exactly(bundled_folder):
-    """Every Q4_1 linear of the bundled GGUF, de-quantized from our blocks, equals the converted fp32 weight bit for bit."""
+def test_int4_takes_the_gguf_q4_1_blocks_exactly(bundled_folder, tmp_path):
+    """Every Q4_1 linear of the bundled GGUF, de-quantized from our blocks (parsed, then read back from the cache), equals the converted fp32 weight bit for bit."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(bundled_folder), dtype=torch.float32)
-    blocks = quant.gguf_int4_blocks(loading.bundled_gguf_path(), model.config)
-    assert len(blocks) == 7 * model.config.num_hidden_layers
+    parsed = quant.gguf_int4_blocks(loading.bundled_gguf_path(), model.config, tmp_path)
+    blocks = quant.gguf_int4_blocks(loading.bundled_gguf_path(), model.config, tmp_path)  # from the cache file
+    assert len(list(tmp_path.glob("*.int4-blocks.pt"))) == 1 and not list(tmp_path.glob("*.tmp"))
+    assert len(blocks) == len(parsed) == 7 * model.config.num_hidden_layers
+    assert all(torch.equal(getattr(blocks[name], f), getattr(parsed[name], f)) for name in parsed for f in ("q", "scale", "minimum"))
     for name, b in blocks.items():
         assert torch.equal(b.dequantize(), model.get_submodule(name).weight), name
     again = quant.Int4Blocks.from_float(blocks["model.layers.0.mlp.down_proj"].dequantize())  # rounding Q4_1's own values: no change

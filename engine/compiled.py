@@ -49,11 +49,11 @@ class StepCompiler:
         'compiled in 41 s'
     """
 
-    def __init__(self, decoder: Any, cache_dir: Path) -> None:
+    def __init__(self, decoder: Any, cache_dir: Path, mode: str = "auto") -> None:
         self.decoder = decoder
         self.cache_dir = cache_dir
         self.state = "off"
-        self.reason = "KVCI_COMPILE=off"
+        self.reason = "KVCI_COMPILE=off" if mode == "off" else "not compiled"
         self.seconds: float | None = None
         self._done = threading.Event()
         self._lock = threading.Lock()  # one compiled step at a time

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -29,6 +30,9 @@ def test_compiled_step_decodes_the_eager_tokens_and_keeps_the_equivalence(tokeni
     assert engine.decoder.step is not engine.decoder.forward
     assert engine.generate("What is machine learning?", max_new_tokens=16, use_prefix_cache=False).token_ids == expected
     assert equivalence_statuses(engine) == ["miss", "hit", "partial", "miss", "partial"]
+    with ThreadPoolExecutor(3) as pool:  # requests decode from several threads at once: the same tokens each
+        runs = list(pool.map(lambda _: engine.generate("What is machine learning?", max_new_tokens=16, use_prefix_cache=False).token_ids, range(3)))
+    assert runs == [expected] * 3
 
 
 def _tiny_engine(tokenizer) -> Engine:

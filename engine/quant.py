@@ -168,8 +168,8 @@ class Int8Linear(nn.Module):
 def resolve_format(weights: str, dtype: str, device: torch.device) -> str:
     """The concrete format for the ``weights`` setting: ``auto`` is int4 on a CPU, else the ``dtype`` setting's float format.
 
-    On a CPU int4 decodes about 3x faster than fp32 (``benchmark/decode_bench.py``), prefills at
-    fp32's speed (it prefills in fp32) and meets the quality bar (top-1 agreement with fp32 >= 90%,
+    On a CPU int4 decodes faster than fp32 (a step reads ~95 MB, not 540; ``benchmark/decode_bench.py``
+    measures both), prefills at fp32's speed (it prefills in fp32) and meets the quality bar (top-1 agreement with fp32 >= 90%,
     mean NLL within 2%; ``tests/test_quant.py``). It needs the Llama decode step: the engine falls
     back to fp32 where that step does not apply. An explicit ``dtype`` wins.
     """

@@ -82,14 +82,14 @@ class StepCompiler:
         return f"eager ({self.reason})"
 
     def status(self) -> dict[str, Any]:
-        return {"state": self.state, "description": self.describe(), "compile_seconds": self.seconds, "reason": self.reason or None}
+        return {"state": self.state, "description": self.describe(), "compile_seconds": self.seconds, "reason": self.reason or None, "inductor_cache": os.environ.get("TORCHINDUCTOR_CACHE_DIR") if self.state == "compiled" else None}
 
     # ------------------------------------------------------------------ the compile thread
 
     def _run(self) -> None:
         t0 = time.perf_counter()
         try:
-            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(self.cache_dir / "inductor"))
+            use_cache_folder(self.cache_dir / "inductor")
             eager = self.decoder.forward
             graph = torch.compile(eager, fullgraph=True, options=INDUCTOR_OPTIONS)
             compiled = _Serialised(graph, eager, self._lock, self.decoder.norm_weight.dtype)
@@ -110,6 +110,15 @@ class StepCompiler:
         self.state, self.reason = "eager", reason
         log.warning("decode step stays eager: %s", reason)
         self._done.set()
+
+
+def use_cache_folder(folder: Path) -> None:
+    """Point inductor's cache at ``folder``, unless someone chose another: torch sets its /tmp default itself on first use
+    (importing parts of transformers does), so that value counts as unset."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, default_cache_dir()):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
 
 
 def unavailable(decoder: Any) -> str | None:

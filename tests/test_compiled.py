@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -27,6 +28,7 @@ def test_compiled_step_decodes_the_eager_tokens_and_keeps_the_equivalence(tokeni
     status = engine.info()["decode_compile"]
     assert status["state"] == "compiled", status
     assert status["description"].startswith("compiled in ") and status["compile_seconds"] > 0
+    assert any(Path(status["inductor_cache"]).iterdir())  # the app's cache folder (or one chosen by TORCHINDUCTOR_CACHE_DIR), kept for a restart
     assert engine.decoder.step is not engine.decoder.forward
     assert engine.generate("What is machine learning?", max_new_tokens=16, use_prefix_cache=False).token_ids == expected
     assert equivalence_statuses(engine) == ["miss", "hit", "partial", "miss", "partial"]

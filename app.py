@@ -158,7 +158,7 @@ def build_demo(service: EngineService, issuer: SessionIssuer, planner: Planner) 
         def on_show_status() -> tuple:
             info = service.backend_info()  # a remote's kind is known once it has been reached
             return (
-                _status_markdown(service), gr.Timer(active=not (service.ready or service.load_error)),
+                _status_markdown(service), gr.Timer(active=not (service.ready or service.load_error) or _compiling(service)),
                 backend_view.backend_markdown(info), backend_view.timing_note(info), *backend_view.toggle_updates(info),
             )
 
@@ -567,11 +567,17 @@ def _status_markdown(service: EngineService) -> str:
     if s["ready"] and s["backend"]["kind"] != "local":
         return f"**Model:** {s['model']} · **backend:** remote {s['backend']['kind']} at {s['backend']['url']} · {mode}"
     if s["ready"]:
-        return f"**Model:** {s['model']} · {s['parameters'] / 1e6:,.0f}M parameters · **device:** {s['device']} ({s['dtype']}) · **KV:** {s['kv_dtype']} · context {s['context_length']:,} tokens · {mode}"
+        weights = f" · {s['weights']} · **decode:** {s['decode']['description']}" if s.get("weights") else ""
+        return f"**Model:** {s['model']} · {s['parameters'] / 1e6:,.0f}M parameters · **device:** {s['device']} ({s['dtype']}){weights} · **KV:** {s['kv_dtype']} · context {s['context_length']:,} tokens · {mode}"
     if s["error"]:
         return f"**Error:** {s['error']}"
     lines = "\n".join(f"- {line}" for line in s["progress"]) or "- starting…"
     return f"**Loading the model…** ({mode})\n\n{lines}"
+
+
+def _compiling(service: EngineService) -> bool:
+    """The decode step is still compiling: the status line keeps refreshing until it is done."""
+    return (service.status().get("decode") or {}).get("state") == "compiling"
 
 
 def _api_help(service: EngineService) -> str:

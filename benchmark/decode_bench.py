@@ -1,15 +1,21 @@
-"""Decode speed per weight format and decode step, side by side in one run: tok/s, prefill, quality, ceiling.
+"""Decode speed per weight format, eager and compiled step side by side in one run, with llama.cpp beside them.
 
 For each format (fp32, bf16, int8, int4) the bundled model is loaded through
-``Engine.from_pretrained(weights=...)`` and measured with both decode steps (transformers'
-forward and ``engine/fast_llama.py``'s eager step): decode tokens/s after a prompt of 128 / 512 /
-1,024 tokens (greedy, ``--new-tokens`` each, median of ``--repeats``, the methods interleaved),
-prefill tokens/s of a 512-token prompt, teacher-forced quality against fp32 (``engine/quality.py``),
-and the bandwidth ceiling: the machine's measured copy bandwidth over the bytes a step reads.
-``--avx2`` repeats the fastest cell in a child process with ``ATEN_CPU_CAPABILITY=avx2`` (what a
-machine without AVX-512 gets). Prints a table and, last, a JSON summary.
+``Engine.from_pretrained(weights=...)`` and measured: decode tokens/s after a prompt of 128 / 512 /
+1,024 tokens with the eager and the compiled decode step (and, for the float formats, transformers'
+own forward; the quantized formats decode only through our step), greedy, ``--new-tokens`` each,
+median of ``--repeats``, the steps interleaved; prefill tokens/s of a 512-token prompt; wall TTFT of
+an exact and of a partial prefix-cache hit (a ~400-token system prompt); teacher-forced quality
+against fp32 through the decode step (``engine/quality.py``); and the bandwidth ceiling: the
+machine's copy bandwidth over the weight bytes one step reads (KV reads left out).
 
-    python -m benchmark.decode_bench                    # all formats, ~10 min on 2 cores
+Compile time, cold and warm, is measured in two child processes sharing a fresh inductor cache
+folder (``--compile-times``, int4 by default). ``--avx2`` repeats int4 at 512 tokens in a child with
+``ATEN_CPU_CAPABILITY=avx2`` (a CPU without AVX-512). llama.cpp's ``llama-server`` (built by
+``python3 dev.py llama-server``, or ``KVCI_LLAMA_SERVER``) decodes the same GGUF after the same
+512-token prompt with as many threads as torch uses. Prints a table and, last, a JSON summary.
+
+    python -m benchmark.decode_bench                    # everything, ~15 min on a quiet 2-core CPU
     python -m benchmark.decode_bench --formats int4 --contexts 512 --repeats 3 --avx2
 """
 
@@ -20,6 +26,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,17 +34,18 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as prefix_bench: spinning
 
 import torch
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
 if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    sys.path.insert(0, str(REPO_ROOT))
 
-from benchmark.common import fmt, fmt_stat, machine_info, markdown_table, print_machine_info, summarize, text_of_tokens, write_results
-from engine import Engine, quant
+from benchmark.common import fmt, fmt_stat, handbook_text, machine_info, markdown_table, print_machine_info, question, summarize, text_of_tokens, write_results
+from engine import Engine, loading, quant
 from engine.engine import _TransformersStep
-from engine.fast_llama import FastDecoder
 from engine.kv import new_model_cache
 from engine.quality import passes, quality_token_ids, teacher_forced
 
 FORMATS = ["fp32", "bf16", "int8", "int4"]
+COMPILE_TIMEOUT_S = 1800
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -46,60 +54,96 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--contexts", nargs="+", type=int, default=[128, 512, 1024])
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--avx2", action="store_true", help="also measure int4 / fast at 512 with ATEN_CPU_CAPABILITY=avx2")
-    parser.add_argument("--json-only", action="store_true", help=argparse.SUPPRESS)  # the --avx2 child
+    parser.add_argument("--no-compile", action="store_true", help="measure the eager step only")
+    parser.add_argument("--compile-times", nargs="*", default=["int4"], choices=FORMATS, help="formats whose cold and warm compile time is measured in child processes (default int4; none: empty)")
+    parser.add_argument("--avx2", action="store_true", help="also measure int4 at 512 tokens with ATEN_CPU_CAPABILITY=avx2")
+    parser.add_argument("--no-llama", action="store_true", help="leave llama-server out even where it is built")
+    parser.add_argument("--child", choices=["measure", "compile-time"], help=argparse.SUPPRESS)  # the child processes
     args = parser.parse_args(argv)
+    if args.child == "compile-time":
+        return compile_time_child(args.formats[0])
 
+    child = args.child == "measure"
     info = machine_info("cpu", {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")})
-    if not args.json_only:
+    if not child:
         print_machine_info(info)
     bandwidth = copy_bandwidth()
     results: dict = {"machine": info, "copy_bandwidth_gb_s": bandwidth / 1e9, "formats": {}}
+    # One fresh inductor cache folder for the run (children inherit it): the first compile of a format is cold, later ones warm.
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="decode-bench-inductor-"))
+    if not child and not args.no_compile:
+        results["compile_seconds"] = {name: compile_times(name) for name in args.compile_times}
+        print(f"compile seconds: {json.dumps(results['compile_seconds'])}", flush=True)
     reference = None
     for name in args.formats:
-        engine = Engine.from_pretrained(device="cpu", weights=name, cache_budget_mb=1, progress=lambda _: None)
-        steps = {"transformers": _TransformersStep(engine), "fast": engine.decoder if isinstance(engine.decoder, FastDecoder) else FastDecoder(engine.model)}
-        row: dict = {"weight_bytes": quant.weight_bytes(engine.model)}
-        row["ceiling_tok_s"] = bandwidth / row["weight_bytes"]
-        for context in args.contexts:
-            prompt = engine.tokenizer(text_of_tokens(engine.tokenizer, context)).input_ids[:context]
-            runs = {step: [] for step in steps}
-            for repeat in range(args.repeats):
-                for step in (list(steps) if repeat % 2 == 0 else list(steps)[::-1]):  # interleaved, order alternating
-                    runs[step].append(decode_tokens_per_s(engine, steps[step], prompt, args.new_tokens))
-            for step, values in runs.items():
-                row[f"decode_{step}_{context}"] = summarize(values)
-        prompt = engine.tokenizer(text_of_tokens(engine.tokenizer, 512)).input_ids[:512]
-        row["prefill_512_tok_s"] = summarize([prefill_tokens_per_s(engine, prompt) for _ in range(max(args.repeats // 2, 1))])
-        if not args.json_only:
+        engine = Engine.from_pretrained(device="cpu", weights=name, compile="off", cache_budget_mb=64, min_cached_tokens=16, progress=lambda _: None)
+        row = measure_format(engine, args, bandwidth)
+        prompt_512 = text_of_tokens(engine.tokenizer, 512)  # llama-server's prompt: the same text
+        if not child:
             ids = quality_token_ids(engine.tokenizer)
-            scored = teacher_forced(engine.model, ids)
-            reference = reference or (scored if name == "fp32" else teacher_forced(_fp32_model(), ids))
+            scored = teacher_forced(engine, ids)
+            reference = reference or (scored if name == "fp32" else teacher_forced(_fp32_engine(), ids))
             row["quality"] = scored.against(reference)
             row["quality"]["passes"] = passes(row["quality"])
         results["formats"][name] = row
-        del engine, steps
-    if args.avx2 and not args.json_only:
-        results["avx2"] = avx2_figure(args)
-    if args.json_only:
+        if not child:
+            print(f"{name}: {json.dumps(row)}", flush=True)  # as it goes: a long run interrupted still says what it measured
+        del engine
+    if child:
         print(json.dumps(results))
         return results
+    if not args.no_llama:
+        results["llama_server"] = llama_server_figure(args, prompt_512)
+    if args.avx2:
+        results["avx2"] = avx2_figure(args)
     markdown = render(results, args)
     print(markdown)
     write_results("decode_bench" if set(args.formats) == set(FORMATS) else "decode_bench_partial", results, markdown)
-    summary = {name: {"decode_fast_512": (row.get("decode_fast_512") or {}).get("median"), "ceiling": row["ceiling_tok_s"]} for name, row in results["formats"].items()}
-    print(json.dumps({"summary": summary, "avx2": results.get("avx2"), "loadavg_end": [round(x, 2) for x in os.getloadavg()]}))
+    summary = {name: {"eager_512": _median(row, "eager_512"), "compiled_512": _median(row, "compiled_512"), "ceiling": row["ceiling_tok_s"]} for name, row in results["formats"].items()}
+    print(json.dumps({"summary": summary, "compile_seconds": results.get("compile_seconds"), "llama_server": results.get("llama_server"), "avx2": results.get("avx2"), "loadavg_end": [round(x, 2) for x in os.getloadavg()]}))
     return results
+
+
+def measure_format(engine: Engine, args, bandwidth: float) -> dict:
+    """Decode tok/s per context and step, prefill tok/s, exact and partial hit TTFT, for one loaded engine."""
+    decoder = engine.decoder
+    row: dict = {"weights": engine.info()["weights_detail"], "weight_bytes": decoder.bytes_per_step()}
+    row["ceiling_tok_s"] = bandwidth / row["weight_bytes"]
+    steps = {"eager": decoder.forward}
+    if not args.no_compile:
+        engine.compiler.start()
+        engine.compiler.wait(COMPILE_TIMEOUT_S)
+        row["compile"] = engine.compiler.status()
+        if engine.compiler.state == "compiled":
+            steps["compiled"] = decoder.step
+    transformers = _TransformersStep(engine) if not quant.decode_linears(engine.model) else None  # int8/int4 decode only through the step
+    for context in args.contexts:
+        prompt = engine.tokenizer(text_of_tokens(engine.tokenizer, context)).input_ids[:context]
+        runs: dict[str, list[float]] = {step: [] for step in [*steps, *(["transformers"] if transformers else [])]}
+        for repeat in range(args.repeats):
+            for step in list(runs) if repeat % 2 == 0 else list(runs)[::-1]:  # interleaved, order alternating
+                if step == "transformers":
+                    runs[step].append(decode_tokens_per_s(engine, transformers.decode_one_token, prompt, args.new_tokens))
+                else:
+                    decoder.step = steps[step]
+                    runs[step].append(decode_tokens_per_s(engine, decoder.decode_one_token, prompt, args.new_tokens))
+        for step, values in runs.items():
+            row[f"{step}_{context}"] = summarize(values)
+    decoder.step = steps.get("compiled", decoder.forward)
+    prompt = engine.tokenizer(text_of_tokens(engine.tokenizer, 512)).input_ids[:512]
+    row["prefill_512_tok_s"] = summarize([prefill_tokens_per_s(engine, prompt) for _ in range(max(args.repeats // 2, 1))])
+    row.update(hit_ttfts(engine, max(args.repeats // 2, 1)))
+    return row
 
 
 @torch.inference_mode()
 def decode_tokens_per_s(engine: Engine, step, prompt: list[int], new_tokens: int) -> float:
-    """Prefill ``prompt`` (not timed), then ``new_tokens`` greedy steps timed on the wall clock."""
+    """Prefill ``prompt`` (not timed), then ``new_tokens`` greedy steps of ``step(token, cache)`` timed on the wall clock."""
     cache = new_model_cache(engine.model.config, len(prompt) + new_tokens + 1)
     token = int(engine._transformers_forward(prompt, cache, use_cache=True).argmax())
     t0 = time.perf_counter()
     for _ in range(new_tokens):
-        token = int(step.decode_one_token(token, cache).argmax())
+        token = int(step(token, cache).argmax())
     return new_tokens / (time.perf_counter() - t0)
 
 
@@ -111,6 +155,19 @@ def prefill_tokens_per_s(engine: Engine, prompt: list[int]) -> float:
     return len(prompt) / (time.perf_counter() - t0)
 
 
+def hit_ttfts(engine: Engine, repeats: int) -> dict:
+    """Wall TTFT (ms) of a miss, then an exact hit (the same request) and a partial hit (same system prompt, another question)."""
+    out: dict[str, list[float]] = {"miss_wall_ttft_ms": [], "exact_hit_wall_ttft_ms": [], "partial_hit_wall_ttft_ms": []}
+    for repeat in range(repeats):
+        system = f"Handbook edition {repeat}.\n\n" + handbook_text(12)  # a fresh prefix per repeat: the first request misses
+        for key, i in (("miss_wall_ttft_ms", 0), ("exact_hit_wall_ttft_ms", 0), ("partial_hit_wall_ttft_ms", 1)):
+            result = engine.generate(question(i), system_prompt=system, max_new_tokens=1)
+            assert result.cache_status == {"miss_wall_ttft_ms": "miss", "exact_hit_wall_ttft_ms": "hit", "partial_hit_wall_ttft_ms": "partial"}[key], result.cache_status
+            out[key].append(result.timings["wall_ttft_ms"])
+    engine.cache.clear()
+    return {key: summarize(values) for key, values in out.items()} | {"hit_prompt_tokens": result.timings["prompt_tokens"]}
+
+
 def copy_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
     """Bytes/s moved by a large tensor copy (read + write), best of ``repeats``: what a decode step can stream at most."""
     src = torch.ones(megabytes << 18)  # float32: megabytes MiB
@@ -119,39 +176,121 @@ def copy_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
     return 2 * src.numel() * 4 / best
 
 
+def compile_times(name: str) -> dict:
+    """Seconds to compile ``name``'s step in a child with the run's (still empty) inductor cache folder (cold), then in another reusing it (warm)."""
+    return {kind: _child(["--child", "compile-time", "--formats", name], {}) for kind in ("cold", "warm")}
+
+
+def compile_time_child(name: str) -> dict:
+    engine = Engine.from_pretrained(device="cpu", weights=name, compile="off", progress=lambda _: None)
+    engine.compiler.start()
+    engine.compiler.wait(COMPILE_TIMEOUT_S)
+    status = engine.compiler.status()
+    print(json.dumps(status))
+    return status
+
+
 def avx2_figure(args) -> dict:
-    """int4 with the fast step at 512 tokens, in a child process that sees only AVX2 kernels."""
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
-    cmd = [sys.executable, "-m", "benchmark.decode_bench", "--formats", "int4", "--contexts", "512", "--repeats", str(args.repeats), "--new-tokens", str(args.new_tokens), "--json-only"]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent, check=True).stdout
-    child = json.loads(out.strip().splitlines()[-1])
+    """int4 at 512 tokens in a child process that sees only AVX2 kernels."""
+    cmd = ["--child", "measure", "--formats", "int4", "--contexts", "512", "--repeats", str(args.repeats), "--new-tokens", str(args.new_tokens)]
+    child = _child(cmd + (["--no-compile"] if args.no_compile else []), {"ATEN_CPU_CAPABILITY": "avx2"})
     row = child["formats"]["int4"]
-    return {"cpu_capability": child["machine"]["cpu_capability"], "decode_fast_512": row["decode_fast_512"], "decode_transformers_512": row["decode_transformers_512"]}
+    return {"cpu_capability": child["machine"]["cpu_capability"], "eager_512": row.get("eager_512"), "compiled_512": row.get("compiled_512"), "compile": row.get("compile")}
+
+
+def llama_server_figure(args, prompt: str) -> dict:
+    """llama-server's own decode and prompt tok/s (its ``timings``) on the bundled GGUF after the same 512-token prompt."""
+    import socket
+
+    import httpx
+
+    sys.path.insert(0, str(REPO_ROOT))
+    import dev  # standard library only: where it builds llama-server
+
+    binary = os.environ.get("KVCI_LLAMA_SERVER") or dev.llama_server_binary()
+    gguf = loading.bundled_gguf_path()
+    if not binary or gguf is None:
+        return {"measured": False, "reason": "not measured in this run: " + (dev.llama_server_not_built_reason() if not binary else "no bundled GGUF")}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    threads = torch.get_num_threads()
+    command = [str(binary), "-m", str(gguf), "--port", str(port), "-c", "2048", "-t", str(threads), "-np", "1", "--no-webui", "--host", "127.0.0.1"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                if httpx.get(url + "/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        else:
+            return {"measured": False, "reason": f"llama-server did not become healthy (exit code {process.poll()})"}
+        decode, prompt_tps = [], []
+        for _ in range(args.repeats):
+            body = {"prompt": prompt, "n_predict": args.new_tokens, "temperature": 0, "cache_prompt": False, "ignore_eos": True}
+            timings = httpx.post(url + "/completion", json=body, timeout=600).json()["timings"]
+            decode.append(timings["predicted_per_second"])
+            prompt_tps.append(timings["prompt_per_second"])
+        return {"measured": True, "threads": threads, "decode_512": summarize(decode), "prefill_512_tok_s": summarize(prompt_tps)}
+    finally:
+        process.terminate()
+        process.wait(30)
 
 
 def render(results: dict, args) -> str:
+    steps = ["transformers", "eager", "compiled"]
     headers = ["format", "MB read / token", "ceiling tok/s"]
     for context in args.contexts:
-        headers += [f"transformers @ {context}", f"fast step @ {context}"]
-    headers += ["prefill 512 tok/s", "top-1 vs fp32", "NLL vs fp32", "quality bar"]
+        headers += [f"{step} @ {context}" for step in steps]
+    headers += ["prefill 512 tok/s", "miss / exact / partial TTFT ms", "top-1 vs fp32", "NLL vs fp32", "quality bar"]
     rows = []
     for name, row in results["formats"].items():
         cells = [name, row["weight_bytes"] / 1e6, row["ceiling_tok_s"]]
         for context in args.contexts:
-            cells += [fmt_stat(row[f"decode_transformers_{context}"]), fmt_stat(row[f"decode_fast_{context}"])]
+            cells += [fmt_stat(row.get(f"{step}_{context}")) for step in steps]
+        ttft = " / ".join(fmt_stat(row[k], 0) for k in ("miss_wall_ttft_ms", "exact_hit_wall_ttft_ms", "partial_hit_wall_ttft_ms"))
         q = row.get("quality", {})
-        cells += [fmt_stat(row["prefill_512_tok_s"], 0), f"{q.get('top1_agreement', 0):.1%}", f"{q.get('nll_ratio', 1) - 1:+.2%}", fmt(q.get("passes"))]
+        cells += [fmt_stat(row["prefill_512_tok_s"], 0), ttft, f"{q.get('top1_agreement', 0):.1%}", f"{q.get('nll_ratio', 1) - 1:+.2%}", fmt(q.get("passes"))]
         rows.append(cells)
     m = results["machine"]
     text = (
         f"Machine: {m['cpu']}, {m['torch_threads']} threads, {m['cpu_capability']}, torch {m['torch']}, load average {m['loadavg_start']} at start; "
-        f"copy bandwidth {results['copy_bandwidth_gb_s']:.1f} GB/s. Decode tok/s: median (min–max) of {args.repeats}, {args.new_tokens} new tokens.\n\n"
+        f"copy bandwidth {results['copy_bandwidth_gb_s']:.1f} GB/s. Decode tok/s: median (min–max) of {args.repeats}, {args.new_tokens} new tokens. "
+        "int8/int4 prefill in fp32 and decode only through our step (no transformers column).\n\n"
     )
     text += markdown_table(headers, rows)
+    for name, row in results["formats"].items():
+        if row.get("compile") and row["compile"]["state"] != "compiled":
+            text += f"\n\n{name}: decode step {row['compile']['description']}."
+    for name, times in (results.get("compile_seconds") or {}).items():
+        text += f"\n\nCompile time, {name}: cold {_seconds(times['cold'])}, warm inductor cache {_seconds(times['warm'])}."
+    llama = results.get("llama_server")
+    if llama:
+        text += (
+            f"\n\nllama-server (same GGUF, {llama['threads']} threads, 512-token prompt): decode {fmt_stat(llama['decode_512'])} tok/s, prompt {fmt_stat(llama['prefill_512_tok_s'], 0)} tok/s."
+            if llama["measured"] else f"\n\nllama-server: {llama['reason']}."
+        )
     if "avx2" in results:
         a = results["avx2"]
-        text += f"\n\nForced {a['cpu_capability']}: int4, 512 tokens: transformers {fmt_stat(a['decode_transformers_512'])}, fast step {fmt_stat(a['decode_fast_512'])} tok/s."
+        text += f"\n\nForced {a['cpu_capability']}: int4, 512 tokens: eager {fmt_stat(a['eager_512'])}, compiled {fmt_stat(a['compiled_512'])} tok/s."
     return text
+
+
+def _child(argv: list[str], env: dict[str, str]) -> dict:
+    cmd = [sys.executable, "-m", "benchmark.decode_bench", *argv]
+    out = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True, cwd=REPO_ROOT, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _seconds(status: dict) -> str:
+    return f"{status['compile_seconds']:.0f} s" if status.get("compile_seconds") else status["description"]
+
+
+def _median(row: dict, key: str) -> float | None:
+    return (row.get(key) or {}).get("median")
 
 
 def _timed_copy(dst: torch.Tensor, src: torch.Tensor) -> float:
@@ -160,8 +299,9 @@ def _timed_copy(dst: torch.Tensor, src: torch.Tensor) -> float:
     return time.perf_counter() - t0
 
 
-def _fp32_model():
-    return Engine.from_pretrained(device="cpu", weights="fp32", cache_budget_mb=1, progress=lambda _: None).model
+def _fp32_engine() -> Engine:
+    return Engine.from_pretrained(device="cpu", weights="fp32", compile="off", cache_budget_mb=1, progress=lambda _: None)
+
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> dict:
     reference = None
     for name, engine in engines.items():
         ids = quality_token_ids(engine.tokenizer)
-        scored = teacher_forced(engine.model, ids, kv_dtype=engine.pool.dtype)
+        scored = teacher_forced(engine, ids)
         reference = reference or scored
         quality = scored.against(reference) | {"tokens": len(ids)}
         quality["passes"] = passes(quality)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, get_args, get_type_hints
 
 from cache.policies import get_priority
+from engine.compiled import COMPILE_MODES
 from engine.quant import WEIGHT_FORMATS
 
 ENV_PREFIX = "KVCI_"  # KVCI_MODEL, KVCI_DEVICE, KVCI_DTYPE, KVCI_WEIGHTS, KVCI_KV_DTYPE, KVCI_CACHE_BUDGET_MB, ...
@@ -28,9 +29,10 @@ class EngineConfig:
     model: str | None = None  # None: the bundled SmolLM2-135M-Instruct; else a hub id, a folder or a .gguf file
     device: str = "auto"  # "auto" (cuda when available, else cpu), "cpu", "cuda", "cuda:1", ...
     dtype: str = "auto"  # "auto" (bf16 on cuda, fp32 on cpu), "float32", "bfloat16", "float16"
-    weights: str = "auto"  # weight format: "auto" (fp32 on cpu, else dtype's), "fp32", "bf16", "int8", "int4" (engine.quant)
+    weights: str = "auto"  # weight format: "auto" (int4 on cpu, else dtype's), "fp32", "bf16", "int8", "int4" (engine.quant)
     kv_dtype: str = "auto"  # KV storage: "auto" (the model's dtype), "fp32" or "bf16" (half the bytes per cached token)
     decode: str = "auto"  # the decode step: "auto" (engine.fast_llama's for Llama models, else transformers') or "transformers"
+    compile: str = "auto"  # "auto": from_pretrained compiles that step in the background (engine.compiled); "off": eager
     cache_budget_mb: float = 512.0  # byte budget of the prefix cache
     min_cached_tokens: int = 20  # shorter prompts are neither cached nor counted
     kv_storage: str = "cpu"  # where cached KV lives: "cpu" (moved to the device on a hit) or "device"
@@ -60,6 +62,8 @@ class EngineConfig:
             raise ValueError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {self.kv_dtype!r}")
         if self.decode not in ("auto", "transformers"):
             raise ValueError(f"decode must be auto or transformers, got {self.decode!r}")
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {self.compile!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
 

@@ -19,7 +19,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from cache import DEFAULT_NAMESPACE, PrefixCache, PrefixMatch
-from engine import fast_llama, loading, quant
+from engine import compiled, fast_llama, loading, quant
 from engine.chat_tokens import ChatTokenizer
 from engine.config import EngineConfig
 from engine.explain import explain
@@ -125,7 +125,10 @@ class Engine:
         self.supports_prefix_cache = not has_sliding_layers(model.config)
         # The one-token decode step, picked once: our own Llama step (engine/fast_llama.py) or transformers' forward.
         use_fast = self.config.decode == "auto" and fast_llama.supports(model)
+        if quant.decode_linears(model) and not use_fast:
+            raise ValueError(f"{quant.weight_format(model)} weights decode through engine/fast_llama.py's step, which needs a Llama model and decode=auto; use fp32 or bf16")
         self.decoder: Any = fast_llama.FastDecoder(model) if use_fast else _TransformersStep(self)
+        self.compiler = compiled.StepCompiler(self.decoder, self.config.resolved_model_cache_dir(), self.config.compile)  # from_pretrained starts it
         self.chat = ChatTokenizer(tokenizer)  # the chat template's rules, shared with the workload replay
         self._tokenizer_lock = self.chat.lock  # one lock for every use of the tokenizer
 
@@ -148,10 +151,15 @@ class Engine:
         dtype = torch.float32 if weights in ("int8", "int4") else _resolve_dtype(config.dtype, device)  # quantized from float32
         progress = progress or loading.log.info
         loaded = loading.load(config.model, device, dtype, config.resolved_model_cache_dir(), progress)
-        if weights in ("int8", "int4"):
-            progress(f"Quantizing {loaded.name} to {weights}{' from the GGUF file' if weights == 'int4' and loaded.gguf else ''}...")
-        model = quant.apply_format(loaded.model, weights, gguf=loaded.gguf)
-        return cls(model, loaded.tokenizer, config, name=loaded.name)
+        if weights in quant.QUANTIZED and config.weights == "auto" and not (config.decode == "auto" and fast_llama.supports(loaded.model)):
+            weights = "fp32"  # auto: the quantized formats need our Llama decode step
+        if weights in quant.QUANTIZED:
+            progress(f"Quantizing {loaded.name}'s decode step to {weights}{' from the GGUF file' if weights == 'int4' and loaded.gguf else ''} (prefill stays fp32)...")
+        model = quant.apply_format(loaded.model, weights, gguf=loaded.gguf, cache_dir=config.resolved_model_cache_dir())
+        engine = cls(model, loaded.tokenizer, config, name=loaded.name)
+        if config.compile == "auto":
+            engine.compiler.start()  # in the background: requests decode eagerly until it is ready
+        return engine
 
     # ------------------------------------------------------------------ public API
 
@@ -289,8 +297,11 @@ class Engine:
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
             "weights": quant.weight_format(self.model),
+            "weights_detail": self._weights_detail(),
             "decode_step": type(self.decoder).__name__,
-            "weight_bytes": quant.weight_bytes(self.model),
+            "decode_compile": self.compiler.status(),
+            "weight_bytes": self.decoder.bytes_per_step(),  # read per decode step
+            "resident_weight_bytes": quant.weight_bytes(self.model) + sum(quant.weight_bytes(m) for m in quant.decode_linears(self.model).values()),
             "parameters": sum(p.numel() for p in self.model.parameters()),
             "context_length": self.context_length,
             "kv_dtype": str(self.pool.dtype).removeprefix("torch."),
@@ -299,6 +310,12 @@ class Engine:
             "cache_budget_bytes": self.cache.budget_bytes,
             "min_cached_tokens": self.cache.min_tokens,
         }
+
+    def _weights_detail(self) -> str:
+        fmt = quant.weight_format(self.model)
+        if fmt == "int4" and getattr(self.model, "int4_from_gguf", False):
+            return "int4 weights (Q4_1 blocks from the GGUF), fp32 prefill"
+        return f"{fmt} weights" + (", fp32 prefill" if fmt in quant.QUANTIZED else "")
 
     # ------------------------------------------------------------------ the request flow
 
@@ -420,8 +437,13 @@ class Engine:
             return self.pool.read_kv(match.slots, self.model.config, self.device, run.capacity)
 
     def _decode_one_token(self, run: "_Run", token: int, model_cache: Any) -> torch.Tensor:
-        if model_cache is None:  # no KV cache: the whole sequence again, every step
-            return self._forward(run.prompt_ids + run.generated, None, use_cache=False)
+        if model_cache is None:
+            # No KV cache: the whole sequence again, every step, nothing kept between steps. The prompt is
+            # prefilled and the tokens generated so far go through the decode step's code, as with a cache,
+            # so both runs compute with the same weights and kernels (int8/int4: prefill fp32, decode quantized).
+            scratch = new_model_cache(self.model.config, len(run.prompt_ids) + len(run.generated))
+            self._forward(run.prompt_ids, scratch, use_cache=True)
+            return self.decoder.decode_tokens(run.generated, scratch)
         return self._forward([token], model_cache, use_cache=True)
 
     @torch.inference_mode()
@@ -474,7 +496,18 @@ class _TransformersStep:
 
     @torch.inference_mode()
     def decode_one_token(self, token: int, model_cache: Any) -> torch.Tensor:
-        return self.engine._transformers_forward([token], model_cache, use_cache=True)
+        return self.decode_tokens([token], model_cache)
+
+    @torch.inference_mode()
+    def decode_tokens(self, tokens: list[int], model_cache: Any) -> torch.Tensor:
+        return self.engine._transformers_forward(tokens, model_cache, use_cache=True)
+
+    def bytes_per_step(self) -> int:
+        """The model's weights but the embedding table (unless the lm_head reads it too)."""
+        model = self.engine.model
+        embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+        tied = head is not None and getattr(head, "weight", None) is embedding.weight
+        return quant.weight_bytes(model, skip=() if tied else (embedding.weight,))
 
 
 def final_result(stream: Iterator[str | GenerationResult]) -> GenerationResult:

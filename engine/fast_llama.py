@@ -3,15 +3,18 @@
 transformers stays the loader, the tokenizer, the prefill and the fallback; this module only
 replaces the one-token decode step, the part that runs once per generated token and is bound by
 reading the weights. It is built from a loaded ``LlamaForCausalLM`` (any weight format of
-``engine.quant``) and shares its weights; the projections of each layer are fused (Q, K and V in
-one matmul, gate and up in another) where the format allows it.
+``engine.quant``) and shares its weights, except that the int8 and int4 formats give it their
+quantized copies of the linears (``quant.decode_linears``) while the model prefills in float32;
+the projections of each layer are fused (Q, K and V in one matmul, gate and up in another) where
+the format allows it. The same code runs several tokens at once (:meth:`FastDecoder.hidden`), which
+the quality measure uses to score the decode path on a whole text in one pass.
 
 KV stays where the prefill put it: the per-layer buffers of the request's model cache
 (``engine.kv.GrowingKVLayer``, ``[1, kv_heads, capacity, head_dim]``, one K and one V buffer per
 layer). The step writes the new token's K and V with ``index_copy_`` at its position and attends
 over the whole buffer with a mask row that hides positions after it, so its shapes never change
-during a request and ``torch.compile(dynamic=False)`` can compile it once per buffer size. The
-prefix cache reads these same buffers, so both decode paths share one KV format.
+during a request and ``torch.compile`` can compile it (``engine.compiled``). The prefix cache
+reads these same buffers, so both decode paths share one KV format.
 
 Knows nothing about requests, sampling or the prefix cache (``engine.engine`` calls
 :meth:`FastDecoder.decode_one_token`).
@@ -24,7 +27,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from engine.kv import GrowingKVLayer
-from engine.quant import Int4Linear, Int8Linear
+from engine.quant import Int4Linear, Int8Linear, decode_linears, weight_bytes
 
 
 def supports(model) -> bool:
@@ -48,10 +51,15 @@ class FastDecoder(nn.Module):
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.eps = config.rms_norm_eps
+        quantized = decode_linears(model)  # int8/int4: the step's own copies; float formats: the model's linears
+
+        def linear(name: str) -> nn.Module:
+            return quantized[name] if name in quantized else model.get_submodule(name)
+
         self.embed = inner.embed_tokens
         self.norm_weight = inner.norm.weight
-        self.lm_head = model.lm_head
-        self.layers = nn.ModuleList(_Layer(layer, self.heads, self.kv_heads, self.head_dim) for layer in inner.layers)
+        self.lm_head = linear("lm_head")
+        self.layers = nn.ModuleList(_Layer(layer, f"model.layers.{i}", linear, self.heads, self.kv_heads, self.head_dim) for i, layer in enumerate(inner.layers))
         # Rotary tables for every position: [max_positions, head_dim] each, as transformers computes them.
         positions = torch.arange(config.max_position_embeddings, device=self.norm_weight.device)[None]
         probe = torch.zeros(1, device=self.norm_weight.device, dtype=torch.float32)
@@ -63,52 +71,70 @@ class FastDecoder(nn.Module):
     @torch.inference_mode()
     def decode_one_token(self, token: int, model_cache) -> torch.Tensor:
         """Feed ``token`` at the model cache's next position; return the logits after it, float32 ``[vocab]``."""
+        return self.decode_tokens([token], model_cache)
+
+    @torch.inference_mode()
+    def decode_tokens(self, tokens: list[int], model_cache) -> torch.Tensor:
+        """Feed ``tokens`` at the model cache's next positions through this step's code (several at once eagerly); the last one's logits."""
         layers: list[GrowingKVLayer] = model_cache.layers
         position = layers[0].get_seq_length()
         for layer in layers:
-            layer.reserve(1)
+            layer.reserve(len(tokens))
         device = self.norm_weight.device
-        token_t = torch.tensor([[token]], device=device)  # [1, 1]
-        pos_t = torch.tensor([position], device=device)  # [1]
-        logits = self.step(token_t, pos_t, [layer.key_buffer for layer in layers], [layer.value_buffer for layer in layers])
+        tokens_t = torch.tensor([tokens], device=device)  # [1, T]
+        pos_t = torch.arange(position, position + len(tokens), device=device)  # [T]
+        step = self.step if len(tokens) == 1 else self.forward  # the compiled graph is for one token
+        logits = step(tokens_t, pos_t, [layer.key_buffer for layer in layers], [layer.value_buffer for layer in layers])
         for layer in layers:
-            layer.advance(1)
+            layer.advance(len(tokens))
         return logits[0].float()
 
-    def forward(self, token: torch.Tensor, pos: torch.Tensor, k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor]) -> torch.Tensor:
-        """token: [1, 1]; pos: [1]; k_buffers/v_buffers: per layer [1, kv_heads, S, head_dim]. Returns logits [1, vocab]."""
-        x = self.embed(token)  # [1, 1, D]
-        cos, sin = self.cos[pos], self.sin[pos]  # [1, head_dim]
-        mask = (torch.arange(k_buffers[0].shape[2], device=pos.device) <= pos).view(1, 1, 1, -1)  # [1, 1, 1, S]: up to this position
+    def bytes_per_step(self) -> int:
+        """Bytes of weights one step reads: everything but the embedding table and the rotary tables (a row of each)."""
+        lookups = (self.cos, self.sin) + (() if self.lm_head_is_embedding else (self.embed.weight,))
+        return weight_bytes(self, skip=lookups)
+
+    @property
+    def lm_head_is_embedding(self) -> bool:
+        return getattr(self.lm_head, "weight", None) is self.embed.weight
+
+    def forward(self, tokens: torch.Tensor, pos: torch.Tensor, k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor]) -> torch.Tensor:
+        """tokens: [1, T]; pos: [T]; k_buffers/v_buffers: per layer [1, kv_heads, S, head_dim]. Returns the last token's logits [1, vocab]."""
+        return self.lm_head(self.hidden(tokens, pos, k_buffers, v_buffers)[:, -1])
+
+    def hidden(self, tokens: torch.Tensor, pos: torch.Tensor, k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor]) -> torch.Tensor:
+        """The final normed hidden states ``[1, T, D]`` of ``tokens`` at positions ``pos``, their KV written into the buffers."""
+        x = self.embed(tokens)  # [1, T, D]
+        cos, sin = self.cos[pos], self.sin[pos]  # [T, head_dim]
+        mask = (torch.arange(k_buffers[0].shape[2], device=pos.device) <= pos[:, None]).view(1, 1, pos.shape[0], -1)  # [1, 1, T, S]: causal
         for layer, k_buffer, v_buffer in zip(self.layers, k_buffers, v_buffers):
             x = layer(x, pos, cos, sin, mask, k_buffer, v_buffer, self.eps)
-        x = _rms_norm(x, self.norm_weight, self.eps)
-        return self.lm_head(x[:, -1])
+        return _rms_norm(x, self.norm_weight, self.eps)
 
 
 class _Layer(nn.Module):
-    def __init__(self, layer, heads: int, kv_heads: int, head_dim: int) -> None:
+    def __init__(self, layer, prefix: str, linear, heads: int, kv_heads: int, head_dim: int) -> None:
         super().__init__()
-        attn, mlp = layer.self_attn, layer.mlp
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
         self.attn_norm, self.ffn_norm = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
-        self.wqkv = fuse_linears([attn.q_proj, attn.k_proj, attn.v_proj])
-        self.wo = attn.o_proj
-        self.w13 = fuse_linears([mlp.gate_proj, mlp.up_proj])
-        self.w2 = mlp.down_proj
-        self.scale = attn.scaling
+        self.wqkv = fuse_linears([linear(f"{prefix}.self_attn.{p}_proj") for p in "qkv"])
+        self.wo = linear(f"{prefix}.self_attn.o_proj")
+        self.w13 = fuse_linears([linear(f"{prefix}.mlp.gate_proj"), linear(f"{prefix}.mlp.up_proj")])
+        self.w2 = linear(f"{prefix}.mlp.down_proj")
+        self.scale = layer.self_attn.scaling
 
     def forward(self, x, pos, cos, sin, mask, k_buffer, v_buffer, eps: float) -> torch.Tensor:
+        t = x.shape[1]
         h = _rms_norm(x, self.attn_norm, eps)
         q, k, v = self.wqkv(h).split([self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim], dim=-1)
-        q = _rope(q.view(1, 1, self.heads, self.head_dim).transpose(1, 2), cos, sin)  # [1, H, 1, Dh]
-        k = _rope(k.view(1, 1, self.kv_heads, self.head_dim).transpose(1, 2), cos, sin)  # [1, KVH, 1, Dh]
-        v = v.view(1, 1, self.kv_heads, self.head_dim).transpose(1, 2)
+        q = _rope(q.view(1, t, self.heads, self.head_dim).transpose(1, 2), cos, sin)  # [1, H, T, Dh]
+        k = _rope(k.view(1, t, self.kv_heads, self.head_dim).transpose(1, 2), cos, sin)  # [1, KVH, T, Dh]
+        v = v.view(1, t, self.kv_heads, self.head_dim).transpose(1, 2)
         k_buffer.index_copy_(2, pos, k.to(k_buffer.dtype))
         v_buffer.index_copy_(2, pos, v.to(v_buffer.dtype))
         # Buffers stored below the compute dtype (bf16 KV) are attended in it, as the prefill does (engine/kv.py).
         attn = F.scaled_dot_product_attention(q, k_buffer.to(q.dtype), v_buffer.to(q.dtype), attn_mask=mask, scale=self.scale, enable_gqa=self.heads != self.kv_heads)
-        x = x + self.wo(attn.transpose(1, 2).reshape(1, 1, self.heads * self.head_dim))
+        x = x + self.wo(attn.transpose(1, 2).reshape(1, t, self.heads * self.head_dim))
         gate, up = self.w13(_rms_norm(x, self.ffn_norm, eps)).chunk(2, dim=-1)
         return x + self.w2(F.silu(gate) * up)
 
@@ -133,7 +159,10 @@ def fuse_linears(linears: list[nn.Module]) -> nn.Module:
         return fused
     # The CPU int4 packing interleaves rows in blocks of 64: stacking packed rows is exact only on that grid.
     if all(type(l) is Int4Linear and l.bias is None and (not l.cpu_kernel or l.out_features % 64 == 0) for l in linears):
-        return Int4Linear.stacked(linears)
+        fused = Int4Linear.stacked(linears)
+        for l, packed in zip(linears, fused.packed.split([l.out_features for l in linears])):
+            l.packed = packed  # a view, as above (the scales, a fifth of the bytes, stay their own: the kernel wants them contiguous)
+        return fused
     return _Concat(linears)
 
 
@@ -156,7 +185,7 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [1, heads, 1, Dh]; cos/sin: [1, Dh]. transformers' rotate-half form."""
+    """x: [1, heads, T, Dh]; cos/sin: [T, Dh]. transformers' rotate-half form."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin

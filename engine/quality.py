@@ -1,10 +1,13 @@
 """Quality of a weight format against fp32: teacher-forced top-1 agreement and mean NLL on a fixed text.
 
 The text is the scenarios' own prose (``assets/scenarios.json``, 1,346 tokens, at most 2,000), fed
-through the model once; at every position we keep the argmax and the negative log-likelihood of
-the true next token. A format passes when its argmax agrees with fp32's at >= 90% of positions
-and its mean NLL is within 2% of fp32's. Used by ``tests/test_quant.py`` and the decode benchmark;
-with ``kv_dtype`` the same measure scores a KV storage precision (``benchmark/kv_dtype_bench.py``).
+through the engine's decode step in one pass (``FastDecoder.hidden``: the same code and, for int8
+and int4, the same quantized linears that decode every new token; not the float32 prefill); at every
+position we keep the argmax and the negative log-likelihood of the true next token. A format
+passes when its argmax agrees with fp32's at >= 90% of positions and its mean NLL is within 2% of
+fp32's. The model attends over KV stored at the engine's ``--kv-dtype``, so the same measure
+scores a KV storage precision (``benchmark/kv_dtype_bench.py``). Used by ``tests/test_quant.py``
+and the decode benchmark.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from engine.fast_llama import FastDecoder
 from engine.kv import new_model_cache
 
 SCENARIOS = Path(__file__).resolve().parent.parent / "assets" / "scenarios.json"
@@ -51,19 +55,24 @@ def quality_token_ids(tokenizer, tokens: int = QUALITY_TOKENS) -> list[int]:
 
 
 @torch.inference_mode()
-def teacher_forced(model, token_ids: list[int], chunk: int = 256, kv_dtype: torch.dtype | None = None) -> TeacherForced:
-    """Run ``token_ids`` through ``model`` in one pass; the lm_head in chunks so the logits never all exist at once.
+def teacher_forced(engine, token_ids: list[int], chunk: int = 256) -> TeacherForced:
+    """Run ``token_ids`` through ``engine``'s decode path in one pass; the lm_head in chunks so the logits never all exist at once.
 
-    ``kv_dtype``: attend over KV stored at that precision (``engine.kv``), as the engine does with ``--kv-dtype``.
+    Attention reads KV stored at the engine's KV dtype (``--kv-dtype``), as its requests do.
     """
-    device = next(model.parameters()).device
-    ids = torch.tensor([token_ids], device=device)
-    cache = new_model_cache(model.config, len(token_ids), kv_dtype) if kv_dtype is not None else None
-    hidden = model.model(input_ids=ids, cache=cache, use_cache=cache is not None).last_hidden_state[0, :-1]  # [T - 1, hidden]
+    model, decoder, kv_dtype = engine.model, engine.decoder, engine.pool.dtype
+    ids = torch.tensor([token_ids], device=engine.device)
+    if isinstance(decoder, FastDecoder):
+        shape = (1, decoder.kv_heads, len(token_ids), decoder.head_dim)
+        buffers = [[torch.zeros(shape, dtype=kv_dtype, device=engine.device) for _ in decoder.layers] for _ in "kv"]
+        hidden, head = decoder.hidden(ids, torch.arange(len(token_ids), device=engine.device), *buffers)[0, :-1], decoder.lm_head
+    else:  # transformers' step: its own forward
+        cache = new_model_cache(model.config, len(token_ids), kv_dtype)
+        hidden, head = model.model(input_ids=ids, cache=cache, use_cache=True).last_hidden_state[0, :-1], model.lm_head  # [T - 1, hidden]
     targets = ids[0, 1:]
     top1, nll = [], []
     for start in range(0, hidden.shape[0], chunk):
-        logits = model.lm_head(hidden[start : start + chunk]).float()  # [chunk, vocab]
+        logits = head(hidden[start : start + chunk]).float()  # [chunk, vocab]
         top1.append(logits.argmax(-1))
         nll.append(torch.nn.functional.cross_entropy(logits, targets[start : start + chunk], reduction="none"))
     return TeacherForced(torch.cat(top1).cpu(), torch.cat(nll).cpu())

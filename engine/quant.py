@@ -1,18 +1,22 @@
 """Weight formats: fp32, bf16, and weight-only int8 and int4 linears on torch's own CPU kernels.
 
 Decoding reads every weight once per token, so on a CPU its speed is the bytes of the weights:
-fp32 540 MB, bf16 270 MB, int8 ~170 MB, int4 ~90 MB for SmolLM2-135M. This module swaps the
-``nn.Linear`` layers of a transformers causal LM (decoder layers and ``lm_head``; the embedding
-table is a lookup and stays bf16) for :class:`Int8Linear` or :class:`Int4Linear`, whose matmuls
-are ``torch.ops.aten._weight_int8pack_mm`` and ``_weight_int4pack_mm_for_cpu``. Both kernels take
-bf16 activations only (fp32 falls back to a scalar loop, 40x slower), so every quantized model
-runs in bf16. On other devices the same modules de-quantize on the fly (correct, not fast).
+fp32 540 MB, bf16 270 MB, int8 ~170 MB, int4 ~90 MB for SmolLM2-135M. Prefill is the opposite:
+many tokens per weight, bound by arithmetic, and fastest in fp32 GEMM. So int8 and int4 keep the
+model in float32 for prefill (and for runs without a KV cache) and give only the one-token decode
+step (``engine.fast_llama``) quantized copies of the decoder layers' linears and the ``lm_head``:
+:class:`Int8Linear` or :class:`Int4Linear`, whose matmuls are ``torch.ops.aten._weight_int8pack_mm``
+and ``_weight_int4pack_mm_for_cpu``. Both kernels take bf16 activations only (fp32 falls back to a
+scalar loop, 40x slower); the step casts at each linear. The copies cost memory on top of the
+fp32 model (~90 MB for int4). On other devices the same modules de-quantize on the fly (correct,
+not fast).
 
 Int4 is group-wise in Q4_1's own form: blocks of 32 input weights, ``w = q * scale + minimum``
 with ``q`` in 0..15. For the bundled GGUF, whose linears are Q4_1, :func:`gguf_int4_blocks` takes
 ``q``, ``scale`` and ``minimum`` from the file's blocks: the 4-bit weights are the file's, not a
-second rounding (the kernel keeps scales in bf16, a 0.3% relative error on them). Other weights
-are rounded like llama.cpp's ``quantize_row_q4_1``.
+second rounding, and the float32 model that prefills holds exactly their de-quantized values (the
+kernel keeps scales in bf16, a 0.3% relative error on them). Other weights are rounded like
+llama.cpp's ``quantize_row_q4_1``.
 
 Knows nothing about requests or caches; ``engine.loading`` finds the GGUF, ``engine.engine``
 picks the format once at start-up.
@@ -20,6 +24,7 @@ picks the format once at start-up.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -161,13 +166,12 @@ class Int8Linear(nn.Module):
 
 
 def resolve_format(weights: str, dtype: str, device: torch.device) -> str:
-    """The concrete format for the ``weights`` setting: ``auto`` is the ``dtype`` setting's float format.
+    """The concrete format for the ``weights`` setting: ``auto`` is int4 on a CPU, else the ``dtype`` setting's float format.
 
-    int8 and int4 meet the quality bar on the bundled model (top-1 agreement with fp32 >= 90%, mean
-    NLL within 2%; ``tests/test_quant.py``) but stay opt-in for now: their kernels take bf16
-    activations, so a cached and an uncached run can part at a bf16 near-tie (the page's promise is
-    that a hit gives the same tokens), and their eager prefill measured about half fp32's speed.
-    ``auto`` picks them once a measured, compiled decode makes them pay. An explicit ``dtype`` wins.
+    On a CPU int4 decodes faster than fp32 (a step reads ~95 MB, not 540; ``benchmark/decode_bench.py``
+    measures both), prefills at fp32's speed (it prefills in fp32) and meets the quality bar (top-1 agreement with fp32 >= 90%,
+    mean NLL within 2%; ``tests/test_quant.py``). It needs the Llama decode step: the engine falls
+    back to fp32 where that step does not apply. An explicit ``dtype`` wins.
     """
     if weights not in WEIGHT_FORMATS:
         raise ValueError(f"weights must be one of {', '.join(WEIGHT_FORMATS)}, got {weights!r}")
@@ -176,39 +180,53 @@ def resolve_format(weights: str, dtype: str, device: torch.device) -> str:
     if dtype != "auto":
         return {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[dtype]
     if device.type == "cpu":
-        return "fp32"
+        return "int4"
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
-def apply_format(model: nn.Module, fmt: str, gguf: Path | None = None) -> nn.Module:
-    """Convert a loaded (float) transformers causal LM to ``fmt`` in place and return it.
+QUANTIZED = ("int8", "int4")  # formats whose decode step reads quantized copies; the model itself stays float32
 
-    ``fp32``/``bf16``/``fp16``: a plain cast. ``int8``/``int4``: bf16, with every linear of the decoder
-    layers weight-only quantized, and the ``lm_head`` int8 in both (its own weights, untied from the
-    embedding table: on SmolLM2 an int4 ``lm_head`` drops top-1 agreement with fp32 from 97% to 90%
-    and raises the mean NLL by 2%). ``gguf``: the file the model came from, whose Q4_1 blocks int4 reuses.
+
+def apply_format(model: nn.Module, fmt: str, gguf: Path | None = None, cache_dir: Path | None = None) -> nn.Module:
+    """Give a loaded (float) transformers causal LM the weight format ``fmt`` in place and return it.
+
+    ``fp32``/``bf16``/``fp16``: a plain cast. ``int8``/``int4``: the model in float32 (prefill), and
+    ``model.decode_linears``: a quantized copy of every linear of the decoder layers, keyed by module
+    name, for the decode step; the float32 weights become the copies' de-quantized values, so that
+    prefill and decode compute with the same weights (for the GGUF's Q4_1 linears they already are). The ``lm_head`` is int8 in both (its own copy, the tied embedding
+    stays float32: on SmolLM2 an int4 ``lm_head`` drops top-1 agreement with fp32 from 97% to 90%
+    and raises the mean NLL by 2%). ``gguf``: the file the model came from, whose Q4_1 blocks int4 reuses
+    (read once into ``cache_dir``, where given: parsing the file takes seconds).
     """
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.bfloat16, "int4": torch.bfloat16}
-    if fmt not in dtypes:
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if fmt not in (*dtypes, *QUANTIZED):
         raise ValueError(f"unknown weight format {fmt!r}: use one of {', '.join(WEIGHT_FORMATS)}")
-    if fmt in ("fp32", "bf16", "fp16"):
-        return model.to(dtypes[fmt])
+    if fmt in dtypes:
+        return model.to(dtypes[fmt]).eval()
+    model.to(torch.float32)
     device = next(model.parameters()).device
-    from_file = gguf_int4_blocks(gguf, model.config) if fmt == "int4" and gguf is not None else {}
-    for name, module in list(model.named_modules()):
+    from_file = gguf_int4_blocks(gguf, model.config, cache_dir) if fmt == "int4" and gguf is not None else {}
+    copies: dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
         if not isinstance(module, nn.Linear) or not (name.startswith("model.layers.") or name == "lm_head"):
             continue
         if fmt == "int8" or name == "lm_head":  # an int4 lm_head costs 8 points of top-1 agreement; int8 keeps 97%
-            new = Int8Linear(module.weight, module.bias, device)
+            copies[name] = copy = Int8Linear(module.weight, module.bias, device)
+            weight = copy.weight_int8.float() * copy.scales.float()[:, None]
         else:
             blocks = from_file.get(name) or Int4Blocks.from_float(module.weight)
-            new = Int4Linear(blocks, module.bias, device)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, new)
-    model.config.tie_word_embeddings = False  # the lm_head is its own (quantized) module now
-    model.to(torch.bfloat16)  # norms and embedding; the quantized buffers keep their dtypes
+            copies[name], weight = Int4Linear(blocks, module.bias, device), blocks.dequantize()
+        with torch.no_grad():  # prefill with the weights the step decodes with (the GGUF's Q4_1 linears already are)
+            module.weight.copy_(weight)
+    model.decode_linears = copies  # a plain dict, not submodules: transformers' forward never sees them
     model.quantization_format = fmt
+    model.int4_from_gguf = bool(from_file)
     return model.eval()
+
+
+def decode_linears(model: nn.Module) -> dict[str, nn.Module]:
+    """The quantized copies :func:`apply_format` made for the decode step (empty for float formats)."""
+    return getattr(model, "decode_linears", {})
 
 
 def weight_format(model: nn.Module) -> str:
@@ -219,14 +237,19 @@ def weight_format(model: nn.Module) -> str:
     return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(next(model.parameters()).dtype, "fp32")
 
 
-def weight_bytes(model: nn.Module) -> int:
-    """Bytes one decode step reads: every parameter and buffer except the embedding table (a lookup)."""
-    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
-    tied = head is not None and getattr(head, "weight", None) is embedding.weight
-    skip = set() if tied else {id(t) for t in embedding.parameters()}
-    tensors = [t for t in list(model.parameters()) + list(model.buffers()) if id(t) not in skip]
-    unique = {t.data_ptr(): t.numel() * t.element_size() for t in tensors}
-    return sum(unique.values())
+def weight_bytes(module: nn.Module, skip: tuple[torch.Tensor, ...] = ()) -> int:
+    """Bytes of ``module``'s parameters and buffers, shared memory once, leaving out ``skip`` (a lookup table reads one row)."""
+    skipped = {t.data_ptr() for t in skip}
+    spans = sorted(
+        (t.data_ptr(), t.data_ptr() + t.numel() * t.element_size())
+        for t in list(module.parameters()) + list(module.buffers())
+        if t.data_ptr() not in skipped
+    )
+    total, end = 0, 0
+    for start, stop in spans:  # the union of the byte ranges: fused weights and their views count once
+        total += max(stop - max(start, end), 0)
+        end = max(end, stop)
+    return total
 
 
 # ---------------------------------------------------------------------- GGUF Q4_1 blocks
@@ -242,14 +265,27 @@ _GGUF_LINEARS = {
 }
 
 
-def gguf_int4_blocks(path: Path, config) -> dict[str, Int4Blocks]:
+def gguf_int4_blocks(path: Path, config, cache_dir: Path | None = None) -> dict[str, Int4Blocks]:
     """The Q4_1 linears of a Llama GGUF file as :class:`Int4Blocks`, keyed by transformers module name.
 
     A Q4_1 block is 20 bytes: ``d`` (f16), ``m`` (f16), then 16 bytes whose low nibbles are weights
     0-15 and high nibbles 16-31. llama.cpp's converter permutes the rows of Q and K for its rotary
     layout; the rows are put back as transformers does (whole rows move, blocks stay intact).
     Tensors of other types (the Q8_0 embedding) are left out: their modules are rounded from floats.
+    With ``cache_dir`` the blocks are kept there (keyed by the file's name, size and time) and read
+    back on later starts: gguf-py parses the whole file's metadata in Python, seconds on a small CPU.
     """
+    if cache_dir is not None:
+        stat = path.stat()
+        cached = cache_dir / f"{path.stem.lower()}-{stat.st_size}-{stat.st_mtime_ns}.int4-blocks.pt"
+        if cached.exists():
+            return {name: Int4Blocks(*parts) for name, parts in torch.load(cached, weights_only=True).items()}
+        blocks = gguf_int4_blocks(path, config)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        staging = cached.with_suffix(f".{os.getpid()}.tmp")
+        torch.save({name: (b.q, b.scale, b.minimum) for name, b in blocks.items()}, staging)
+        os.replace(staging, cached)  # whole or not at all, also with two processes starting at once
+        return blocks
     import gguf as gguf_py
 
     text = config.get_text_config(decoder=True)

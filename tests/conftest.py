@@ -7,12 +7,18 @@ equivalence tests need.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from engine import Engine, EngineConfig
 from engine import loading
+
+# No background compiling of the decode step in the suite (engines, and the app servers launch_app
+# starts): tests/test_compiled.py compiles where it means to.
+os.environ.setdefault("KVCI_COMPILE", "off")
 
 TINY_CONFIG = dict(
     hidden_size=64,
@@ -115,6 +121,7 @@ def launch_app(log_dir: Path, *flags: str, env_extra: dict[str, str] | None = No
     log_path = log_dir / f"app-{port}.log"
     env = {k: v for k, v in os.environ.items() if k not in ("SPACE_ID", "GRADIO_SERVER_NAME", "GRADIO_SERVER_PORT") and not k.startswith("KVCI_")}
     env["GRADIO_ANALYTICS_ENABLED"] = "False"
+    env["KVCI_COMPILE"] = os.environ["KVCI_COMPILE"]  # the suite's setting (off unless asked): no app server compiles in the background
     env.update(env_extra or {})
     with open(log_path, "wb") as log:
         process = subprocess.Popen(

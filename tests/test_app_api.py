@@ -241,10 +241,12 @@ def test_repetition_control_reaches_the_sampler_from_rest_and_gradio_client(rest
 
 
 def test_health_says_which_model_and_mode(rest):
-    """The page and scripts can tell which model, device and cache mode are in use."""
+    """The page and scripts can tell which model, device, weight format, decode step state and cache mode are in use."""
     health = rest.get("/health").json()
     assert health["ready"] and health["model"] and health["device"] == "cpu" and health["cache_mode"] == "shared"
     assert health["kv_dtype"] == "float32"  # --kv-dtype auto: the fp32 model's own; the page's status line shows it
+    assert health["weights"] == "int4 weights (Q4_1 blocks from the GGUF), fp32 prefill"  # auto on a CPU
+    assert health["decode"] == {"state": "off", "description": "eager (KVCI_COMPILE=off)", "compile_seconds": None, "reason": "KVCI_COMPILE=off", "inductor_cache": None}
     schema = rest.get("/openapi.json").json()  # the REST routes are documented (at /docs)
     assert {"/generate", "/cache/stats", "/cache/clear"} <= set(schema["paths"])
     assert "prompt" in schema["paths"]["/generate"]["post"]["requestBody"]["content"]["application/json"]["schema"]["properties"]

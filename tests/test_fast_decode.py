@@ -63,3 +63,34 @@ def test_engine_picks_the_fast_step_for_llama_and_transformers_on_request(tiny_m
     assert a.token_ids == b.token_ids
     with pytest.raises(ValueError, match="decode"):
         EngineConfig(decode="turbo")
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "int4"])
+def test_many_tokens_at_once_equal_one_at_a_time(tokenizer, fmt):
+    """FastDecoder.hidden over a whole text (the quality measure's pass) gives the logits the one-token steps give, and the same KV."""
+    model = quant.apply_format(make_tiny_model(tokenizer, seed=3, hidden_size=128, num_key_value_heads=2), fmt)
+    fast = FastDecoder(model)
+    tokens = PROMPT + STEPS
+    shape = (1, fast.kv_heads, len(tokens), fast.head_dim)
+    at_once, one_by_one = ([[torch.zeros(shape) for _ in fast.layers] for _ in "kv"] for _ in range(2))
+    with torch.inference_mode():
+        logits = fast.lm_head(fast.hidden(torch.tensor([tokens]), torch.arange(len(tokens)), *at_once)[0]).float()  # [T, vocab]
+        for i, token in enumerate(tokens):
+            step = fast(torch.tensor([[token]]), torch.tensor([i]), *one_by_one)[0].float()
+            tolerance = 1e-4 if fmt == "fp32" else 0.05 * step.abs().max().item()  # int4: bf16 activations, another row count in the kernel
+            torch.testing.assert_close(logits[i], step, rtol=0, atol=tolerance)
+    for a, b in zip(at_once[0] + at_once[1], one_by_one[0] + one_by_one[1]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-4 if fmt == "fp32" else 0.05)
+
+
+def test_quantized_formats_prefill_in_fp32_with_the_weights_the_step_decodes_with(tokenizer):
+    """int4: the model stays fp32 (prefill), holds the copies' de-quantized weights, and only the step reads the 4-bit copies."""
+    model = quant.apply_format(make_tiny_model(tokenizer, seed=1, hidden_size=128, num_key_value_heads=2), "int4")
+    assert next(model.parameters()).dtype == torch.float32 and type(model.model.layers[0].mlp.down_proj) is torch.nn.Linear
+    copies = quant.decode_linears(model)
+    assert type(copies["model.layers.0.mlp.down_proj"]) is quant.Int4Linear and type(copies["lm_head"]) is quant.Int8Linear
+    weight = model.model.layers[0].mlp.down_proj.weight  # de-quantized: on the 4-bit grid, so rounding it again moves it by float error only
+    torch.testing.assert_close(quant.Int4Blocks.from_float(weight).dequantize(), weight, rtol=0, atol=1e-6)
+    fast = FastDecoder(model)
+    assert type(fast.layers[0].wqkv) is quant.Int4Linear and type(fast.layers[0].w2) is quant.Int4Linear
+    assert fast.bytes_per_step() < quant.weight_bytes(model) / 4  # the step reads 4-bit weights and an int8 lm_head, not fp32

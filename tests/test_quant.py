@@ -50,7 +50,8 @@ def test_cached_equals_uncached_within_each_format_tiny(tokenizer, fmt):
     model = quant.apply_format(make_tiny_model(tokenizer), fmt)
     engine = Engine(model, tokenizer, EngineConfig(min_cached_tokens=4), name=f"tiny-{fmt}")
     assert equivalence_statuses(engine) == ["miss", "hit", "partial", "miss", "partial"]
-    assert engine.info()["weights"] == fmt and engine.dtype == torch.bfloat16  # KV in bf16: half the bytes of fp32
+    assert engine.info()["weights"] == fmt
+    assert engine.dtype == (torch.bfloat16 if fmt == "bf16" else torch.float32)  # int8/int4 prefill in fp32: KV in fp32
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +59,7 @@ def quality_reference(bundled_folder, tokenizer):
     """fp32's teacher-forced argmax and NLL on the scenarios' text."""
     engine = Engine.from_pretrained(device="cpu", weights="fp32", cache_budget_mb=8)
     ids = quality_token_ids(tokenizer)
-    return ids, teacher_forced(engine.model, ids)
+    return ids, teacher_forced(engine, ids)
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])  # fp32: tests/test_engine.py
@@ -68,17 +69,20 @@ def test_bundled_model_equivalence_and_quality_per_format(quality_reference, fmt
     engine = Engine.from_pretrained(device="cpu", weights=fmt, cache_budget_mb=8, min_cached_tokens=4)
     assert engine.info()["weights"] == fmt
     assert equivalence_statuses(engine, bf16_ties=True) == ["miss", "hit", "partial", "miss", "partial"]
-    scores = teacher_forced(engine.model, ids).against(reference)
+    scores = teacher_forced(engine, ids).against(reference)
     assert scores["top1_agreement"] >= MIN_TOP1_AGREEMENT and scores["nll_ratio"] <= MAX_NLL_RATIO, scores
 
 
-def test_int4_takes_the_gguf_q4_1_blocks_exactly(bundled_folder):
-    """Every Q4_1 linear of the bundled GGUF, de-quantized from our blocks, equals the converted fp32 weight bit for bit."""
+def test_int4_takes_the_gguf_q4_1_blocks_exactly(bundled_folder, tmp_path):
+    """Every Q4_1 linear of the bundled GGUF, de-quantized from our blocks (parsed, then read back from the cache), equals the converted fp32 weight bit for bit."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(bundled_folder), dtype=torch.float32)
-    blocks = quant.gguf_int4_blocks(loading.bundled_gguf_path(), model.config)
-    assert len(blocks) == 7 * model.config.num_hidden_layers
+    parsed = quant.gguf_int4_blocks(loading.bundled_gguf_path(), model.config, tmp_path)
+    blocks = quant.gguf_int4_blocks(loading.bundled_gguf_path(), model.config, tmp_path)  # from the cache file
+    assert len(list(tmp_path.glob("*.int4-blocks.pt"))) == 1 and not list(tmp_path.glob("*.tmp"))
+    assert len(blocks) == len(parsed) == 7 * model.config.num_hidden_layers
+    assert all(torch.equal(getattr(blocks[name], f), getattr(parsed[name], f)) for name in parsed for f in ("q", "scale", "minimum"))
     for name, b in blocks.items():
         assert torch.equal(b.dequantize(), model.get_submodule(name).weight), name
     again = quant.Int4Blocks.from_float(blocks["model.layers.0.mlp.down_proj"].dequantize())  # rounding Q4_1's own values: no change
@@ -103,12 +107,12 @@ def test_quantized_linear_matches_its_dequantized_weight(module):
     assert (got - expected).norm() / expected.norm() < 0.01
 
 
-def test_weight_setting_is_checked_and_auto_is_fp32_on_cpu():
-    """KVCI_WEIGHTS / weights=: an unknown format is a ValueError; auto keeps fp32 on a CPU (quantized formats are opt-in)."""
+def test_weight_setting_is_checked_and_auto_is_int4_on_cpu():
+    """KVCI_WEIGHTS / weights=: an unknown format is a ValueError; auto is int4 on a CPU unless a float dtype is asked for."""
     with pytest.raises(ValueError, match="weights"):
         EngineConfig(weights="int3")
     assert EngineConfig.from_env({"KVCI_WEIGHTS": "int8"}).weights == "int8"
     cpu = torch.device("cpu")
-    assert quant.resolve_format("auto", "auto", cpu) == "fp32"
+    assert quant.resolve_format("auto", "auto", cpu) == "int4"
     assert quant.resolve_format("auto", "float32", cpu) == "fp32"
     assert quant.resolve_format("bf16", "auto", cpu) == "bf16"

@@ -27,7 +27,8 @@ def test_default_cache_mode_is_shared_only_when_local(host, on_space, mode):
 @pytest.mark.parametrize(
     "argv, environ, expected",
     [
-        ([], {}, dict(host="127.0.0.1", port=7860, cache_mode="shared", model=None, cache_budget_mb=None)),
+        ([], {}, dict(host="127.0.0.1", port=7860, cache_mode="shared", model=None, cache_budget_mb=None, weights=None)),
+        (["--weights", "int8"], {}, dict(weights="int8")),  # None above: the engine's own KVCI_WEIGHTS, else auto
         ([], {"GRADIO_SERVER_NAME": "0.0.0.0", "GRADIO_SERVER_PORT": "9000"}, dict(host="0.0.0.0", port=9000, cache_mode="per-session")),
         ([], {"SPACE_ID": "me/demo", "GRADIO_SERVER_NAME": "0.0.0.0"}, dict(cache_mode="per-session", on_space=True)),
         (["--host", "0.0.0.0", "--cache-mode", "shared", "--allow-shared-public"], {}, dict(cache_mode="shared", allow_shared_public=True)),
@@ -50,6 +51,8 @@ def test_bad_settings_are_refused():
         AppSettings(cache_mode="everyone")
     with pytest.raises(SystemExit):
         parse_settings(["--cache-mode", "everyone"], {})
+    with pytest.raises(SystemExit):
+        parse_settings(["--weights", "int3"], {})
 
 
 @pytest.mark.parametrize("argv, environ", [(["--host", "0.0.0.0", "--cache-mode", "shared"], {}), (["--cache-mode", "shared"], {"SPACE_ID": "me/demo"}), (["--cache-mode", "shared", "--public"], {})])

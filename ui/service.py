@@ -330,6 +330,8 @@ class EngineService:
             "device": info.get("device"),
             "dtype": info.get("dtype"),
             "kv_dtype": info.get("kv_dtype"),
+            "weights": info.get("weights_detail"),
+            "decode": info.get("decode_compile"),
             "parameters": info.get("parameters"),
             "context_length": info.get("context_length"),
             "max_prompt_tokens": self.settings.prompt_token_limit or info.get("context_length"),
@@ -345,7 +347,7 @@ class EngineService:
 
     def _engine_settings(self) -> dict[str, Any]:
         """The app's engine settings, each passed only where this engine version has the field."""
-        settings = {"cache_budget_mb": self.settings.cache_budget_mb, "max_prompt_tokens": self.settings.prompt_token_limit, "kv_dtype": self.settings.kv_dtype}
+        settings = {"cache_budget_mb": self.settings.cache_budget_mb, "max_prompt_tokens": self.settings.prompt_token_limit, "kv_dtype": self.settings.kv_dtype, "weights": self.settings.weights}
         if self.settings.per_session:
             settings["namespace_quota"] = self.settings.session_cache_share
         known = {f.name for f in dataclasses.fields(EngineConfig)}

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Mapping, Sequence
 
 from engine.config import KV_DTYPES
+from engine.quant import WEIGHT_FORMATS
 
 CacheMode = Literal["shared", "per-session"]
 CACHE_MODES: tuple[str, ...] = ("shared", "per-session")
@@ -28,6 +29,7 @@ class AppSettings:
     host: str = "127.0.0.1"
     port: int = 7860
     model: str | None = None  # None: the engine's default (KVCI_MODEL, else the bundled SmolLM2)
+    weights: str | None = None  # None: the engine's default (KVCI_WEIGHTS, else auto: int4 on a CPU)
     cache_budget_mb: float | None = None  # None: the engine's default (KVCI_CACHE_BUDGET_MB, else 512)
     kv_dtype: str | None = None  # KV storage, auto / fp32 / bf16; None: the engine's default (KVCI_KV_DTYPE, else auto)
     cache_mode: CacheMode = "shared"
@@ -108,6 +110,7 @@ def parse_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str]
     parser.add_argument("--host", default=environ.get("GRADIO_SERVER_NAME") or AppSettings.host, help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=int(environ.get("GRADIO_SERVER_PORT") or AppSettings.port), help="port (default 7860)")
     parser.add_argument("--model", default=None, help="hub id, model folder or .gguf file (default: the bundled SmolLM2-135M-Instruct)")
+    parser.add_argument("--weights", choices=WEIGHT_FORMATS, default=None, help="weight format: auto (int4 on a CPU: 4-bit decode, fp32 prefill), fp32, bf16, int8, int4 (default: env KVCI_WEIGHTS, else auto)")
     parser.add_argument("--cache-budget-mb", type=float, default=None, help="prefix-cache byte budget in MiB (default 512)")
     parser.add_argument("--kv-dtype", choices=KV_DTYPES, default=None, help="KV storage precision: auto (the model's dtype), fp32, or bf16 (half the bytes per cached token; env KVCI_KV_DTYPE)")
     parser.add_argument(
@@ -147,6 +150,7 @@ def _settings_from(args: argparse.Namespace, mode: CacheMode, on_space: bool, pu
         host=args.host,
         port=args.port,
         model=args.model,
+        weights=args.weights,
         cache_budget_mb=args.cache_budget_mb,
         kv_dtype=args.kv_dtype,
         cache_mode=mode,

@@ -1,0 +1,168 @@
+"""Compile the one-token decode step in the background and swap it in once it is ready and checked.
+
+The step (``engine.fast_llama.FastDecoder.forward``) runs once per generated token; at this model
+size on a CPU much of its time is Python and operator dispatch, which ``torch.compile`` removes
+(inductor with ``freezing``: the weights folded in as constants; ``cpp_wrapper``: the kernels
+called from C++). Compiling takes tens of seconds, so :class:`StepCompiler` does it in a thread
+after load while requests decode eagerly. The KV buffers' sequence dimension is compiled dynamic
+(``mark_dynamic``): every request's buffer has its own capacity, and one graph serves them all.
+When the graph is built it is checked against the eager step on a fixed prompt (the same greedy
+tokens) and swapped in by one attribute assignment, so a running request changes step between two
+tokens. Compiled calls are serialised by a lock: dynamo's guards and caches are not documented as
+safe across threads, and on a CPU two steps at once only share the same cores.
+
+Inductor keeps its cache in ``TORCHINDUCTOR_CACHE_DIR`` (by default the app's model cache folder,
+``inductor/``), so a restart compiles from cache. Any failure (no C++ compiler, an inductor error,
+different tokens) leaves the eager step in place with one log line, and the state says why.
+
+Knows nothing about requests or caches; ``engine.engine`` starts it (``KVCI_COMPILE=auto|off``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.fast_llama import FastDecoder
+
+log = logging.getLogger("kvci.compile")
+
+COMPILE_MODES = ("auto", "off")
+INDUCTOR_OPTIONS = {"freezing": True, "cpp_wrapper": True}
+CHECK_PROMPT_TOKENS = 48  # the fixed prompt the compiled step must continue exactly as the eager one does
+CHECK_STEPS = 8
+
+
+class StepCompiler:
+    """The compile state of one decoder: ``off``, ``compiling``, ``compiled`` or ``eager`` (failed, with the reason).
+
+    Example:
+        >>> compiler = StepCompiler(engine.decoder, cache_dir); compiler.start()
+        >>> compiler.wait(120); compiler.describe()
+        'compiled in 41 s'
+    """
+
+    def __init__(self, decoder: Any, cache_dir: Path, mode: str = "auto") -> None:
+        self.decoder = decoder
+        self.cache_dir = cache_dir
+        self.state = "off"
+        self.reason = "KVCI_COMPILE=off" if mode == "off" else "not compiled"
+        self.seconds: float | None = None
+        self._done = threading.Event()
+        self._lock = threading.Lock()  # one compiled step at a time
+
+    def start(self) -> None:
+        """Compile in a daemon thread, unless this machine cannot (then the state says why, at once)."""
+        reason = unavailable(self.decoder)
+        if reason:
+            self._fail(reason)
+            return
+        self.state, self.reason = "compiling", ""
+        threading.Thread(target=self._run, name="compile-decode-step", daemon=True).start()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until compiling has ended (compiled or failed); False on timeout or when it never started."""
+        return self._done.wait(timeout) if self.state != "off" else False
+
+    def describe(self) -> str:
+        """The page's words for the state."""
+        if self.state == "compiled":
+            return f"compiled in {self.seconds:.0f} s"
+        if self.state == "compiling":
+            return "compiling in the background, eager until then"
+        if self.state == "eager":
+            return f"eager (compile failed: {self.reason})"
+        return f"eager ({self.reason})"
+
+    def status(self) -> dict[str, Any]:
+        return {"state": self.state, "description": self.describe(), "compile_seconds": self.seconds, "reason": self.reason or None, "inductor_cache": os.environ.get("TORCHINDUCTOR_CACHE_DIR") if self.state == "compiled" else None}
+
+    # ------------------------------------------------------------------ the compile thread
+
+    def _run(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            use_cache_folder(self.cache_dir / "inductor")
+            eager = self.decoder.forward
+            graph = torch.compile(eager, fullgraph=True, options=INDUCTOR_OPTIONS)
+            compiled = _Serialised(graph, eager, self._lock, self.decoder.norm_weight.dtype)
+            expected, got = check_tokens(self.decoder, eager), check_tokens(self.decoder, compiled)
+            if got != expected:
+                self._fail(f"the compiled step gave tokens {got} where the eager one gave {expected} on the check prompt")
+                return
+            self.seconds = time.perf_counter() - t0
+            self.decoder.step = compiled  # one assignment: the next step of every request is compiled
+            self.state = "compiled"
+            log.info("decode step compiled in %.1f s (inductor cache: %s)", self.seconds, os.environ["TORCHINDUCTOR_CACHE_DIR"])
+        except Exception as exc:  # any compiler or inductor failure: keep decoding eagerly
+            self._fail(f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else 'no message'}")
+        finally:
+            self._done.set()
+
+    def _fail(self, reason: str) -> None:
+        self.state, self.reason = "eager", reason
+        log.warning("decode step stays eager: %s", reason)
+        self._done.set()
+
+
+def use_cache_folder(folder: Path) -> None:
+    """Point inductor's cache at ``folder``, unless someone chose another: torch sets its /tmp default itself on first use
+    (importing parts of transformers does), so that value counts as unset."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, default_cache_dir()):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
+
+
+def unavailable(decoder: Any) -> str | None:
+    """Why the step cannot be compiled here, or None: a CPU needs a C++ compiler; other devices are left eager."""
+    if not isinstance(decoder, FastDecoder):
+        return "transformers' own decode step is not compiled"
+    device = decoder.norm_weight.device
+    if device.type != "cpu":
+        return f"compiling is set up for CPUs; {device.type} decodes eagerly"
+    if not (shutil.which(os.environ.get("CXX", "")) or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")):
+        return "no C++ compiler (install g++, e.g. packages.txt on a Space)"
+    return None
+
+
+@torch.inference_mode()
+def check_tokens(decoder: Any, step: Any) -> list[int]:
+    """Greedy tokens of ``step`` after a fixed prompt, prefilled eagerly, in buffers of two sizes (the dynamic dimension)."""
+    vocab = decoder.embed.num_embeddings
+    tokens: list[int] = []
+    for capacity in (CHECK_PROMPT_TOKENS + CHECK_STEPS, 2 * (CHECK_PROMPT_TOKENS + CHECK_STEPS)):
+        shape = (1, decoder.kv_heads, capacity, decoder.head_dim)
+        dtype, device = decoder.norm_weight.dtype, decoder.norm_weight.device
+        ks = [torch.zeros(shape, dtype=dtype, device=device) for _ in decoder.layers]
+        vs = [torch.zeros(shape, dtype=dtype, device=device) for _ in decoder.layers]
+        prompt = (torch.arange(CHECK_PROMPT_TOKENS, device=device) * 7919 % vocab)[None]
+        position = CHECK_PROMPT_TOKENS
+        token = int(decoder.forward(prompt, torch.arange(position, device=device), ks, vs).argmax())
+        for _ in range(CHECK_STEPS):
+            logits = step(torch.tensor([[token]], device=device), torch.tensor([position], device=device), ks, vs)
+            token, position = int(logits.argmax()), position + 1
+            tokens.append(token)
+    return tokens
+
+
+class _Serialised:
+    """The compiled step behind a lock, with the KV length marked dynamic; buffers of another dtype go to the eager step."""
+
+    def __init__(self, graph: Any, eager: Any, lock: threading.Lock, dtype: torch.dtype) -> None:
+        self.graph, self.eager, self.lock, self.dtype = graph, eager, lock, dtype
+
+    def __call__(self, tokens: torch.Tensor, pos: torch.Tensor, k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor]) -> torch.Tensor:
+        if k_buffers[0].dtype != self.dtype:  # the graph was built for the model's KV dtype: another would recompile mid-request
+            return self.eager(tokens, pos, k_buffers, v_buffers)
+        for buffer in (*k_buffers, *v_buffers):
+            torch._dynamo.mark_dynamic(buffer, 2)
+        with self.lock:
+            return self.graph(tokens, pos, k_buffers, v_buffers)

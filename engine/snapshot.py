@@ -34,6 +34,7 @@ import transformers
 
 from cache import Slot
 from cache import snapshot as disk
+from engine import quant
 from engine.kv import new_model_cache
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,8 @@ log = logging.getLogger(__name__)
 # which in float32 moves logits by about 1e-6 of their scale (measured: benchmark/snapshot_bench.py
 # prints it), and in bf16/fp16 activations by up to about 1e-2. Another model, weight format or a
 # corrupt slot moves them by their own size. 1e-3 (float32) and 5e-2 (half) sit well between the two.
+# An int8/int4 engine prefills in float32 but decodes with bf16 activations, and an entry that holds
+# generated tokens got their KV and its logits from that step: half precision's tolerance.
 CHECK_RTOL = {torch.float32: 1e-3, torch.bfloat16: 5e-2, torch.float16: 5e-2}
 SAVE_DELAY_ENV = "KVCI_SNAPSHOT_SAVE_DELAY_S"  # tests only: seconds a save waits between its KV file and its manifest
 
@@ -87,6 +90,12 @@ def stamp(engine: Any, weights_digest: str | None = None) -> dict[str, Any]:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
     }
+
+
+def check_tolerance(engine: Any) -> float:
+    """The check's relative tolerance: float32's where every step computes in float32, else half precision's."""
+    decode_dtype = torch.bfloat16 if quant.weight_format(engine.model) in quant.QUANTIZED else engine.dtype
+    return CHECK_RTOL.get(decode_dtype, CHECK_RTOL[torch.bfloat16])
 
 
 def digest_weights(model: torch.nn.Module) -> str:
@@ -173,7 +182,7 @@ class Snapshots:
                 checked = next(((ns, tokens) for ns, tokens, has_logits in done["sequences"] if has_logits), None)
                 if checked is not None:
                     error = check(self.engine, *checked)
-                    tolerance = CHECK_RTOL.get(self.engine.dtype, CHECK_RTOL[torch.bfloat16])
+                    tolerance = check_tolerance(self.engine)
                     outcome["check_rel_diff"] = error
                     if not error <= tolerance:
                         raise disk.SnapshotRefused(f"a restored entry's logits differ from a fresh prefill's by {error:.3g} of their scale (tolerance {tolerance:g})")

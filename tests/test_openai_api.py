@@ -160,8 +160,8 @@ def test_repetition_control_as_extra_body_fields(client, model, app_server):
     assert banned["choices"][0]["message"]["content"] == rest["text"] and len(set(rest["token_ids"])) == len(rest["token_ids"])
     penalised = client.chat.completions.create(**kwargs | {"extra_body": {"repetition_penalty": 1.3}}).choices[0].message.content
     assert penalised == httpx.post(app_server.url + "/generate", json={"prompt": kwargs["messages"][0]["content"], "max_new_tokens": 24, "repetition_penalty": 1.3}, timeout=120).json()["text"]
-    openai_style = client.chat.completions.create(**kwargs, frequency_penalty=1.5, presence_penalty=0.5).choices[0].message.content
-    rest = httpx.post(app_server.url + "/generate", json={"prompt": kwargs["messages"][0]["content"], "max_new_tokens": 24, "frequency_penalty": 1.5, "presence_penalty": 0.5}, timeout=120).json()
+    openai_style = client.chat.completions.create(**kwargs, frequency_penalty=2.0, presence_penalty=2.0).choices[0].message.content
+    rest = httpx.post(app_server.url + "/generate", json={"prompt": kwargs["messages"][0]["content"], "max_new_tokens": 24, "frequency_penalty": 2.0, "presence_penalty": 2.0}, timeout=120).json()
     plain = client.chat.completions.create(**kwargs).choices[0].message.content
     assert openai_style == rest["text"] != plain
 

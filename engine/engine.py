@@ -124,7 +124,7 @@ class Engine:
         self.eos_token_ids = _eos_token_ids(model, tokenizer)
         self.supports_prefix_cache = not has_sliding_layers(model.config)
         # The one-token decode step, picked once: our own Llama step (engine/fast_llama.py) or transformers' forward.
-        use_fast = self.config.decode == "auto" and fast_llama.supports(model)
+        use_fast = _uses_fast_step(self.config, model)
         if quant.decode_linears(model) and not use_fast:
             raise ValueError(f"{quant.weight_format(model)} weights decode through engine/fast_llama.py's step, which needs a Llama model and decode=auto; use fp32 or bf16")
         self.decoder: Any = fast_llama.FastDecoder(model) if use_fast else _TransformersStep(self)
@@ -151,7 +151,7 @@ class Engine:
         dtype = torch.float32 if weights in ("int8", "int4") else _resolve_dtype(config.dtype, device)  # quantized from float32
         progress = progress or loading.log.info
         loaded = loading.load(config.model, device, dtype, config.resolved_model_cache_dir(), progress)
-        if weights in quant.QUANTIZED and config.weights == "auto" and not (config.decode == "auto" and fast_llama.supports(loaded.model)):
+        if weights in quant.QUANTIZED and config.weights == "auto" and not _uses_fast_step(config, loaded.model):
             weights = "fp32"  # auto: the quantized formats need our Llama decode step
         if weights in quant.QUANTIZED:
             progress(f"Quantizing {loaded.name}'s decode step to {weights}{' from the GGUF file' if weights == 'int4' and loaded.gguf else ''} (prefill stays fp32)...")
@@ -655,6 +655,11 @@ def _eos_token_ids(model, tokenizer) -> frozenset[int]:
         elif isinstance(value, (list, tuple)):
             ids.update(int(v) for v in value)
     return frozenset(ids)
+
+
+def _uses_fast_step(config: EngineConfig, model) -> bool:
+    """Whether ``model`` decodes through engine/fast_llama.py's step (the only one the quantized formats have)."""
+    return config.decode == "auto" and fast_llama.supports(model)
 
 
 def _resolve_device(name: str) -> torch.device:

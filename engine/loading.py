@@ -8,6 +8,7 @@ second. Knows nothing about caching or generation.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import logging
@@ -99,7 +100,7 @@ def convert_gguf(gguf: Path, cache_dir: Path, progress: Progress = log.info) -> 
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    digest = _sha256(gguf)
+    digest = file_digest(gguf)
     target = cache_dir / f"{gguf.stem.lower()}-{digest[:16]}"
     if (target / "config.json").exists() and (target / "model.safetensors").exists():
         return target
@@ -152,6 +153,17 @@ def _hub_reachable(timeout_s: float = 3.0) -> bool:
         return True
     except OSError:
         return False
+
+
+def file_digest(path: Path) -> str:
+    """The SHA-256 of a file, hashed once per process while its size and time stay the same."""
+    stat = path.stat()
+    return _sha256_of(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
+    return _sha256(Path(path))
 
 
 def _sha256(path: Path) -> str:

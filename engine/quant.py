@@ -24,13 +24,17 @@ picks the format once at start-up.
 
 from __future__ import annotations
 
+import glob
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from engine.loading import file_digest
 
 WEIGHT_FORMATS = ("auto", "fp32", "bf16", "int8", "int4")
 GROUP_SIZE = 32  # Q4_1's block: 32 input weights share a scale and a minimum
@@ -272,12 +276,16 @@ def gguf_int4_blocks(path: Path, config, cache_dir: Path | None = None) -> dict[
     0-15 and high nibbles 16-31. llama.cpp's converter permutes the rows of Q and K for its rotary
     layout; the rows are put back as transformers does (whole rows move, blocks stay intact).
     Tensors of other types (the Q8_0 embedding) are left out: their modules are rounded from floats.
-    With ``cache_dir`` the blocks are kept there (keyed by the file's name, size and time) and read
-    back on later starts: gguf-py parses the whole file's metadata in Python, seconds on a small CPU.
+    With ``cache_dir`` the blocks are kept there (keyed by the file's SHA-256, as the converted model
+    is, so every install of one file shares one copy) and read back on later starts: gguf-py parses
+    the whole file's metadata in Python, seconds on a small CPU.
     """
     if cache_dir is not None:
-        stat = path.stat()
-        cached = cache_dir / f"{path.stem.lower()}-{stat.st_size}-{stat.st_mtime_ns}.int4-blocks.pt"
+        stem = path.stem.lower()
+        cached = cache_dir / f"{stem}-{file_digest(path)[:16]}.int4-blocks.pt"
+        for stale in cache_dir.glob(f"{glob.escape(stem)}-*-*.int4-blocks.pt"):  # keyed by size and time, before: one per install
+            if re.fullmatch(rf"{re.escape(stem)}-\d+-\d+\.int4-blocks\.pt", stale.name):
+                stale.unlink(missing_ok=True)
         if cached.exists():
             return {name: Int4Blocks(*parts) for name, parts in torch.load(cached, weights_only=True).items()}
         blocks = gguf_int4_blocks(path, config)

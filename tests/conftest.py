@@ -20,6 +20,10 @@ from engine import loading
 # starts): tests/test_compiled.py compiles where it means to.
 os.environ.setdefault("KVCI_COMPILE", "off")
 
+# Where the engine-level tests put their models: cpu here and in CI; `KVCI_TEST_DEVICE=cuda` runs the
+# same tests (tests/test_engine.py, test_fast_decode.py, test_quant.py, ...) on a GPU.
+TEST_DEVICE = os.environ.get("KVCI_TEST_DEVICE", "cpu")
+
 TINY_CONFIG = dict(
     hidden_size=64,
     intermediate_size=128,
@@ -55,7 +59,7 @@ def make_tiny_model(tokenizer, seed: int = 0, **overrides) -> LlamaForCausalLM:
         pad_token_id=tokenizer.pad_token_id,
         **{**TINY_CONFIG, **overrides},
     )
-    return LlamaForCausalLM(config).eval()
+    return LlamaForCausalLM(config).to(TEST_DEVICE).eval()
 
 
 @pytest.fixture(scope="session")
@@ -71,7 +75,7 @@ def tiny_engine(tiny_model, tokenizer):
 
 @pytest.fixture(scope="session")
 def smol_engine_shared():
-    return Engine.from_pretrained(device="cpu", weights="fp32")  # other formats: tests/test_quant.py
+    return Engine.from_pretrained(device=TEST_DEVICE, weights="fp32")  # other formats: tests/test_quant.py
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import torch
 
 from engine import Engine, EngineConfig, loading, quant
 from engine.quality import MAX_NLL_RATIO, MIN_TOP1_AGREEMENT, quality_token_ids, teacher_forced
-from tests.conftest import make_tiny_model
+from tests.conftest import TEST_DEVICE, make_tiny_model
 
 SYSTEM = "You are a careful assistant. Answer briefly and precisely, in plain words. " * 3
 N = 8
@@ -57,7 +57,7 @@ def test_cached_equals_uncached_within_each_format_tiny(tokenizer, fmt):
 @pytest.fixture(scope="module")
 def quality_reference(bundled_folder, tokenizer):
     """fp32's teacher-forced argmax and NLL on the scenarios' text."""
-    engine = Engine.from_pretrained(device="cpu", weights="fp32", cache_budget_mb=8)
+    engine = Engine.from_pretrained(device=TEST_DEVICE, weights="fp32", cache_budget_mb=8)
     ids = quality_token_ids(tokenizer)
     return ids, teacher_forced(engine, ids)
 
@@ -66,7 +66,7 @@ def quality_reference(bundled_folder, tokenizer):
 def test_bundled_model_equivalence_and_quality_per_format(quality_reference, fmt):
     """The bundled model in each format: cached = uncached greedy (up to bf16 ties), and quality within the bar against fp32."""
     ids, reference = quality_reference
-    engine = Engine.from_pretrained(device="cpu", weights=fmt, cache_budget_mb=8, min_cached_tokens=4)
+    engine = Engine.from_pretrained(device=TEST_DEVICE, weights=fmt, cache_budget_mb=8, min_cached_tokens=4)
     assert engine.info()["weights"] == fmt
     assert equivalence_statuses(engine, bf16_ties=True) == ["miss", "hit", "partial", "miss", "partial"]
     scores = teacher_forced(engine, ids).against(reference)
@@ -78,9 +78,13 @@ def test_int4_takes_the_gguf_q4_1_blocks_exactly(bundled_folder, tmp_path):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(bundled_folder), dtype=torch.float32)
-    parsed = quant.gguf_int4_blocks(loading.bundled_gguf_path(), model.config, tmp_path)
-    blocks = quant.gguf_int4_blocks(loading.bundled_gguf_path(), model.config, tmp_path)  # from the cache file
-    assert len(list(tmp_path.glob("*.int4-blocks.pt"))) == 1 and not list(tmp_path.glob("*.tmp"))
+    gguf = loading.bundled_gguf_path()
+    legacy = tmp_path / f"{gguf.stem.lower()}-98362432-1795876126661423640.int4-blocks.pt"  # keyed by size and time: one per install
+    legacy.write_bytes(b"old")
+    parsed = quant.gguf_int4_blocks(gguf, model.config, tmp_path)
+    blocks = quant.gguf_int4_blocks(gguf, model.config, tmp_path)  # from the cache file
+    assert [p.name for p in tmp_path.glob("*.int4-blocks.pt")] == [f"{gguf.stem.lower()}-{loading.file_digest(gguf)[:16]}.int4-blocks.pt"]
+    assert not list(tmp_path.glob("*.tmp"))
     assert len(blocks) == len(parsed) == 7 * model.config.num_hidden_layers
     assert all(torch.equal(getattr(blocks[name], f), getattr(parsed[name], f)) for name in parsed for f in ("q", "scale", "minimum"))
     for name, b in blocks.items():

@@ -17,6 +17,10 @@ folder (``--compile-times``, int4 by default). ``--avx2`` repeats int4 at 512 to
 
     python -m benchmark.decode_bench                    # everything, ~15 min on a quiet 2-core CPU
     python -m benchmark.decode_bench --formats int4 --contexts 512 --repeats 3 --avx2
+    python -m benchmark.decode_bench --device cuda --formats fp32 bf16 --compile-times bf16   # on a GPU
+
+On a GPU (``--device cuda``) the same columns are measured there: the copy bandwidth is the
+device's, and llama-server and the AVX2 figure are left out (they are CPU figures).
 """
 
 from __future__ import annotations
@@ -38,13 +42,14 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if __package__ in (None, ""):
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmark.common import fmt, fmt_stat, handbook_text, machine_info, markdown_table, print_machine_info, question, summarize, text_of_tokens, write_results
+from benchmark.common import fmt, fmt_stat, handbook_text, machine_info, markdown_table, print_machine_info, question, summarize, sync, text_of_tokens, write_results
 from engine import Engine, loading, quant
 from engine.engine import _TransformersStep
 from engine.kv import new_model_cache
 from engine.quality import passes, quality_token_ids, teacher_forced
 
 FORMATS = ["fp32", "bf16", "int8", "int4"]
+DEVICE, MODEL = "cpu", None  # --device, --model
 COMPILE_TIMEOUT_S = 1800
 
 
@@ -58,13 +63,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--compile-times", nargs="*", default=["int4"], choices=FORMATS, help="formats whose cold and warm compile time is measured in child processes (default int4; none: empty)")
     parser.add_argument("--avx2", action="store_true", help="also measure int4 at 512 tokens with ATEN_CPU_CAPABILITY=avx2")
     parser.add_argument("--no-llama", action="store_true", help="leave llama-server out even where it is built")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    parser.add_argument("--model", default=None, help="hub id, folder or .gguf (default: the bundled SmolLM2-135M-Instruct)")
     parser.add_argument("--child", choices=["measure", "compile-time"], help=argparse.SUPPRESS)  # the child processes
     args = parser.parse_args(argv)
+    global DEVICE, MODEL
+    DEVICE, MODEL = args.device, args.model
+    on_cpu = torch.device(DEVICE).type == "cpu"
     if args.child == "compile-time":
         return compile_time_child(args.formats[0])
 
     child = args.child == "measure"
-    info = machine_info("cpu", {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")})
+    info = machine_info(DEVICE, {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "model": MODEL or "bundled"})
     if not child:
         print_machine_info(info)
     bandwidth = copy_bandwidth()
@@ -76,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"compile seconds: {json.dumps(results['compile_seconds'])}", flush=True)
     reference = None
     for name in args.formats:
-        engine = Engine.from_pretrained(device="cpu", weights=name, compile="off", cache_budget_mb=64, min_cached_tokens=16, progress=lambda _: None)
+        engine = _engine(name, cache_budget_mb=64, min_cached_tokens=16)
         row = measure_format(engine, args, bandwidth)
         prompt_512 = text_of_tokens(engine.tokenizer, 512)  # llama-server's prompt: the same text
         if not child:
@@ -92,13 +102,14 @@ def main(argv: list[str] | None = None) -> dict:
     if child:
         print(json.dumps(results))
         return results
-    if not args.no_llama:
+    if not args.no_llama and on_cpu:
         results["llama_server"] = llama_server_figure(args, prompt_512)
-    if args.avx2:
+    if args.avx2 and on_cpu:
         results["avx2"] = avx2_figure(args)
     markdown = render(results, args)
     print(markdown)
-    write_results("decode_bench" if set(args.formats) == set(FORMATS) else "decode_bench_partial", results, markdown)
+    name = "decode_bench" if set(args.formats) == set(FORMATS) else "decode_bench_partial"
+    write_results(name if on_cpu else f"{name}_{torch.device(DEVICE).type}", results, markdown)
     summary = {name: {"eager_512": _median(row, "eager_512"), "compiled_512": _median(row, "compiled_512"), "ceiling": row["ceiling_tok_s"]} for name, row in results["formats"].items()}
     print(json.dumps({"summary": summary, "compile_seconds": results.get("compile_seconds"), "llama_server": results.get("llama_server"), "avx2": results.get("avx2"), "loadavg_end": [round(x, 2) for x in os.getloadavg()]}))
     return results
@@ -140,7 +151,7 @@ def measure_format(engine: Engine, args, bandwidth: float) -> dict:
 def decode_tokens_per_s(engine: Engine, step, prompt: list[int], new_tokens: int) -> float:
     """Prefill ``prompt`` (not timed), then ``new_tokens`` greedy steps of ``step(token, cache)`` timed on the wall clock."""
     cache = new_model_cache(engine.model.config, len(prompt) + new_tokens + 1)
-    token = int(engine._transformers_forward(prompt, cache, use_cache=True).argmax())
+    token = int(engine._transformers_forward(prompt, cache, use_cache=True).argmax())  # int(): waits for the device too
     t0 = time.perf_counter()
     for _ in range(new_tokens):
         token = int(step(token, cache).argmax())
@@ -150,8 +161,10 @@ def decode_tokens_per_s(engine: Engine, step, prompt: list[int], new_tokens: int
 @torch.inference_mode()
 def prefill_tokens_per_s(engine: Engine, prompt: list[int]) -> float:
     cache = new_model_cache(engine.model.config, len(prompt) + 1)
+    sync(engine.device)
     t0 = time.perf_counter()
     engine._transformers_forward(prompt, cache, use_cache=True)
+    sync(engine.device)
     return len(prompt) / (time.perf_counter() - t0)
 
 
@@ -170,8 +183,9 @@ def hit_ttfts(engine: Engine, repeats: int) -> dict:
 
 def copy_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
     """Bytes/s moved by a large tensor copy (read + write), best of ``repeats``: what a decode step can stream at most."""
-    src = torch.ones(megabytes << 18)  # float32: megabytes MiB
+    src = torch.ones(megabytes << 18, device=DEVICE)  # float32: megabytes MiB
     dst = torch.empty_like(src)
+    _timed_copy(dst, src)  # warm-up
     best = min(_timed_copy(dst, src) for _ in range(repeats))
     return 2 * src.numel() * 4 / best
 
@@ -182,7 +196,7 @@ def compile_times(name: str) -> dict:
 
 
 def compile_time_child(name: str) -> dict:
-    engine = Engine.from_pretrained(device="cpu", weights=name, compile="off", progress=lambda _: None)
+    engine = _engine(name)
     engine.compiler.start()
     engine.compiler.wait(COMPILE_TIMEOUT_S)
     status = engine.compiler.status()
@@ -257,7 +271,7 @@ def render(results: dict, args) -> str:
         rows.append(cells)
     m = results["machine"]
     text = (
-        f"Machine: {m['cpu']}, {m['torch_threads']} threads, {m['cpu_capability']}, torch {m['torch']}, load average {m['loadavg_start']} at start; "
+        f"Machine: {m.get('gpu') + ' (' + m['device'] + '), ' if m['device'] != 'cpu' and m.get('gpu') else ''}{m['cpu']}, {m['torch_threads']} threads, {m['cpu_capability']}, torch {m['torch']}, load average {m['loadavg_start']} at start; "
         f"copy bandwidth {results['copy_bandwidth_gb_s']:.1f} GB/s. Decode tok/s: median (min–max) of {args.repeats}, {args.new_tokens} new tokens. "
         "int8/int4 prefill in fp32 and decode only through our step (no transformers column).\n\n"
     )
@@ -280,7 +294,7 @@ def render(results: dict, args) -> str:
 
 
 def _child(argv: list[str], env: dict[str, str]) -> dict:
-    cmd = [sys.executable, "-m", "benchmark.decode_bench", *argv]
+    cmd = [sys.executable, "-m", "benchmark.decode_bench", *argv, "--device", DEVICE, *(["--model", MODEL] if MODEL else [])]
     out = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True, cwd=REPO_ROOT, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -294,13 +308,20 @@ def _median(row: dict, key: str) -> float | None:
 
 
 def _timed_copy(dst: torch.Tensor, src: torch.Tensor) -> float:
+    sync(dst.device)
     t0 = time.perf_counter()
     dst.copy_(src)
+    sync(dst.device)
     return time.perf_counter() - t0
 
 
+def _engine(weights: str, **settings) -> Engine:
+    """The model of this run (``--model``, ``--device``) in ``weights``, its step left eager (measure_format compiles it)."""
+    return Engine.from_pretrained(MODEL, device=DEVICE, weights=weights, compile="off", progress=lambda _: None, **settings)
+
+
 def _fp32_engine() -> Engine:
-    return Engine.from_pretrained(device="cpu", weights="fp32", compile="off", cache_budget_mb=1, progress=lambda _: None)
+    return _engine("fp32", cache_budget_mb=1)
 
 
 

@@ -49,9 +49,10 @@ class StepCompiler:
         'compiled in 41 s'
     """
 
-    def __init__(self, decoder: Any, cache_dir: Path, mode: str = "auto") -> None:
+    def __init__(self, decoder: Any, cache_dir: Path, mode: str = "auto", kv_dtype: torch.dtype | None = None) -> None:
         self.decoder = decoder
         self.cache_dir = cache_dir
+        self.kv_dtype = kv_dtype  # the engine's KV storage dtype, which the graph is built for (None: the model's)
         self.state = "off"
         self.reason = "KVCI_COMPILE=off" if mode == "off" else "not compiled"
         self.seconds: float | None = None
@@ -92,8 +93,9 @@ class StepCompiler:
             use_cache_folder(self.cache_dir / "inductor")
             eager = self.decoder.forward
             graph = torch.compile(eager, fullgraph=True, options=INDUCTOR_OPTIONS)
-            compiled = _Serialised(graph, eager, self._lock, self.decoder.norm_weight.dtype)
-            expected, got = check_tokens(self.decoder, eager), check_tokens(self.decoder, compiled)
+            kv_dtype = self.kv_dtype or self.decoder.norm_weight.dtype
+            compiled = _Serialised(graph, eager, self._lock, kv_dtype)
+            expected, got = check_tokens(self.decoder, eager, kv_dtype), check_tokens(self.decoder, compiled, kv_dtype)
             if got != expected:
                 self._fail(f"the compiled step gave tokens {got} where the eager one gave {expected} on the check prompt")
                 return
@@ -134,15 +136,21 @@ def unavailable(decoder: Any) -> str | None:
 
 
 @torch.inference_mode()
-def check_tokens(decoder: Any, step: Any) -> list[int]:
-    """Greedy tokens of ``step`` after a fixed prompt, prefilled eagerly, in buffers of two sizes (the dynamic dimension)."""
+def check_tokens(decoder: Any, step: Any, kv_dtype: torch.dtype) -> list[int]:
+    """Greedy tokens of ``step`` after a fixed prompt, prefilled eagerly, in buffers of two sizes (the dynamic dimension).
+
+    The buffers are made as a request's are (engine/kv.py, outside inference mode): dynamo guards on
+    how a tensor was made, and buffers made here in inference mode compiled a graph that every
+    request then missed, compiling a second one at its first step.
+    """
     vocab = decoder.embed.num_embeddings
     tokens: list[int] = []
     for capacity in (CHECK_PROMPT_TOKENS + CHECK_STEPS, 2 * (CHECK_PROMPT_TOKENS + CHECK_STEPS)):
         shape = (1, decoder.kv_heads, capacity, decoder.head_dim)
-        dtype, device = decoder.norm_weight.dtype, decoder.norm_weight.device
-        ks = [torch.zeros(shape, dtype=dtype, device=device) for _ in decoder.layers]
-        vs = [torch.zeros(shape, dtype=dtype, device=device) for _ in decoder.layers]
+        device = decoder.norm_weight.device
+        with torch.inference_mode(False):
+            ks = [torch.zeros(shape, dtype=kv_dtype, device=device) for _ in decoder.layers]
+            vs = [torch.zeros(shape, dtype=kv_dtype, device=device) for _ in decoder.layers]
         prompt = (torch.arange(CHECK_PROMPT_TOKENS, device=device) * 7919 % vocab)[None]
         position = CHECK_PROMPT_TOKENS
         token = int(decoder.forward(prompt, torch.arange(position, device=device), ks, vs).argmax())

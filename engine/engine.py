@@ -128,7 +128,7 @@ class Engine:
         if quant.decode_linears(model) and not use_fast:
             raise ValueError(f"{quant.weight_format(model)} weights decode through engine/fast_llama.py's step, which needs a Llama model and decode=auto; use fp32 or bf16")
         self.decoder: Any = fast_llama.FastDecoder(model) if use_fast else _TransformersStep(self)
-        self.compiler = compiled.StepCompiler(self.decoder, self.config.resolved_model_cache_dir(), self.config.compile)  # from_pretrained starts it
+        self.compiler = compiled.StepCompiler(self.decoder, self.config.resolved_model_cache_dir(), self.config.compile, self.kv_dtype or self.dtype)  # from_pretrained starts it
         self.chat = ChatTokenizer(tokenizer)  # the chat template's rules, shared with the workload replay
         self._tokenizer_lock = self.chat.lock  # one lock for every use of the tokenizer
 

@@ -11,10 +11,14 @@ the quality measure uses to score the decode path on a whole text in one pass.
 
 KV stays where the prefill put it: the per-layer buffers of the request's model cache
 (``engine.kv.GrowingKVLayer``, ``[1, kv_heads, capacity, head_dim]``, one K and one V buffer per
-layer). The step writes the new token's K and V with ``index_copy_`` at its position and attends
-over the whole buffer with a mask row that hides positions after it, so its shapes never change
-during a request and ``torch.compile`` can compile it (``engine.compiled``). The prefix cache
-reads these same buffers, so both decode paths share one KV format.
+layer). The step writes the new token's K and V with ``index_copy_`` at its position. The compiled
+step attends over the whole buffer with a mask row that hides positions after it, so its shapes
+never change during a request and ``torch.compile`` can compile it (``engine.compiled``); the eager
+step attends over views of the filled part only, with no mask (at 512 tokens of context a third of
+an eager step went to attention over the unused capacity and the mask). Attention computes in the
+wider of the query's and the KV's dtypes: float32 for the int4/int8 steps, whose linears return
+bf16, as the float32 prefill does. The prefix cache reads these same buffers, so both decode paths
+share one KV format.
 
 Knows nothing about requests, sampling or the prefix cache (``engine.engine`` calls
 :meth:`FastDecoder.decode_one_token`).
@@ -83,8 +87,12 @@ class FastDecoder(nn.Module):
         device = self.norm_weight.device
         tokens_t = torch.tensor([tokens], device=device)  # [1, T]
         pos_t = torch.arange(position, position + len(tokens), device=device)  # [T]
-        step = self.step if len(tokens) == 1 else self.forward  # the compiled graph is for one token
-        logits = step(tokens_t, pos_t, [layer.key_buffer for layer in layers], [layer.value_buffer for layer in layers])
+        if self.step == self.forward or len(tokens) > 1:  # eager (the compiled graph is for one token): the filled part only
+            end = position + len(tokens)
+            keys, values = [layer.key_buffer[:, :, :end] for layer in layers], [layer.value_buffer[:, :, :end] for layer in layers]
+            logits = self.forward(tokens_t, pos_t, keys, values, attend_all=len(tokens) == 1)
+        else:
+            logits = self.step(tokens_t, pos_t, [layer.key_buffer for layer in layers], [layer.value_buffer for layer in layers])
         for layer in layers:
             layer.advance(len(tokens))
         return logits[0].float()
@@ -98,15 +106,18 @@ class FastDecoder(nn.Module):
     def lm_head_is_embedding(self) -> bool:
         return getattr(self.lm_head, "weight", None) is self.embed.weight
 
-    def forward(self, tokens: torch.Tensor, pos: torch.Tensor, k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor]) -> torch.Tensor:
-        """tokens: [1, T]; pos: [T]; k_buffers/v_buffers: per layer [1, kv_heads, S, head_dim]. Returns the last token's logits [1, vocab]."""
-        return self.lm_head(self.hidden(tokens, pos, k_buffers, v_buffers)[:, -1])
+    def forward(self, tokens: torch.Tensor, pos: torch.Tensor, k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor], attend_all: bool = False) -> torch.Tensor:
+        """tokens: [1, T]; pos: [T]; k_buffers/v_buffers: per layer [1, kv_heads, S, head_dim]. Returns the last token's logits [1, vocab].
 
-    def hidden(self, tokens: torch.Tensor, pos: torch.Tensor, k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor]) -> torch.Tensor:
+        attend_all: no mask, every buffer position is attended (one token, buffers that end at its position).
+        """
+        return self.lm_head(self.hidden(tokens, pos, k_buffers, v_buffers, attend_all)[:, -1])
+
+    def hidden(self, tokens: torch.Tensor, pos: torch.Tensor, k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor], attend_all: bool = False) -> torch.Tensor:
         """The final normed hidden states ``[1, T, D]`` of ``tokens`` at positions ``pos``, their KV written into the buffers."""
         x = self.embed(tokens)  # [1, T, D]
         cos, sin = self.cos[pos], self.sin[pos]  # [T, head_dim]
-        mask = (torch.arange(k_buffers[0].shape[2], device=pos.device) <= pos[:, None]).view(1, 1, pos.shape[0], -1)  # [1, 1, T, S]: causal
+        mask = None if attend_all else (torch.arange(k_buffers[0].shape[2], device=pos.device) <= pos[:, None]).view(1, 1, pos.shape[0], -1)  # [1, 1, T, S]: causal
         for layer, k_buffer, v_buffer in zip(self.layers, k_buffers, v_buffers):
             x = layer(x, pos, cos, sin, mask, k_buffer, v_buffer, self.eps)
         return _rms_norm(x, self.norm_weight, self.eps)
@@ -132,9 +143,11 @@ class _Layer(nn.Module):
         v = v.view(1, t, self.kv_heads, self.head_dim).transpose(1, 2)
         k_buffer.index_copy_(2, pos, k.to(k_buffer.dtype))
         v_buffer.index_copy_(2, pos, v.to(v_buffer.dtype))
-        # Buffers stored below the compute dtype (bf16 KV) are attended in it, as the prefill does (engine/kv.py).
-        attn = F.scaled_dot_product_attention(q, k_buffer.to(q.dtype), v_buffer.to(q.dtype), attn_mask=mask, scale=self.scale, enable_gqa=self.heads != self.kv_heads)
-        x = x + self.wo(attn.transpose(1, 2).reshape(1, t, self.heads * self.head_dim))
+        # In the wider dtype: bf16 KV under a float32 model is attended in float32, as the prefill does (engine/kv.py),
+        # and so is float32 KV under the int4/int8 linears' bf16 outputs (casting the query, not the whole buffer).
+        dtype = torch.promote_types(q.dtype, k_buffer.dtype)
+        attn = F.scaled_dot_product_attention(q.to(dtype), k_buffer.to(dtype), v_buffer.to(dtype), attn_mask=mask, scale=self.scale, enable_gqa=self.heads != self.kv_heads)
+        x = x + self.wo(attn.to(q.dtype).transpose(1, 2).reshape(1, t, self.heads * self.head_dim))
         gate, up = self.w13(_rms_norm(x, self.ffn_norm, eps)).chunk(2, dim=-1)
         return x + self.w2(F.silu(gate) * up)
 

@@ -82,7 +82,11 @@ class GrowingKVLayer(DynamicLayer):
 
     def _grow(self, capacity: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         def bigger(old: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-            buffer = like.new_zeros(like.shape[0], like.shape[1], capacity, like.shape[3], dtype=self.storage_dtype or like.dtype)  # zeros: the fast step attends over masked, unwritten positions (0 x NaN is NaN)
+            # Zeros: the compiled step attends over masked, unwritten positions (0 x NaN is NaN). Never an
+            # inference tensor, whatever mode the caller runs in: the compiled step's graph is guarded on
+            # how its inputs were made, and a prefill (inference mode) and a prefix-cache hit must not differ.
+            with torch.inference_mode(False):
+                buffer = like.new_zeros(like.shape[0], like.shape[1], capacity, like.shape[3], dtype=self.storage_dtype or like.dtype)
             if old is not None and self._length:
                 buffer[:, :, : self._length, :] = old[:, :, : self._length, :]
             return buffer

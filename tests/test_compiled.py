@@ -16,8 +16,9 @@ from tests.test_quant import equivalence_statuses
 COMPILE_TIMEOUT_S = 1200  # a cold compile on a loaded 2-core machine; the inductor cache makes later runs fast
 
 
-def test_compiled_step_decodes_the_eager_tokens_and_keeps_the_equivalence(tokenizer):
-    """A real compile (tiny int4 model): checked, swapped in, the same greedy tokens as eager, cached = uncached on every path."""
+def test_compiled_step_decodes_the_eager_tokens_and_keeps_the_equivalence(tokenizer, monkeypatch):
+    """A real compile (tiny int4 model): checked, swapped in, the same greedy tokens as eager, cached = uncached on every path,
+    with the one graph the check built (no request, miss or hit, compiles another: that cost a second compile at the first request)."""
     model = quant.apply_format(make_tiny_model(tokenizer, seed=2, hidden_size=128), "int4")
     eager = Engine(model, tokenizer, EngineConfig(min_cached_tokens=4), name="tiny-eager")
     expected = eager.generate("What is machine learning?", max_new_tokens=16, use_prefix_cache=False).token_ids
@@ -30,6 +31,7 @@ def test_compiled_step_decodes_the_eager_tokens_and_keeps_the_equivalence(tokeni
     assert status["description"].startswith("compiled in ") and status["compile_seconds"] > 0
     assert any(Path(status["inductor_cache"]).iterdir())  # the app's cache folder (or one chosen by TORCHINDUCTOR_CACHE_DIR), kept for a restart
     assert engine.decoder.step is not engine.decoder.forward
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
     assert engine.generate("What is machine learning?", max_new_tokens=16, use_prefix_cache=False).token_ids == expected
     assert equivalence_statuses(engine) == ["miss", "hit", "partial", "miss", "partial"]
     with ThreadPoolExecutor(3) as pool:  # requests decode from several threads at once: the same tokens each

@@ -34,7 +34,11 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as prefix_bench: spinning OpenMP threads under outside load
+# OMP_WAIT_POLICY is left as the app runs it (unset: OpenMP's default, which spins briefly). The
+# other benchmarks set PASSIVE against outside load; here that would measure a slower decode than
+# the app's: a step is hundreds of tiny parallel regions, and sleeping threads wake for each one
+# (int4 eager at 512 tokens: 12-21 tok/s PASSIVE, 33-50 unset or ACTIVE; llama-server, which
+# inherits the variable, 15 against 33). Set it yourself to measure the other way.
 
 import torch
 
@@ -74,7 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
         return compile_time_child(args.formats[0])
 
     child = args.child == "measure"
-    info = machine_info(DEVICE, {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "model": MODEL or "bundled"})
+    info = machine_info(DEVICE, {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"), "model": MODEL or "bundled"})
     if not child:
         print_machine_info(info)
     bandwidth = copy_bandwidth()
@@ -271,7 +275,7 @@ def render(results: dict, args) -> str:
         rows.append(cells)
     m = results["machine"]
     text = (
-        f"Machine: {m.get('gpu') + ' (' + m['device'] + '), ' if m['device'] != 'cpu' and m.get('gpu') else ''}{m['cpu']}, {m['torch_threads']} threads, {m['cpu_capability']}, torch {m['torch']}, load average {m['loadavg_start']} at start; "
+        f"Machine: {m.get('gpu') + ' (' + m['device'] + '), ' if m['device'] != 'cpu' and m.get('gpu') else ''}{m['cpu']}, {m['torch_threads']} threads, {m['cpu_capability']}, torch {m['torch']}, OMP_WAIT_POLICY {m.get('omp_wait_policy')}, load average {m['loadavg_start']} at start; "
         f"copy bandwidth {results['copy_bandwidth_gb_s']:.1f} GB/s. Decode tok/s: median (min–max) of {args.repeats}, {args.new_tokens} new tokens. "
         "int8/int4 prefill in fp32 and decode only through our step (no transformers column).\n\n"
     )

@@ -3,7 +3,7 @@
 The step (``engine.fast_llama.FastDecoder.forward``) runs once per generated token; at this model
 size on a CPU much of its time is Python and operator dispatch, which ``torch.compile`` removes
 (inductor with ``freezing``: the weights folded in as constants; ``cpp_wrapper``: the kernels
-called from C++). Compiling takes tens of seconds, so :class:`StepCompiler` does it in a thread
+called from C++, on AVX-512 CPUs only, see :func:`inductor_options`). Compiling takes tens of seconds, so :class:`StepCompiler` does it in a thread
 after load while requests decode eagerly. The KV buffers' sequence dimension is compiled dynamic
 (``mark_dynamic``): every request's buffer has its own capacity, and one graph serves them all.
 When the graph is built it is checked against the eager step on a fixed prompt (the same greedy
@@ -35,7 +35,6 @@ from engine.fast_llama import FastDecoder
 log = logging.getLogger("kvci.compile")
 
 COMPILE_MODES = ("auto", "off")
-INDUCTOR_OPTIONS = {"freezing": True, "cpp_wrapper": True}
 CHECK_PROMPT_TOKENS = 48  # the fixed prompt the compiled step must continue exactly as the eager one does
 CHECK_STEPS = 8
 
@@ -92,7 +91,7 @@ class StepCompiler:
         try:
             use_cache_folder(self.cache_dir / "inductor")
             eager = self.decoder.forward
-            graph = torch.compile(eager, fullgraph=True, options=INDUCTOR_OPTIONS)
+            graph = torch.compile(eager, fullgraph=True, options=inductor_options())
             kv_dtype = self.kv_dtype or self.decoder.norm_weight.dtype
             compiled = _Serialised(graph, eager, self._lock, kv_dtype)
             expected, got = check_tokens(self.decoder, eager, kv_dtype), check_tokens(self.decoder, compiled, kv_dtype)
@@ -112,6 +111,20 @@ class StepCompiler:
         self.state, self.reason = "eager", reason
         log.warning("decode step stays eager: %s", reason)
         self._done.set()
+
+
+def inductor_options() -> dict[str, bool]:
+    """``freezing`` always; ``cpp_wrapper`` only where ATen runs its AVX-512 kernels.
+
+    Under ATen's AVX2 kernels (``ATEN_CPU_CAPABILITY=avx2``: a CPU without AVX-512, such as many a
+    Space's) the bundled model's step compiled with both options decoded only token 0 (torch 2.13,
+    twice); with either option alone it decoded the eager tokens. ``cpp_wrapper`` is worth having
+    where it works: 49 tok/s against 42 without it on this AVX-512 CPU (benchmark/README.md).
+    """
+    options = {"freezing": True}
+    if torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        options["cpp_wrapper"] = True
+    return options
 
 
 def use_cache_folder(folder: Path) -> None:

@@ -2,8 +2,7 @@
 
 The step (``engine.fast_llama.FastDecoder.forward``) runs once per generated token; at this model
 size on a CPU much of its time is Python and operator dispatch, which ``torch.compile`` removes
-(inductor with ``freezing``: the weights folded in as constants; ``cpp_wrapper``: the kernels
-called from C++, on AVX-512 CPUs only, see :func:`inductor_options`). Compiling takes tens of seconds, so :class:`StepCompiler` does it in a thread
+(inductor's ``cpp_wrapper``: the kernels called from C++, see :func:`inductor_options`). Compiling takes tens of seconds, so :class:`StepCompiler` does it in a thread
 after load while requests decode eagerly. The KV buffers' sequence dimension is compiled dynamic
 (``mark_dynamic``): every request's buffer has its own capacity, and one graph serves them all.
 When the graph is built it is checked against the eager step on a fixed prompt (the same greedy
@@ -114,17 +113,15 @@ class StepCompiler:
 
 
 def inductor_options() -> dict[str, bool]:
-    """``freezing`` always; ``cpp_wrapper`` only where ATen runs its AVX-512 kernels.
+    """``cpp_wrapper`` (the kernels called from C++, not Python), and no ``freezing``.
 
-    Under ATen's AVX2 kernels (``ATEN_CPU_CAPABILITY=avx2``: a CPU without AVX-512, such as many a
-    Space's) the bundled model's step compiled with both options decoded only token 0 (torch 2.13,
-    twice); with either option alone it decoded the eager tokens. ``cpp_wrapper`` is worth having
-    where it works: 49 tok/s against 42 without it on this AVX-512 CPU (benchmark/README.md).
+    Measured on the bundled model's int4 step (benchmark/README.md): ``freezing`` (the weights
+    folded in as constants) gave no speed here, since the int4 and int8 kernels take the weights
+    prepacked anyway, and it cost time on every start: a compile from a warm inductor cache took
+    23 s with it, 13 s without (dynamo and AOT tracing are cached only without it). Under ATen's
+    AVX2 kernels it also went wrong together with ``cpp_wrapper``: that step decoded only token 0.
     """
-    options = {"freezing": True}
-    if torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
-        options["cpp_wrapper"] = True
-    return options
+    return {"cpp_wrapper": True}
 
 
 def use_cache_folder(folder: Path) -> None:

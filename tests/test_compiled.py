@@ -87,11 +87,3 @@ def test_compile_setting_and_what_is_not_compiled(tiny_model, tokenizer):
     slow.compiler.start()
     assert slow.compiler.status()["state"] == "eager" and "transformers" in slow.compiler.reason
     assert compiled.unavailable(engine.decoder) in (None, "no C++ compiler (install g++, e.g. packages.txt on a Space)")
-
-
-def test_inductor_options_leave_cpp_wrapper_out_under_avx2(monkeypatch):
-    """freezing + cpp_wrapper decoded only token 0 under ATen's AVX2 kernels (the bundled model, torch 2.13); either alone was right."""
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
-    assert compiled.inductor_options() == {"freezing": True}
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
-    assert compiled.inductor_options() == {"freezing": True, "cpp_wrapper": True}

@@ -88,7 +88,7 @@ class StepCompiler:
     def _run(self) -> None:
         t0 = time.perf_counter()
         try:
-            use_cache_folder(self.cache_dir / "inductor")
+            use_cache_folder(self.cache_dir / "inductor" / torch.backends.cpu.get_cpu_capability().lower())
             eager = self.decoder.forward
             graph = torch.compile(eager, fullgraph=True, options=inductor_options())
             kv_dtype = self.kv_dtype or self.decoder.norm_weight.dtype
@@ -116,17 +116,24 @@ def inductor_options() -> dict[str, bool]:
     """``cpp_wrapper`` (the kernels called from C++, not Python), and no ``freezing``.
 
     Measured on the bundled model's int4 step (benchmark/README.md): ``freezing`` (the weights
-    folded in as constants) gave no speed here, since the int4 and int8 kernels take the weights
-    prepacked anyway, and it cost time on every start: a compile from a warm inductor cache took
-    23 s with it, 13 s without (dynamo and AOT tracing are cached only without it). Under ATen's
-    AVX2 kernels it also went wrong together with ``cpp_wrapper``: that step decoded only token 0.
+    folded in as constants) gave no speed here (49.2 tok/s at 512 without it, 47-49 with it, in
+    runs beside llama-server at 34.6), since the int4 and int8 kernels take prepacked weights
+    anyway, and it cost time at every start: a compile from a warm inductor cache took 23 s with
+    it, 13 s without. Without ``cpp_wrapper`` a cold compile is faster (118 s against 189 s in one
+    pair of side runs) and decode slower (42 against 49 tok/s).
     """
     return {"cpp_wrapper": True}
 
 
 def use_cache_folder(folder: Path) -> None:
     """Point inductor's cache at ``folder``, unless someone chose another: torch sets its /tmp default itself on first use
-    (importing parts of transformers does), so that value counts as unset."""
+    (importing parts of transformers does), so that value counts as unset.
+
+    The folder is one per kind of ATen CPU kernels (``avx512``, ``avx2``, ...): inductor's cache key
+    leaves that out, and a graph compiled under AVX-512 kernels, loaded from a shared cache by a
+    process running AVX2 ones (``ATEN_CPU_CAPABILITY=avx2``), decoded only token 0, twice (the
+    int4 weights are packed per kind of kernel). The check caught it; a folder each avoids it.
+    """
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
     if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, default_cache_dir()):

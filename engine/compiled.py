@@ -2,8 +2,9 @@
 
 The step (``engine.fast_llama.FastDecoder.forward``) runs once per generated token; at this model
 size on a CPU much of its time is Python and operator dispatch, which ``torch.compile`` removes
-(inductor's ``cpp_wrapper``: the kernels called from C++, see :func:`inductor_options`). Compiling takes tens of seconds, so :class:`StepCompiler` does it in a thread
-after load while requests decode eagerly. The KV buffers' sequence dimension is compiled dynamic
+(inductor's ``cpp_wrapper``: the kernels called from C++, see :func:`inductor_options`).
+Compiling takes tens of seconds, so :class:`StepCompiler` does it in a thread after load while
+requests decode eagerly. The KV buffers' sequence dimension is compiled dynamic
 (``mark_dynamic``): every request's buffer has its own capacity, and one graph serves them all.
 When the graph is built it is checked against the eager step on a fixed prompt (the same greedy
 tokens) and swapped in by one attribute assignment, so a running request changes step between two

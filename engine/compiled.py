@@ -12,7 +12,7 @@ tokens. Compiled calls are serialised by a lock: dynamo's guards and caches are 
 safe across threads, and on a CPU two steps at once only share the same cores.
 
 Inductor keeps its cache in ``TORCHINDUCTOR_CACHE_DIR`` (by default the app's model cache folder,
-``inductor/``), so a restart compiles from cache. Any failure (no C++ compiler, an inductor error,
+``inductor/<kind of CPU kernels>/``), so a restart compiles from cache. Any failure (no C++ compiler, an inductor error,
 different tokens) leaves the eager step in place with one log line, and the state says why.
 
 Knows nothing about requests or caches; ``engine.engine`` starts it (``KVCI_COMPILE=auto|off``).
@@ -157,18 +157,14 @@ def unavailable(decoder: Any) -> str | None:
 def check_tokens(decoder: Any, step: Any, kv_dtype: torch.dtype) -> list[int]:
     """Greedy tokens of ``step`` after a fixed prompt, prefilled eagerly, in buffers of two sizes (the dynamic dimension).
 
-    The buffers are made as a request's are (engine/kv.py, outside inference mode): dynamo guards on
-    how a tensor was made, and buffers made here in inference mode compiled a graph that every
-    request then missed, compiling a second one at its first step.
+    The buffers are made as a request's are (``FastDecoder.new_kv``, outside inference mode): dynamo
+    guards on how a tensor was made, and buffers made here in inference mode compiled a graph that
+    every request then missed, compiling a second one at its first step.
     """
-    vocab = decoder.embed.num_embeddings
+    vocab, device = decoder.embed.num_embeddings, decoder.norm_weight.device
     tokens: list[int] = []
     for capacity in (CHECK_PROMPT_TOKENS + CHECK_STEPS, 2 * (CHECK_PROMPT_TOKENS + CHECK_STEPS)):
-        shape = (1, decoder.kv_heads, capacity, decoder.head_dim)
-        device = decoder.norm_weight.device
-        with torch.inference_mode(False):
-            ks = [torch.zeros(shape, dtype=kv_dtype, device=device) for _ in decoder.layers]
-            vs = [torch.zeros(shape, dtype=kv_dtype, device=device) for _ in decoder.layers]
+        ks, vs = decoder.new_kv(capacity, kv_dtype)
         prompt = (torch.arange(CHECK_PROMPT_TOKENS, device=device) * 7919 % vocab)[None]
         position = CHECK_PROMPT_TOKENS
         token = int(decoder.forward(prompt, torch.arange(position, device=device), ks, vs).argmax())
@@ -186,7 +182,7 @@ class _Serialised:
         self.graph, self.eager, self.lock, self.dtype = graph, eager, lock, dtype
 
     def __call__(self, tokens: torch.Tensor, pos: torch.Tensor, k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor]) -> torch.Tensor:
-        if k_buffers[0].dtype != self.dtype:  # the graph was built for the model's KV dtype: another would recompile mid-request
+        if k_buffers[0].dtype != self.dtype:  # the graph was built for the engine's KV dtype: another would recompile mid-request
             return self.eager(tokens, pos, k_buffers, v_buffers)
         for buffer in (*k_buffers, *v_buffers):
             torch._dynamo.mark_dynamic(buffer, 2)

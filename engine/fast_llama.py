@@ -98,6 +98,14 @@ class FastDecoder(nn.Module):
             layer.advance(len(tokens))
         return logits[0].float()
 
+    def new_kv(self, capacity: int, dtype: torch.dtype) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Zeroed K and V buffers for every layer, ``[1, kv_heads, capacity, head_dim]``, made as a request's are
+        (``engine.kv``: never inference tensors, which the compiled graph's guards would tell apart)."""
+        shape = (1, self.kv_heads, capacity, self.head_dim)
+        with torch.inference_mode(False):
+            return ([torch.zeros(shape, dtype=dtype, device=self.norm_weight.device) for _ in self.layers],
+                    [torch.zeros(shape, dtype=dtype, device=self.norm_weight.device) for _ in self.layers])
+
     def bytes_per_step(self) -> int:
         """Bytes of weights one step reads: everything but the embedding table and the rotary tables (a row of each)."""
         lookups = (self.cos, self.sin) + (() if self.lm_head_is_embedding else (self.embed.weight,))

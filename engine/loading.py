@@ -163,10 +163,6 @@ def file_digest(path: Path) -> str:
 
 @functools.lru_cache(maxsize=8)
 def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
-    return _sha256(Path(path))
-
-
-def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):

@@ -63,9 +63,7 @@ def teacher_forced(engine, token_ids: list[int], chunk: int = 256) -> TeacherFor
     model, decoder, kv_dtype = engine.model, engine.decoder, engine.pool.dtype
     ids = torch.tensor([token_ids], device=engine.device)
     if isinstance(decoder, FastDecoder):
-        shape = (1, decoder.kv_heads, len(token_ids), decoder.head_dim)
-        buffers = [[torch.zeros(shape, dtype=kv_dtype, device=engine.device) for _ in decoder.layers] for _ in "kv"]
-        hidden, head = decoder.hidden(ids, torch.arange(len(token_ids), device=engine.device), *buffers)[0, :-1], decoder.lm_head
+        hidden, head = decoder.hidden(ids, torch.arange(len(token_ids), device=engine.device), *decoder.new_kv(len(token_ids), kv_dtype))[0, :-1], decoder.lm_head
     else:  # transformers' step: its own forward
         cache = new_model_cache(model.config, len(token_ids), kv_dtype)
         hidden, head = model.model(input_ids=ids, cache=cache, use_cache=True).last_hidden_state[0, :-1], model.lm_head  # [T - 1, hidden]

@@ -458,7 +458,7 @@ def main() -> None:
         print(f"WARNING: {SHARED_PUBLIC_WARNING}", flush=True)
     service = EngineService(settings)
     service.start_loading()
-    issuer = SessionIssuer(secure_cookie=settings.on_space, trust_proxy=settings.trust_proxy)
+    issuer = SessionIssuer(secure_cookie=settings.on_space, trust_proxy=settings.trust_proxy, proxy_hops=settings.proxy_hops)
     planner = Planner(lambda: service.engine.chat)  # one plan at a time, whichever door
     # Gradio's queue lets every event through (no concurrency limit): admission, per-session limits
     # and round-robin fairness are the service's, the same for page, gradio_client and REST.

@@ -180,6 +180,15 @@ def app_server_per_session(tmp_path_factory, bundled_folder):
 
 
 @pytest.fixture(scope="session")
+def app_server_behind_proxy(tmp_path_factory, bundled_folder):
+    """The bundled model served as on a public host behind one proxy of ours (--trust-proxy): one
+    worker and at most 3 requests in flight per address, whatever its sessions."""
+    server = launch_app(tmp_path_factory.mktemp("app-proxy"), "--public", "--trust-proxy", "--concurrency", "1", "--max-inflight-per-address", "3")
+    yield server
+    stop_app(server)
+
+
+@pytest.fixture(scope="session")
 def tiny_model_folder(tmp_path_factory, tokenizer):
     """The tiny random Llama saved as a model folder, so an app can load it with --model in a second."""
     folder = tmp_path_factory.mktemp("tiny-model")

@@ -177,6 +177,36 @@ def test_one_session_gets_at_most_two_requests_in_flight_then_503_with_retry_aft
     wait_inflight(url, 0, within_s=2.0)
 
 
+def test_minted_sessions_and_forged_forwarding_do_not_get_past_the_address_limit(app_server_behind_proxy):
+    """Attack: POST /session is free, so one machine minted ids and filled the whole queue; rotating
+    the X-Forwarded-For entry it writes itself made it a new address at every request. Now all its
+    sessions count against its address (the entry our proxy appended), and other machines are served."""
+    url = app_server_behind_proxy.url
+    request = {"prompt": STORY, "max_new_tokens": LONG, "use_cache": True, "use_prefix_cache": True}
+
+    def via_proxy(client_ip: str) -> dict[str, str]:  # what the proxy forwards: the client's own claim, then the address it saw
+        return {"X-Forwarded-For": f"{uuid.uuid4().int % 256}.1.2.3, {client_ip}"}
+
+    def hold(headers: dict[str, str]) -> None:  # hangs up after 6 s: its job is cancelled then
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(url + "/generate", json=request, headers=headers, timeout=httpx.Timeout(10, read=6))
+
+    attacker = "198.51.100.7"
+    threads = [threading.Thread(target=hold, args=({**bearer(url), **via_proxy(attacker)},)) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    wait_inflight(url, 3, within_s=10)
+    for headers in ({**bearer(url), **via_proxy(attacker)}, via_proxy(attacker)):  # a fourth fresh session, and no session at all
+        refused = httpx.post(url + "/generate", json=request, headers=headers, timeout=30)
+        assert refused.status_code == 503 and int(refused.headers["retry-after"]) > 0, refused.text
+        assert "your address may have 3 requests" in refused.json()["detail"], refused.text
+    other = httpx.post(url + "/generate", json=body(secret_system_prompt(), max_new_tokens=1), headers={**bearer(url), **via_proxy("203.0.113.9")}, timeout=60)
+    assert other.status_code == 200, other.text  # another machine is served (after the held jobs hang up)
+    for thread in threads:
+        thread.join()
+    wait_inflight(url, 0, within_s=2.0)
+
+
 # ---------------------------------------------------------------------- memory
 
 

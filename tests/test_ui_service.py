@@ -18,9 +18,9 @@ def make_service(engine, **settings) -> EngineService:
     return service
 
 
-def who(name: str) -> Session:
+def who(name: str, address: str = "address:unknown") -> Session:
     """A named session, as ui.sessions resolves a bearer id or a page cookie."""
-    return Session(key=name, client="session:" + name, anonymous=False)
+    return Session(key=name, client="session:" + name, anonymous=False, address=address)
 
 
 def ask(service: EngineService, session: str, prompt: str, **kwargs):
@@ -136,11 +136,11 @@ def test_waiting_jobs_are_served_round_robin_across_clients():
     from ui.service import FairQueue, Job
 
     queue = FairQueue()
-    jobs = [Job(client, "ns", {}, on_cancel=lambda job: None, on_end=lambda job: None) for client in ("a", "a", "a", "b", "c")]
+    jobs = [Job(who(client), "ns", {}, on_cancel=lambda job: None, on_end=lambda job: None) for client in ("a", "a", "a", "b", "c")]
     for job in jobs:
         queue.put(job)
     assert queue.remove(jobs[1])  # a cancelled waiting job leaves the queue at once
-    assert [queue.get().client for _ in range(4)] == ["a", "b", "c", "a"]
+    assert [queue.get().client for _ in range(4)] == ["session:" + c for c in ("a", "b", "c", "a")]
 
 
 def test_session_ids_resolve_whole_and_cookies_must_be_signed():
@@ -150,12 +150,47 @@ def test_session_ids_resolve_whole_and_cookies_must_be_signed():
     issuer = SessionIssuer(secure_cookie=False, secret=b"k" * 32)
     token = issuer.new_id()
     by_bearer = issuer.resolve({"authorization": f"Bearer {token}"}, {}, "10.0.0.1")
-    assert by_bearer == issuer.resolve({"x-session-id": token}, {}, "10.0.0.2") and not by_bearer.anonymous
+    by_header = issuer.resolve({"x-session-id": token}, {}, "10.0.0.2")
+    assert (by_bearer.key, by_bearer.client) == (by_header.key, by_header.client) and not by_bearer.anonymous
+    assert (by_bearer.address, by_header.address) == ("address:10.0.0.1", "address:10.0.0.2")
     assert issuer.resolve({"x-session-id": "a" * 127 + "1"}, {}, None) != issuer.resolve({"x-session-id": "a" * 127 + "2"}, {}, None)
     with pytest.raises(BadSession, match="32 to 128 characters"):
         issuer.resolve({"x-session-id": "a" * 129}, {}, None)
     cookie = issuer.new_cookie().split(";")[0].split("=", 1)[1]
     assert not issuer.resolve({}, {"kvci_session": cookie}, None).anonymous
     forged = issuer.resolve({}, {"kvci_session": cookie[:-1] + ("0" if cookie[-1] != "0" else "1")}, "10.0.0.1")
-    assert forged.anonymous and forged.client == "address:10.0.0.1"
-    assert issuer.resolve({"x-forwarded-for": "1.2.3.4"}, {}, "10.0.0.1").client == "address:10.0.0.1"  # no --trust-proxy
+    assert forged.anonymous and forged.address == "address:10.0.0.1"
+    assert issuer.resolve({"x-forwarded-for": "1.2.3.4"}, {}, "10.0.0.1").address == "address:10.0.0.1"  # no --trust-proxy
+
+
+@pytest.mark.parametrize(
+    "hops, forwarded, address",
+    [
+        (1, "203.0.113.9", "203.0.113.9"),  # one proxy: the entry it appended
+        (1, "6.6.6.6, 203.0.113.9", "203.0.113.9"),  # what the client sent itself (left) is ignored
+        (2, "6.6.6.6, 203.0.113.9, 10.0.0.5", "203.0.113.9"),  # two proxies: the outer one's entry
+        (2, "203.0.113.9", "10.0.0.1"),  # fewer entries than proxies: not through them, the peer counts
+        (1, "", "10.0.0.1"),
+    ],
+)
+def test_forwarded_addresses_are_read_from_the_right(hops, forwarded, address):
+    """Attack: rotating a self-written X-Forwarded-For entry made every request a new address, past the per-address limits."""
+    from ui.sessions import SessionIssuer
+
+    issuer = SessionIssuer(secure_cookie=False, trust_proxy=True, proxy_hops=hops)
+    assert issuer.resolve({"x-forwarded-for": forwarded}, {}, "10.0.0.1").address == "address:" + address
+
+
+def test_one_address_cannot_fill_the_queue_with_fresh_sessions(tiny_engine):
+    """Attack: ids are free to mint, so one machine with many sessions took every queue place; its address is counted too."""
+    service = make_service(tiny_engine, concurrency=1, max_queue=8, public=True, cache_mode="per-session", max_inflight_per_address=3)
+    streams = [service.stream(who(f"minted-{i}", "address:198.51.100.7"), prompt=f"question {i} " * 3, max_new_tokens=2) for i in range(3)]
+    with pytest.raises(Busy, match="your address may have 3"):
+        service.stream(who("minted-3", "address:198.51.100.7"), prompt="one too many")
+    with pytest.raises(Busy, match="your address"):
+        service.stream(Session(key="anon", client="anonymous@address:198.51.100.7", anonymous=True, address="address:198.51.100.7"), prompt="nor anonymously")
+    other = service.stream(who("elsewhere", "address:203.0.113.9"), prompt="another machine", max_new_tokens=2)
+    for stream in (*streams, other):
+        list(stream)
+    assert service.inflight == 0
+    assert ask(service, "minted-3", "room again").text is not None

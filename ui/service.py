@@ -4,7 +4,8 @@ The backend (``backends``: our engine, or a remote serving engine) is picked onc
 nothing here depends on which. The engine is thread-safe, but the machine has few cores: every generation, whichever door it came
 in by (the Gradio queue, gradio_client or plain REST), becomes a :class:`Job` run by one of
 ``concurrency`` worker threads. Waiting jobs are served round robin across clients (one queue per
-session, not one FIFO), a client may have ``max_inflight_per_session`` jobs queued or running, and
+session, not one FIFO), a client may have ``max_inflight_per_session`` jobs queued or running, all
+the sessions of one address ``max_inflight_per_address`` (public servers: ids are free to mint), and
 at most ``concurrency + max_queue`` exist at once; beyond that :class:`Busy` (503 with Retry-After).
 A job's clock starts when the work starts (queueing is not counted as TTFT). Cancelling a job (a
 client that disconnected, or abandoned the stream) stops it within one decode step.
@@ -68,8 +69,9 @@ class Job:
     Leaving the iteration early (or calling :meth:`cancel`) stops the work within one decode step.
     """
 
-    def __init__(self, client: str, namespace: str, kwargs: dict[str, Any], on_cancel: Callable[["Job"], None], on_end: Callable[["Job"], None]) -> None:
-        self.client = client  # what the per-client limit and the round robin count
+    def __init__(self, session: Session, namespace: str, kwargs: dict[str, Any], on_cancel: Callable[["Job"], None], on_end: Callable[["Job"], None]) -> None:
+        self.client = session.client  # what the round robin serves in turn
+        self.session = session  # what the in-flight limits count (its client and its address)
         self.cost = 2 if kwargs.get("verify") else 1  # a verified request runs twice: it counts twice against the limits
         self.namespace = namespace
         self.kwargs = kwargs
@@ -202,7 +204,8 @@ class EngineService:
         self.progress_lines: list[str] = []
         self._waiting = FairQueue()
         self._lock = threading.Lock()
-        self._inflight: dict[str, int] = {}  # client -> jobs queued or running; a client at 0 is forgotten
+        self._inflight: dict[str, int] = {}  # client or address -> jobs queued or running; one at 0 is forgotten
+        self._total = 0  # jobs queued or running, all clients together
         self._ephemeral: set[str] = set()  # namespaces of anonymous calls, dropped when their job ends
         self.snapshots: Snapshots | None = None  # with --cache-dir: the prefix cache on disk
         for i in range(settings.concurrency):
@@ -343,7 +346,7 @@ class EngineService:
     def inflight(self) -> int:
         """Generations queued or running, all clients together."""
         with self._lock:
-            return sum(self._inflight.values())
+            return self._total
 
     def _engine_settings(self) -> dict[str, Any]:
         """The app's engine settings, each passed only where this engine version has the field."""
@@ -389,7 +392,7 @@ class EngineService:
         self._backend_ready()
         namespace = namespace or self.namespace_for(session, cache_salt)
         self.backend.check(namespace, **kwargs)  # validate now, so the caller gets a ValueError at once
-        job = Job(session.client, namespace, kwargs, on_cancel=self._cancelled, on_end=self._ended)
+        job = Job(session, namespace, kwargs, on_cancel=self._cancelled, on_end=self._ended)
         with self._lock:
             self._admit(session, job.cost)
             if session.anonymous and namespace != DEFAULT_NAMESPACE:  # nobody can name it again
@@ -457,25 +460,36 @@ class EngineService:
             yield
         finally:
             with self._lock:
-                self._leave(session.client, 1)
+                self._leave(session, 1)
 
     def _admit(self, session: Session, cost: int) -> None:
-        """Take ``cost`` in-flight places for ``session``, or raise Busy. Caller holds ``_lock``."""
-        limit = self.settings.anonymous_inflight_limit if session.anonymous else self.settings.max_inflight_per_session
-        if sum(self._inflight.values()) + cost > self.settings.concurrency + self.settings.max_queue:
-            raise Busy(f"the server is busy ({self.settings.max_queue} requests waiting); try again in a few seconds")
-        if self._inflight.get(session.client, 0) + cost > limit:
-            counted = " (verify counts as two)" if cost > 1 else ""
-            raise Busy(f"this session may have {limit} requests queued or running{counted}; wait for one to finish")
-        self._inflight[session.client] = self._inflight.get(session.client, 0) + cost
+        """Take ``cost`` in-flight places for ``session``, or raise Busy. Caller holds ``_lock``.
 
-    def _leave(self, client: str, cost: int) -> None:
-        """Give back ``cost`` in-flight places; a client at 0 is forgotten. Caller holds ``_lock``."""
-        left = self._inflight.get(client, 0) - cost
-        if left > 0:
-            self._inflight[client] = left
-        else:
-            self._inflight.pop(client, None)
+        Three limits: the server's queue, the session's own (an anonymous caller's is its
+        address's), and its address's over all its sessions, since a fresh id costs one POST.
+        """
+        counted = " (verify counts as two)" if cost > 1 else ""
+        if self._total + cost > self.settings.concurrency + self.settings.max_queue:
+            raise Busy(f"the server is busy ({self.settings.max_queue} requests waiting); try again in a few seconds")
+        limit = self.settings.anonymous_inflight_limit if session.anonymous else self.settings.max_inflight_per_session
+        if self._inflight.get(session.client, 0) + cost > limit:
+            raise Busy(f"this session may have {limit} requests queued or running{counted}; wait for one to finish")
+        limit = self.settings.address_inflight_limit
+        if self._inflight.get(session.address, 0) + cost > limit:
+            raise Busy(f"your address may have {limit} requests queued or running over all its sessions{counted}; wait for one to finish")
+        for key in (session.client, session.address):
+            self._inflight[key] = self._inflight.get(key, 0) + cost
+        self._total += cost
+
+    def _leave(self, session: Session, cost: int) -> None:
+        """Give back ``cost`` in-flight places; a client or address at 0 is forgotten. Caller holds ``_lock``."""
+        for key in (session.client, session.address):
+            left = self._inflight.get(key, 0) - cost
+            if left > 0:
+                self._inflight[key] = left
+            else:
+                self._inflight.pop(key, None)
+        self._total -= cost
 
     def generate(self, session: Session, namespace: str | None = None, **kwargs: Any) -> GenerationResult:
         """Run one request to completion on the pool."""
@@ -492,7 +506,7 @@ class EngineService:
 
     def _ended(self, job: Job) -> None:
         with self._lock:
-            self._leave(job.client, job.cost)
+            self._leave(job.session, job.cost)
             ephemeral = job.namespace in self._ephemeral
             self._ephemeral.discard(job.namespace)
         if ephemeral:

@@ -37,11 +37,17 @@ class BadSession(ValueError):
 
 @dataclass(frozen=True)
 class Session:
-    """Who is asking: ``key`` names the session (a hash), ``client`` is what per-client limits count."""
+    """Who is asking: ``key`` names the session (a hash), ``client`` is what per-client limits count,
+    ``address`` where the request came from (``address:<ip>``; anonymous callers from one address share one ``client``).
+
+    The address is counted too: ids are free to mint (``POST /session``), so a per-session limit
+    alone would let one machine fill the whole queue with fresh sessions.
+    """
 
     key: str
     client: str
     anonymous: bool
+    address: str = "address:unknown"
 
 
 class SessionIssuer:
@@ -54,12 +60,13 @@ class SessionIssuer:
         False
     """
 
-    def __init__(self, secure_cookie: bool, secret: bytes | None = None, trust_proxy: bool = False) -> None:
+    def __init__(self, secure_cookie: bool, secret: bytes | None = None, trust_proxy: bool = False, proxy_hops: int = 1) -> None:
         # A fresh secret per process unless KVCI_SESSION_SECRET is set: a restart ends page sessions.
         env_secret = os.environ.get("KVCI_SESSION_SECRET", "")
         self._secret = secret or (env_secret.encode() if env_secret else secrets.token_bytes(32))
         self.secure_cookie = secure_cookie
         self.trust_proxy = trust_proxy
+        self.proxy_hops = proxy_hops  # proxies of ours in front: each appends the address it saw to X-Forwarded-For
 
     @staticmethod
     def new_id() -> str:
@@ -89,15 +96,16 @@ class SessionIssuer:
         Raises:
             BadSession: an id was sent but is not of the allowed form.
         """
+        address = "address:" + self.client_address(headers, peer)
         given = _bearer(headers.get("authorization", "")) or headers.get(SESSION_HEADER.lower(), "").strip()
         if given:
             if not _ID_PATTERN.fullmatch(given):
                 raise BadSession(f"a session id must be {ID_RULE}; got {min(len(given), 10**6)} characters that are not")
-            return self._known("id:" + given)
+            return self._known("id:" + given, address)
         cookie_id = self.cookie_id(cookies.get(COOKIE_NAME))
         if cookie_id is not None:
-            return self._known("cookie:" + cookie_id)
-        return Session(key="anonymous-" + secrets.token_hex(16), client="address:" + self.client_address(headers, peer), anonymous=True)
+            return self._known("cookie:" + cookie_id, address)
+        return Session(key="anonymous-" + secrets.token_hex(16), client="anonymous@" + address, anonymous=True, address=address)
 
     def resolve_request(self, request: Any) -> Session:
         """:meth:`resolve` for a Starlette or Gradio request (None: a direct Python call, nobody's session)."""
@@ -107,15 +115,21 @@ class SessionIssuer:
         return self.resolve(request.headers, request.cookies, getattr(client, "host", None))
 
     def client_address(self, headers: Mapping[str, str], peer: str | None) -> str:
-        """The caller's address: the peer's, or the first X-Forwarded-For hop behind a trusted proxy."""
-        forwarded = headers.get("x-forwarded-for", "") if self.trust_proxy else ""
-        return forwarded.split(",")[0].strip() or peer or "unknown"
+        """The caller's address: the peer's, or behind ``proxy_hops`` trusted proxies the X-Forwarded-For
+        entry the outermost of them wrote, counted from the right.
+
+        Never the leftmost entry: a proxy appends to what the client sent, so everything left of
+        our proxies' entries is the client's own claim, free to change at every request (and with
+        it the per-address limits).
+        """
+        hops = [hop.strip() for hop in headers.get("x-forwarded-for", "").split(",")] if self.trust_proxy else []
+        return (hops[-self.proxy_hops] if len(hops) >= self.proxy_hops else "") or peer or "unknown"
 
     # ------------------------------------------------------------------ helpers
 
-    def _known(self, identity: str) -> Session:
+    def _known(self, identity: str, address: str) -> Session:
         key = hashlib.sha256(identity.encode()).hexdigest()
-        return Session(key=key, client="session:" + key, anonymous=False)
+        return Session(key=key, client="session:" + key, anonymous=False, address=address)
 
     def _sign(self, session_id: str) -> str:
         signature = hmac.new(self._secret, session_id.encode(), hashlib.sha256).hexdigest()[:32]

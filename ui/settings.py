@@ -39,9 +39,11 @@ class AppSettings:
     public: bool = False  # behave as on a public address although bound to loopback (tests use it)
     allow_shared_public: bool = False  # a shared cache on a public server is a prefix oracle: opt in
     trust_proxy: bool = False  # take the client address from X-Forwarded-For (only behind a proxy you run)
+    proxy_hops: int = 1  # with trust_proxy: how many proxies of ours append to X-Forwarded-For (the address is that many entries from the right)
     max_prompt_tokens: int | None = None  # None: the context window locally, PUBLIC_MAX_PROMPT_TOKENS when public
     session_cache_share: float = 0.25  # per-session mode: the share of the cache budget one session may hold
     max_inflight_per_session: int = 2  # queued or running requests of one session (or one anonymous address)
+    max_inflight_per_address: int = 8  # public server: of all sessions from one address together (ids are free to mint)
     backend_url: str | None = None  # a remote OpenAI-compatible server to measure instead of the local engine
     backend_model: str | None = None  # its model name (default: the first of its /v1/models)
     backend_api_key: str | None = field(default=None, repr=False)  # sent to it as a bearer token
@@ -58,8 +60,8 @@ class AppSettings:
             raise ValueError(f"cache_mode must be one of {', '.join(CACHE_MODES)}, got {self.cache_mode!r}")
         if not 1 <= self.port <= 65535:
             raise ValueError(f"port must be between 1 and 65535, got {self.port}")
-        if self.concurrency < 1 or self.max_queue < 1 or self.max_inflight_per_session < 1:
-            raise ValueError("concurrency, max_queue and max_inflight_per_session must be >= 1")
+        if min(self.concurrency, self.max_queue, self.max_inflight_per_session, self.max_inflight_per_address, self.proxy_hops) < 1:
+            raise ValueError("concurrency, max_queue, max_inflight_per_session, max_inflight_per_address and proxy_hops must be >= 1")
         if not 0 < self.session_cache_share <= 1:
             raise ValueError(f"session_cache_share must be in (0, 1], got {self.session_cache_share}")
         if self.backend_kind is not None and self.backend_kind not in BACKEND_KINDS:
@@ -102,6 +104,11 @@ class AppSettings:
         """Callers without a session share a limit per address; locally that address is the owner's own."""
         return self.concurrency + self.max_queue if self.is_local else self.max_inflight_per_session
 
+    @property
+    def address_inflight_limit(self) -> int:
+        """All requests from one address, whatever their sessions; locally, no limit beyond the queue's."""
+        return self.concurrency + self.max_queue if self.is_local else self.max_inflight_per_address
+
 
 def parse_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> AppSettings:
     """Settings from ``argv`` (flags win) and ``environ`` (GRADIO_SERVER_NAME/PORT, SPACE_ID)."""
@@ -124,7 +131,9 @@ def parse_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str]
     parser.add_argument("--max-prompt-tokens", type=int, default=None, help=f"longest prompt in tokens (default: the context window locally, {PUBLIC_MAX_PROMPT_TOKENS} on a public server)")
     parser.add_argument("--session-cache-share", type=float, default=AppSettings.session_cache_share, help="per-session mode: share of the cache budget one session may hold (default 0.25)")
     parser.add_argument("--max-inflight-per-session", type=int, default=AppSettings.max_inflight_per_session, help="queued or running requests per session (default 2)")
+    parser.add_argument("--max-inflight-per-address", type=int, default=AppSettings.max_inflight_per_address, help="public server: queued or running requests of all sessions from one address (default 8)")
     parser.add_argument("--trust-proxy", action="store_true", help="take client addresses from X-Forwarded-For (default: only on a Space)")
+    parser.add_argument("--proxy-hops", type=int, default=AppSettings.proxy_hops, help="with --trust-proxy: proxies in front of the app, each appending to X-Forwarded-For; the address is that many entries from the right (default 1)")
     parser.add_argument("--allow-shared-public", action="store_true", help="allow --cache-mode shared on a public server (every visitor can probe the others' prefixes)")
     parser.add_argument("--backend", default=environ.get("KVCI_BACKEND_URL") or None, help="measure a remote OpenAI-compatible server (vLLM, SGLang, llama-server, ...) at this URL instead of the local engine (env KVCI_BACKEND_URL)")
     parser.add_argument("--backend-model", default=environ.get("KVCI_BACKEND_MODEL") or None, help="the remote's model name (default: the first it lists; env KVCI_BACKEND_MODEL)")
@@ -159,9 +168,11 @@ def _settings_from(args: argparse.Namespace, mode: CacheMode, on_space: bool, pu
         public=public,
         allow_shared_public=args.allow_shared_public,
         trust_proxy=args.trust_proxy or on_space,
+        proxy_hops=args.proxy_hops,
         max_prompt_tokens=args.max_prompt_tokens,
         session_cache_share=args.session_cache_share,
         max_inflight_per_session=args.max_inflight_per_session,
+        max_inflight_per_address=args.max_inflight_per_address,
         backend_url=args.backend,
         backend_model=args.backend_model,
         backend_api_key=args.api_key,

@@ -691,6 +691,7 @@ class PrefixCache:
         while node.parent is not None:
             node.last_access, node.last_used = tick, now
             node.hits += hit
+            node.parent.recent_child = node
             node = node.parent
 
     # ------------------------------------------------------------------ pins
@@ -806,7 +807,7 @@ class PrefixCache:
 class _Node:
     """One edge of the tree: its tokens, their slots, and (maybe) the slots of the logits after its last token."""
 
-    __slots__ = ("key", "value", "logits", "parent", "children", "ns", "lock_ref", "pins", "hits", "last_access", "last_used", "created", "alive", "doomed")
+    __slots__ = ("key", "value", "logits", "parent", "children", "recent_child", "ns", "lock_ref", "pins", "hits", "last_access", "last_used", "created", "alive", "doomed")
 
     def __init__(self, key: tuple[int, ...], parent: "_Node | None", value: list[Slot], ns: "_Namespace | None") -> None:
         self.key = key
@@ -814,6 +815,7 @@ class _Node:
         self.logits: list[Slot] | None = None
         self.parent = parent
         self.children: dict[int, _Node] = {}  # keyed by the first token of the child's edge
+        self.recent_child: _Node | None = None  # the child touched last (_touch): the explainer's "cached next" in O(1)
         self.ns = ns
         self.lock_ref = 0  # running requests (and copying inserts) whose path goes through here
         self.pins = 0  # pins whose path goes through here (cache/policies.pinned_last ranks them last)
@@ -972,7 +974,10 @@ def _common_prefix_len(edge: tuple[int, ...], key: tuple[int, ...], offset: int)
 def _cached_after(path: list[_Node], depth: int, matched: int) -> tuple[int, ...]:
     """Up to ``CACHED_CONTEXT_TOKENS`` cached tokens where a walk that matched ``matched`` tokens stopped.
 
-    Inside the last node's edge: the rest of that edge. At its end: the most recently used child's edge.
+    Inside the last node's edge: the rest of that edge. At its end: the most recently used child's edge
+    (``recent_child``, or any child where that one was split or evicted since). Never a scan of the
+    children: a system prompt shared by 10,000 conversations has 10,000 of them, and a scan under the
+    tree lock made each partial hit on it 44x slower (870 against 20 µs, ``prefix_bench`` lookup).
     """
     if not path:
         return ()
@@ -981,7 +986,9 @@ def _cached_after(path: list[_Node], depth: int, matched: int) -> tuple[int, ...
         at = len(last.key) - (depth - matched)
         return last.key[at : at + CACHED_CONTEXT_TOKENS]
     if last.children:
-        child = max(last.children.values(), key=lambda c: c.last_access)
+        child = last.recent_child
+        if child is None or child.parent is not last or not child.alive:
+            child = next(iter(last.children.values()))
         return child.key[:CACHED_CONTEXT_TOKENS]
     return ()
 

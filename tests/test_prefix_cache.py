@@ -501,6 +501,28 @@ def test_evicting_insert_cost_does_not_grow_with_namespaces():
     assert many < 3 * few + 20, f"{many:.1f} µs with 10,000 namespaces vs {few:.1f} µs with 10"
 
 
+def test_cached_next_is_the_branch_used_last_and_no_lookup_scans_the_children():
+    """The miss explainer's "cached next" tokens come from the branch used last. They were found by a
+    scan of the children under the tree lock: 870 µs per partial hit on a prompt shared by 10,000
+    entries, against 20 µs on one shared by 10 (prefix_bench lookup)."""
+
+    class NoScan(dict):
+        def values(self):
+            raise AssertionError("a lookup scanned every child")
+
+    cache = make(slots=10_000)
+    shared = [1, 2, 3]
+    for i in range(1000):
+        put(cache, shared + [100 + i, 7], "x")
+    used = cache.match_prefix(shared + [500, 7])
+    cache.release(used)
+    hub = used._node.parent  # the shared prompt's node: 1,000 children
+    hub.children = NoScan(hub.children)
+    partial = cache.match_prefix(shared + [5, 5])
+    cache.release(partial)
+    assert (partial.kind, partial.length, partial.detail.cached_next) == ("partial", 3, (500, 7))
+
+
 @pytest.mark.parametrize("pool_slots", [10_000, 60])  # never evicts: compared with a reference; evicts: invariants
 def test_model_check_against_a_reference(pool_slots):
     """Random insert / match / release / evict / clear: the tree agrees with a set of sequences, slots never leak."""

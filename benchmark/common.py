@@ -130,6 +130,7 @@ def machine_info(device: Any = None, extra: dict[str, Any] | None = None) -> dic
         "platform": platform.platform(),
         "python": platform.python_version(),
         "loadavg_start": [round(x, 2) for x in os.getloadavg()],
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),  # left as the app runs it; see benchmark/README.md
         "git_commit": _git_commit(),
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -154,8 +155,17 @@ def machine_info(device: Any = None, extra: dict[str, Any] | None = None) -> dic
     return info
 
 
+def settled_decode_step(*engines: Any) -> str:
+    """Wait until each engine's background compile has ended (compiled, or eager with the reason) and
+    say which decode step runs: no measurement shares the CPU with the compiler (a cold compile takes
+    about two minutes of one core), and none sees the step change from eager to compiled midway."""
+    for engine in engines:
+        engine.compiler.wait()
+    return engines[0].compiler.describe()
+
+
 def print_machine_info(info: dict[str, Any]) -> None:
-    keys = ["cpu", "cpu_count", "torch_threads", "omp_wait_policy", "gpu", "device", "dtype", "model", "torch", "transformers", "python", "loadavg_start", "git_commit", "time_utc"]
+    keys = ["cpu", "cpu_count", "torch_threads", "omp_wait_policy", "gpu", "device", "dtype", "model", "decode_step", "torch", "transformers", "python", "loadavg_start", "git_commit", "time_utc"]
     print("machine: " + " | ".join(f"{k}={info[k]}" for k in keys if k in info), flush=True)
 
 

@@ -34,11 +34,10 @@ import tempfile
 import time
 from pathlib import Path
 
-# OMP_WAIT_POLICY is left as the app runs it (unset: OpenMP's default, which spins briefly). The
-# other benchmarks set PASSIVE against outside load; here that would measure a slower decode than
-# the app's: a step is hundreds of tiny parallel regions, and sleeping threads wake for each one
-# (int4 eager at 512 tokens: 12-21 tok/s PASSIVE, 33-50 unset or ACTIVE; llama-server, which
-# inherits the variable, 15 against 33). Set it yourself to measure the other way.
+# OMP_WAIT_POLICY is left as the app runs it (unset: OpenMP's default, which spins briefly), as in
+# every benchmark here: PASSIVE measured a slower decode than the app's, since a step is hundreds of
+# tiny parallel regions and sleeping threads wake for each one (int4 eager at 512 tokens: 12-21
+# tok/s PASSIVE, 33-50 unset or ACTIVE; llama-server, which inherits the variable, 15 against 33).
 
 import torch
 
@@ -78,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
         return compile_time_child(args.formats[0])
 
     child = args.child == "measure"
-    info = machine_info(DEVICE, {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"), "model": MODEL or "bundled"})
+    info = machine_info(DEVICE, {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "model": MODEL or "bundled"})
     if not child:
         print_machine_info(info)
     bandwidth = copy_bandwidth()

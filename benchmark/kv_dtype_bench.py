@@ -26,12 +26,10 @@ import os
 import sys
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmark.common import fmt_stat, machine_info, markdown_table, print_machine_info, question, summarize, text_of_tokens, write_results
+from benchmark.common import fmt_stat, machine_info, markdown_table, print_machine_info, settled_decode_step, question, summarize, text_of_tokens, write_results
 from engine import Engine
 from engine.quality import passes, quality_token_ids, teacher_forced
 
@@ -50,7 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict = {"kv_dtypes": {}}
     engines = {name: Engine.from_pretrained(device="cpu", weights="fp32", kv_dtype=name, cache_budget_mb=args.budget_mb, min_cached_tokens=1, progress=lambda _: None)
                for name in KV_DTYPES}
-    results["machine"] = machine_info("cpu", {"model": engines["fp32"].name})
+    results["machine"] = machine_info("cpu", {"model": engines["fp32"].name, "decode_step": settled_decode_step(*engines.values())})
     print_machine_info(results["machine"])
     speeds = decode_speeds(engines, args)
     reference = None

@@ -37,17 +37,13 @@ from typing import Any, Callable
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-# On a shared machine, OpenMP threads that spin while waiting turn every other process's burst
-# into a stall (a 512-token prefill measured 0.9 s idle, 6.7 s median with spinning threads under
-# load, 1.8 s with passive waits). Passive waiting applies to every method alike; must precede torch.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 import torch
 
 from benchmark.common import (
     fmt,
     fmt_stat,
     machine_info,
+    settled_decode_step,
     markdown_table,
     print_machine_info,
     question,
@@ -137,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
 
     engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype, cache_budget_mb=args.cache_budget_mb, progress=lambda line: print(line, flush=True))
-    info = machine_info(engine.device, {"model": engine.name, "dtype": str(engine.dtype).removeprefix("torch."), "preset": "quick" if args.quick else "full", "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")})
+    info = machine_info(engine.device, {"model": engine.name, "dtype": str(engine.dtype).removeprefix("torch."), "decode_step": settled_decode_step(engine), "preset": "quick" if args.quick else "full"})
     print_machine_info(info)
     hf = Transformers(engine)
 

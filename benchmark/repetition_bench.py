@@ -24,12 +24,10 @@ import os
 import sys
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmark.common import machine_info, markdown_table, print_machine_info, write_results
+from benchmark.common import machine_info, markdown_table, print_machine_info, settled_decode_step, write_results
 from engine import Engine
 from ui.limits import PAGE_MAX_NEW_TOKENS, PAGE_NO_REPEAT_NGRAM_SIZE, PAGE_REPETITION_PENALTY
 from ui.scenarios import load_examples, load_scenarios
@@ -50,7 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
         settings.append(page)
 
     engine = Engine.from_pretrained(device="cpu", weights=args.weights, progress=lambda _: None)
-    info = machine_info("cpu", {"model": engine.name, "weights": args.weights})
+    info = machine_info("cpu", {"model": engine.name, "weights": args.weights, "decode_step": settled_decode_step(engine)})
     print_machine_info(info)
     results: dict = {"machine": info, "page_default": list(page), "settings": {}}
     for penalty, ngram in settings:

@@ -24,12 +24,10 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as prefix_bench: spinning OpenMP threads under outside load
-
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmark.common import machine_info, markdown_table, print_machine_info, text_of_tokens, write_results
+from benchmark.common import machine_info, markdown_table, print_machine_info, settled_decode_step, text_of_tokens, write_results
 from cache import DEFAULT_NAMESPACE
 from engine import Engine
 from engine.snapshot import Snapshots, check
@@ -44,7 +42,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     engine = Engine.from_pretrained(device="cpu", weights=args.weights)
-    info = machine_info(engine.device, {"model": engine.name, "dtype": str(engine.dtype)})
+    info = machine_info(engine.device, {"model": engine.name, "dtype": str(engine.dtype), "decode_step": settled_decode_step(engine)})
     print_machine_info(info)
     t0 = time.perf_counter()
     Snapshots(engine, tempfile.mkdtemp(prefix="kvci-snap-"), keep=lambda ns: True)

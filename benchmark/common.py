@@ -165,7 +165,7 @@ def settled_decode_step(*engines: Any) -> str:
 
 
 def print_machine_info(info: dict[str, Any]) -> None:
-    keys = ["cpu", "cpu_count", "torch_threads", "omp_wait_policy", "gpu", "device", "dtype", "model", "decode_step", "torch", "transformers", "python", "loadavg_start", "git_commit", "time_utc"]
+    keys = ["cpu", "cpu_count", "torch_threads", "omp_wait_policy", "gpu", "device", "dtype", "model", "weights", "decode_step", "torch", "transformers", "python", "loadavg_start", "git_commit", "time_utc"]
     print("machine: " + " | ".join(f"{k}={info[k]}" for k in keys if k in info), flush=True)
 
 

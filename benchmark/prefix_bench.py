@@ -56,6 +56,7 @@ from benchmark.common import (
 from cache import PrefixCache, SizedKV, SlotAllocator
 from engine import Engine
 from engine.kv import kv_bytes_per_token
+from engine.quant import QUANTIZED, WEIGHT_FORMATS
 
 
 @dataclass(frozen=True)
@@ -132,8 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype, cache_budget_mb=args.cache_budget_mb, progress=lambda line: print(line, flush=True))
-    info = machine_info(engine.device, {"model": engine.name, "dtype": str(engine.dtype).removeprefix("torch."), "decode_step": settled_decode_step(engine), "preset": "quick" if args.quick else "full"})
+    engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype, weights=args.weights, cache_budget_mb=args.cache_budget_mb, progress=lambda line: print(line, flush=True))
+    info = machine_info(engine.device, {"model": engine.name, "dtype": str(engine.dtype).removeprefix("torch."), "weights": engine.info()["weights"], "decode_step": settled_decode_step(engine), "preset": "quick" if args.quick else "full"})
     print_machine_info(info)
     hf = Transformers(engine)
 
@@ -296,20 +297,25 @@ def bench_shared_prefix(engine: Engine, hf: Transformers, cfg: BenchConfig) -> d
         prefix_ids = all_ids[0][: _common_prefix_len(all_ids)]  # the system prompt in its chat template
         recipe_prefill_ms, recipe_cache = timed(lambda: hf.prefill(prefix_ids), engine.device)
 
-        # Warm-up round, which doubles as the correctness check against plain greedy generate.
+        # Warm-up round, which doubles as the correctness check. The engine's miss, hit and partial hit
+        # against its own run without the prefix cache (the central equivalence); the recipe against
+        # plain greedy generate; the engine against generate only where it decodes with the model's
+        # own weights (an int4/int8 step decodes with other weights, so its tokens may part).
         qa, qb = pairs[0]
         ids_a, ids_b = all_ids[0], all_ids[1]
         ref_a, ref_b = hf.generate(ids_a, cfg.check_tokens), hf.generate(ids_b, cfg.check_tokens)
+        own_a, own_b = (engine.generate(q, system_prompt=system, max_new_tokens=cfg.check_tokens, use_prefix_cache=False).token_ids for q in (qa, qb))
         engine.cache.clear()
         e_miss = engine.generate(qa, system_prompt=system, max_new_tokens=cfg.check_tokens)
         e_hit = engine.generate(qa, system_prompt=system, max_new_tokens=cfg.check_tokens)
         e_partial = engine.generate(qb, system_prompt=system, max_new_tokens=cfg.check_tokens)
         _, _, recipe_b = hf.recipe(ids_b, recipe_cache, cfg.check_tokens)
         checks = {
-            "engine_miss": e_miss.token_ids == ref_a,
-            "engine_hit": e_hit.token_ids == ref_a,
-            "engine_partial": e_partial.token_ids == ref_b,
+            "engine_miss": e_miss.token_ids == own_a,
+            "engine_hit": e_hit.token_ids == own_a,
+            "engine_partial": e_partial.token_ids == own_b,
             "recipe_partial": recipe_b == ref_b,
+            "engine_equals_generate": own_a == ref_a and own_b == ref_b if _decodes_own_weights(engine) else None,
         }
         if size == cfg.target_prefix or size == cfg.prefix_sizes[0]:
             # The recipe where the cache already holds the whole prompt: generate() has nothing to prefill.
@@ -495,9 +501,10 @@ def bench_decode(engine: Engine, hf: Transformers, cfg: BenchConfig) -> dict[str
         row |= {f"{k}_tokens_per_sec": summarize(v) for k, v in rates.items()}
         row["kv_over_recompute"] = row["kv_tokens_per_sec"]["median"] / row["recompute_tokens_per_sec"]["median"]
         row["engine_over_generate"] = row["kv_tokens_per_sec"]["median"] / row["generate_tokens_per_sec"]["median"]
+        same_weights = _decodes_own_weights(engine)  # else the KV step is int4/int8 and recompute float: tokens may part
         row["checks"] = {
-            "engine_kv_equals_generate": last["kv"] == last["generate"],
-            "recompute_equals_kv": last["recompute"] == last["kv"][: len(last["recompute"])],
+            "engine_kv_equals_generate": last["kv"] == last["generate"] if same_weights else None,
+            "recompute_equals_kv": last["recompute"] == last["kv"][: len(last["recompute"])] if same_weights else None,
         }
         out["contexts"].append(row)
         print(
@@ -651,7 +658,8 @@ def evaluate_targets(results: dict[str, Any], cfg: BenchConfig) -> list[dict[str
         overlap = all(_ranges_overlap(r["kv_tokens_per_sec"], r["generate_tokens_per_sec"]) for r in dec["contexts"])
         add(
             "engine_vs_generate",
-            "Engine decode tokens/s ≥ model.generate on the same model (median, every context)",
+            "Engine decode tokens/s ≥ model.generate on the same model (median, every context"
+            + (f"; the engine's step decodes {results['machine']['weights']}, generate float)" if results["machine"].get("weights") in QUANTIZED else ")"),
             ", ".join(f"{r['context_tokens']}: {r['kv_tokens_per_sec']['median']:.1f} vs {r['generate_tokens_per_sec']['median']:.1f} ({r['engine_over_generate']:.2f}×)" for r in dec["contexts"])
             + ("; min–max ranges overlap at every context" if overlap else ""),
             min(ratios) >= 1.0,
@@ -683,7 +691,7 @@ def render_markdown(results: dict[str, Any]) -> str:
     parts = [
         f"Machine: {m['cpu']}, {m['cpu_count']} CPUs, torch {m.get('torch')} ({m.get('torch_threads')} threads, OMP_WAIT_POLICY={m.get('omp_wait_policy')}), "
         f"transformers {m.get('transformers')}, device {m.get('device')}{', ' + m['gpu'] if 'gpu' in m else ''}; "
-        f"model {m['model']} ({m['dtype']}); load average {m['loadavg_start']} at start, {m.get('loadavg_end')} at end; "
+        f"model {m['model']} ({m['dtype']}{', weights ' + m['weights'] if m.get('weights') else ''}{', decode step ' + m['decode_step'] if m.get('decode_step') else ''}); load average {m['loadavg_start']} at start, {m.get('loadavg_end')} at end; "
         f"commit {m.get('git_commit')}; {m['time_utc']}; {results['wall_s']:.0f} s. Cells: median (min–max).",
     ]
     parts.append("\n### Targets\n\n" + markdown_table(["target", "measured", "result"], [(t["target"], t["measured"], f"**{t['status']}**") for t in results["targets"]]))
@@ -733,8 +741,10 @@ def render_markdown(results: dict[str, Any]) -> str:
         )
         checks = sorted({k for r in sp["sizes"] for k in r["checks"]})
         parts.append(
-            "\nGreedy tokens equal to plain `model.generate` (the warm-up round, "
-            f"{results['config']['check_tokens']} new tokens). `recipe_exact` is the recipe when the cache already holds the whole prompt, "
+            "\nSame greedy tokens (the warm-up round, "
+            f"{results['config']['check_tokens']} new tokens): the engine's miss, hit and partial hit against its own run without the prefix cache; "
+            "the recipe against plain `model.generate`; the engine against `model.generate` only where it decodes with the model's own weights "
+            "(`-` for int4/int8, whose step decodes with other weights). `recipe_exact` is the recipe when the cache already holds the whole prompt, "
             "which transformers does not support: a mismatch there is the expected failure.\n\n"
             + markdown_table(["prefix tok", *checks], [(r["prefix_tokens"], *[fmt(r["checks"].get(k)) for k in checks]) for r in sp["sizes"]])
             + "\n\nThe recipe's one-off prefix prefill (not in its TTFT above): "
@@ -787,7 +797,8 @@ def render_markdown(results: dict[str, Any]) -> str:
                     for r in dec["contexts"]
                 ],
             )
-            + f"\n\nNew tokens: {dec['contexts'][0]['new_tokens_kv']} with the KV cache, {dec['contexts'][0]['new_tokens_recompute']} without (each step re-runs the whole sequence)."
+            + f"\n\nNew tokens: {dec['contexts'][0]['new_tokens_kv']} with the KV cache, {dec['contexts'][0]['new_tokens_recompute']} without (each step re-runs the whole sequence). "
+            "Token checks are `-` where the engine's KV step decodes with int4/int8 copies of the weights and the other two with the float model."
         )
     lk = results.get("lookup")
     if lk:
@@ -941,6 +952,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", default=None, help="hub id, folder or .gguf (default: the bundled SmolLM2-135M-Instruct)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default auto)")
     parser.add_argument("--dtype", default=None, help="auto, float32, bfloat16 or float16 (default: the engine's)")
+    parser.add_argument("--weights", choices=WEIGHT_FORMATS, default=None, help="weight format (default: the engine's, as the app: auto, int4 decode on a CPU)")
     parser.add_argument("--cache-budget-mb", type=float, default=1024.0, help="prefix-cache budget (default 1024)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice, one per core)")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (default 5 full, 2 quick)")
@@ -948,6 +960,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rerender", metavar="JSON", help="measure nothing: rebuild the tables, targets and chart from a results JSON")
     parser.add_argument("--only", nargs="*", choices=["shared_prefix", "conversation", "rag", "decode", "lookup", "memory"], help="run only these workloads")
     return parser.parse_args(argv)
+
+
+def _decodes_own_weights(engine: Engine) -> bool:
+    """Whether the engine's decode step uses the model's own weights (a float format), as ``model.generate`` does."""
+    return engine.info()["weights"] not in QUANTIZED
 
 
 def _rotated(items: list, shift: int) -> list:

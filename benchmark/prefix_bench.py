@@ -56,6 +56,7 @@ from benchmark.common import (
 from cache import PrefixCache, SizedKV, SlotAllocator
 from engine import Engine
 from engine.kv import kv_bytes_per_token
+from engine.quality import same_tokens
 from engine.quant import QUANTIZED, WEIGHT_FORMATS
 
 
@@ -305,15 +306,16 @@ def bench_shared_prefix(engine: Engine, hf: Transformers, cfg: BenchConfig) -> d
         ids_a, ids_b = all_ids[0], all_ids[1]
         ref_a, ref_b = hf.generate(ids_a, cfg.check_tokens), hf.generate(ids_b, cfg.check_tokens)
         own_a, own_b = (engine.generate(q, system_prompt=system, max_new_tokens=cfg.check_tokens, use_prefix_cache=False).token_ids for q in (qa, qb))
+        same = lambda result, expected: same_tokens(engine, result.prompt_token_ids, result.token_ids, expected)  # noqa: E731
         engine.cache.clear()
         e_miss = engine.generate(qa, system_prompt=system, max_new_tokens=cfg.check_tokens)
         e_hit = engine.generate(qa, system_prompt=system, max_new_tokens=cfg.check_tokens)
         e_partial = engine.generate(qb, system_prompt=system, max_new_tokens=cfg.check_tokens)
         _, _, recipe_b = hf.recipe(ids_b, recipe_cache, cfg.check_tokens)
         checks = {
-            "engine_miss": e_miss.token_ids == own_a,
-            "engine_hit": e_hit.token_ids == own_a,
-            "engine_partial": e_partial.token_ids == own_b,
+            "engine_miss": same(e_miss, own_a),
+            "engine_hit": same(e_hit, own_a),
+            "engine_partial": same(e_partial, own_b),
             "recipe_partial": recipe_b == ref_b,
             "engine_equals_generate": own_a == ref_a and own_b == ref_b if _decodes_own_weights(engine) else None,
         }
@@ -448,7 +450,7 @@ def _bench_sequence(engine: Engine, hf: Transformers, requests: list[dict[str, A
                 "model_ttft_on_ms": summarize(models["on"][i]),
                 "model_ttft_off_ms": summarize(models["off"][i]),
                 "generate_wall_ttft_ms": summarize(walls["generate"][i]),
-                "tokens_equal": on.token_ids == off.token_ids,
+                "tokens_equal": same_tokens(engine, on.prompt_token_ids, on.token_ids, off.token_ids),
             }
         )
         t = turns[-1]
@@ -458,7 +460,7 @@ def _bench_sequence(engine: Engine, hf: Transformers, requests: list[dict[str, A
             flush=True,
         )
     total = {m: sum(t[f"wall_ttft_{m}_ms"]["median"] for t in turns) for m in ("on", "off")}
-    return {"turns": turns, "sum_wall_ttft_on_ms": total["on"], "sum_wall_ttft_off_ms": total["off"], "all_tokens_equal": all(t["tokens_equal"] for t in turns)}
+    return {"turns": turns, "sum_wall_ttft_on_ms": total["on"], "sum_wall_ttft_off_ms": total["off"], "all_tokens_equal": all(t["tokens_equal"] is True for t in turns)}
 
 
 # ---------------------------------------------------------------------- 4. decode
@@ -744,7 +746,7 @@ def render_markdown(results: dict[str, Any]) -> str:
             "\nSame greedy tokens (the warm-up round, "
             f"{results['config']['check_tokens']} new tokens): the engine's miss, hit and partial hit against its own run without the prefix cache; "
             "the recipe against plain `model.generate`; the engine against `model.generate` only where it decodes with the model's own weights "
-            "(`-` for int4/int8, whose step decodes with other weights). `recipe_exact` is the recipe when the cache already holds the whole prompt, "
+            "(`-` for int4/int8, whose step decodes with other weights); `tie`: parting at a bf16 tie, as in the multi-turn table. `recipe_exact` is the recipe when the cache already holds the whole prompt, "
             "which transformers does not support: a mismatch there is the expected failure.\n\n"
             + markdown_table(["prefix tok", *checks], [(r["prefix_tokens"], *[fmt(r["checks"].get(k)) for k in checks]) for r in sp["sizes"]])
             + "\n\nThe recipe's one-off prefix prefill (not in its TTFT above): "
@@ -774,7 +776,9 @@ def render_markdown(results: dict[str, Any]) -> str:
                     for t in seq["turns"]
                 ],
             )
-            + f"\n\nSum of TTFT medians: {seq['sum_wall_ttft_on_ms']:,.0f} ms on vs {seq['sum_wall_ttft_off_ms']:,.0f} ms off."
+            + f"\n\nSum of TTFT medians: {seq['sum_wall_ttft_on_ms']:,.0f} ms on vs {seq['sum_wall_ttft_off_ms']:,.0f} ms off. "
+            "Same tokens: `yes` equal; `tie` parting where the float model's top two logits are within two bf16 steps "
+            "(a step that rounds activations to bf16, int4/int8, may pick either; `engine/quality.py`); `NO` otherwise."
         )
     dec = results.get("decode")
     if dec:

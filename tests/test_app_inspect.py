@@ -92,6 +92,8 @@ def test_verify_must_be_a_real_bool(app_server_public, value):
 def test_verify_counts_twice_against_the_session_limit():
     """A verified request is two requests' work: it takes two of a session's in-flight places."""
     from ui.service import Job
+    from ui.sessions import Session
 
     noop = lambda job: None  # noqa: E731
-    assert Job("c", "ns", {"verify": True}, noop, noop).cost == 2 and Job("c", "ns", {}, noop, noop).cost == 1
+    session = Session(key="c", client="session:c", anonymous=False)
+    assert Job(session, "ns", {"verify": True}, noop, noop).cost == 2 and Job(session, "ns", {}, noop, noop).cost == 1

@@ -450,7 +450,8 @@ def _bench_sequence(engine: Engine, hf: Transformers, requests: list[dict[str, A
                 "model_ttft_on_ms": summarize(models["on"][i]),
                 "model_ttft_off_ms": summarize(models["off"][i]),
                 "generate_wall_ttft_ms": summarize(walls["generate"][i]),
-                "tokens_equal": same_tokens(engine, on.prompt_token_ids, on.token_ids, off.token_ids),
+                # None: an earlier turn parted, so the two modes' histories (their own answers), and prompts, differ
+                "tokens_equal": same_tokens(engine, on.prompt_token_ids, on.token_ids, off.token_ids) if on.prompt_token_ids == off.prompt_token_ids else None,
             }
         )
         t = turns[-1]
@@ -778,7 +779,8 @@ def render_markdown(results: dict[str, Any]) -> str:
             )
             + f"\n\nSum of TTFT medians: {seq['sum_wall_ttft_on_ms']:,.0f} ms on vs {seq['sum_wall_ttft_off_ms']:,.0f} ms off. "
             "Same tokens: `yes` equal; `tie` parting where the float model's top two logits are within two bf16 steps "
-            "(a step that rounds activations to bf16, int4/int8, may pick either; `engine/quality.py`); `NO` otherwise."
+            "(a step that rounds activations to bf16, int4/int8, may pick either; `engine/quality.py`); `NO` otherwise; "
+            "`-` where an earlier turn parted, so that each mode's history (its own answers) and prompt differ."
         )
     dec = results.get("decode")
     if dec:

@@ -9,7 +9,7 @@ import torch
 from conftest import make_tiny_model
 from engine import Engine, EngineConfig, quant
 from engine.kv import GrowingKVLayer, kv_bytes_per_token, new_model_cache
-from test_quant import equivalence_statuses
+from test_quant import EQUIVALENCE_STATUSES, equivalence_statuses
 
 SYSTEM = "You are a careful assistant. Answer briefly and precisely, in plain words. " * 3
 QUESTIONS = ["What is machine learning?", "Name three prime numbers.", "Why is the sky blue?"]
@@ -90,5 +90,5 @@ def test_kv_dtype_with_other_weight_formats(tokenizer, fmt, kv_dtype):
     """A KV dtype other than the compute dtype of a quantized or bf16 model keeps every cache path equal to no cache."""
     model = quant.apply_format(make_tiny_model(tokenizer), fmt)
     engine = Engine(model, tokenizer, EngineConfig(min_cached_tokens=4, kv_dtype=kv_dtype), name=f"tiny-{fmt}")
-    assert equivalence_statuses(engine) == ["miss", "hit", "partial", "miss", "partial"]
+    assert equivalence_statuses(engine) == EQUIVALENCE_STATUSES
     assert engine.pool.dtype == {"fp32": torch.float32, "bf16": torch.bfloat16}[kv_dtype]

@@ -13,6 +13,9 @@ SYSTEM = "You are a careful assistant. Answer briefly and precisely, in plain wo
 N = 8
 
 
+EQUIVALENCE_STATUSES = ["miss", "hit", "partial", "partial", "miss", "partial"]  # what equivalence_statuses walks through
+
+
 def equivalence_statuses(engine: Engine, bf16_ties: bool = False) -> list[str]:
     """Miss, exact hit, partial hit, a conversation's next turn and strict-prefix hit each give the tokens of a run with no cache at all.
 
@@ -43,7 +46,7 @@ def test_cached_equals_uncached_within_each_format_tiny(tokenizer, fmt):
     """Within one weight format, every prefix-cache path reproduces the uncached greedy tokens (tiny model)."""
     model = quant.apply_format(make_tiny_model(tokenizer), fmt)
     engine = Engine(model, tokenizer, EngineConfig(min_cached_tokens=4), name=f"tiny-{fmt}")
-    assert equivalence_statuses(engine) == ["miss", "hit", "partial", "partial", "miss", "partial"]
+    assert equivalence_statuses(engine) == EQUIVALENCE_STATUSES
     assert engine.info()["weights"] == fmt
     assert engine.dtype == (torch.bfloat16 if fmt == "bf16" else torch.float32)  # int8/int4 prefill in fp32: KV in fp32
 
@@ -62,7 +65,7 @@ def test_bundled_model_equivalence_and_quality_per_format(quality_reference, fmt
     ids, reference = quality_reference
     engine = Engine.from_pretrained(device=TEST_DEVICE, weights=fmt, cache_budget_mb=8, min_cached_tokens=4)
     assert engine.info()["weights"] == fmt
-    assert equivalence_statuses(engine, bf16_ties=True) == ["miss", "hit", "partial", "partial", "miss", "partial"]
+    assert equivalence_statuses(engine, bf16_ties=True) == EQUIVALENCE_STATUSES
     scores = teacher_forced(engine, ids).against(reference)
     assert scores["top1_agreement"] >= MIN_TOP1_AGREEMENT and scores["nll_ratio"] <= MAX_NLL_RATIO, scores
 

@@ -70,7 +70,6 @@ class Job:
     """
 
     def __init__(self, session: Session, namespace: str, kwargs: dict[str, Any], on_cancel: Callable[["Job"], None], on_end: Callable[["Job"], None]) -> None:
-        self.client = session.client  # what the round robin serves in turn
         self.session = session  # what the in-flight limits count (its client and its address)
         self.cost = 2 if kwargs.get("verify") else 1  # a verified request runs twice: it counts twice against the limits
         self.namespace = namespace
@@ -79,6 +78,11 @@ class Job:
         self._items: queue.SimpleQueue = queue.SimpleQueue()
         self._on_cancel = on_cancel
         self._on_end = on_end
+
+    @property
+    def client(self) -> str:
+        """What the round robin serves in turn: the session's client."""
+        return self.session.client
 
     def cancel(self) -> None:
         """Stop the job: one still waiting leaves the queue now, a running one at its next token."""

@@ -120,8 +120,8 @@ def inductor_options() -> dict[str, bool]:
     folded in as constants) gave no speed here (49.2 tok/s at 512 without it, 47-49 with it, in
     runs beside llama-server at 34.6), since the int4 and int8 kernels take prepacked weights
     anyway, and it cost time at every start: a compile from a warm inductor cache took 23 s with
-    it, 13 s without. Without ``cpp_wrapper`` a cold compile is faster (118 s against 189 s in one
-    pair of side runs) and decode slower (42 against 49 tok/s).
+    it, 13 s without. Without ``cpp_wrapper`` a cold compile takes 70-78 s instead of 125-136 s,
+    and decode is 3-6% slower (47.7 against 50.7 tok/s at 512, in one process, runs alternated).
     """
     return {"cpp_wrapper": True}
 
@@ -185,6 +185,7 @@ class _Serialised:
         if k_buffers[0].dtype != self.dtype:  # the graph was built for the engine's KV dtype: another would recompile mid-request
             return self.eager(tokens, pos, k_buffers, v_buffers)
         for buffer in (*k_buffers, *v_buffers):
-            torch._dynamo.mark_dynamic(buffer, 2)
+            if 2 not in getattr(buffer, "_dynamo_dynamic_indices", ()):  # once per buffer: marking 60 took ~170 µs a step
+                torch._dynamo.mark_dynamic(buffer, 2)
         with self.lock:
             return self.graph(tokens, pos, k_buffers, v_buffers)

@@ -29,7 +29,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmark.common import fmt_stat, machine_info, markdown_table, print_machine_info, settled_decode_step, question, summarize, text_of_tokens, write_results
+from benchmark.common import fmt_stat, machine_info, markdown_table, print_machine_info, question, settled_decode_step, summarize, text_of_tokens, write_results
 from engine import Engine
 from engine.quality import passes, quality_token_ids, teacher_forced
 

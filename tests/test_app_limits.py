@@ -207,6 +207,15 @@ def test_minted_sessions_and_forged_forwarding_do_not_get_past_the_address_limit
     wait_inflight(url, 0, within_s=2.0)
 
 
+@pytest.mark.parametrize("forwarded", [",,", "6.6.6.6,", "<script>, ::1", "9" * 8_000])  # httpx sends no value with edge spaces
+def test_odd_forwarded_headers_are_answered_and_the_app_keeps_serving(app_server_behind_proxy, forwarded):
+    """Attack: empty, markup and 8 KB X-Forwarded-For values, anonymous: a clear answer (never a 500), and the server goes on."""
+    url = app_server_behind_proxy.url
+    response = httpx.post(url + "/generate", json=body(secret_system_prompt(), max_new_tokens=1), headers={"X-Forwarded-For": forwarded}, timeout=60)
+    assert response.status_code in (200, 400, 431, 503), response.text
+    assert httpx.get(url + "/health", timeout=10).json()["ready"]
+
+
 # ---------------------------------------------------------------------- memory
 
 

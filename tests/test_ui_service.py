@@ -171,6 +171,9 @@ def test_session_ids_resolve_whole_and_cookies_must_be_signed():
         (2, "6.6.6.6, 203.0.113.9, 10.0.0.5", "203.0.113.9"),  # two proxies: the outer one's entry
         (2, "203.0.113.9", "10.0.0.1"),  # fewer entries than proxies: not through them, the peer counts
         (1, "", "10.0.0.1"),
+        (1, "6.6.6.6, ", "10.0.0.1"),  # an empty entry where the proxy's should be: the peer, never the client's claim
+        (1, " , ,", "10.0.0.1"),
+        (1, "x" * 10_000, "x" * 10_000),  # odd text is only a dict key, never parsed or logged
     ],
 )
 def test_forwarded_addresses_are_read_from_the_right(hops, forwarded, address):

@@ -149,7 +149,7 @@ def build_demo(service: EngineService, issuer: SessionIssuer, planner: Planner) 
                     clear_button = gr.Button("Clear cache", size="sm", variant="stop")
                 tree_colour = gr.Radio(list(charts.TREE_COLOURS), value="hits", label="Tree colour", info="hits, or time since last use", elem_id="kv-tree-colour")
                 cache_tree = gr.Plot(charts.tree_figure([]), show_label=False, elem_id="kv-tree-plot")
-            build_plan_tab(planner)
+            build_plan_tab(planner, issuer.request_address)
             with gr.Tab("API"):
                 gr.Markdown(_api_help(service))
 
@@ -358,7 +358,7 @@ def build_demo(service: EngineService, issuer: SessionIssuer, planner: Planner) 
         gr.api(api_unpin_cache, api_name="unpin_cache")
         gr.api(api_cache_stats, api_name="cache_stats", concurrency_limit=None)
         gr.api(api_clear_cache, api_name="clear_cache", concurrency_limit=None)
-        gr.api(plan_api(planner), api_name="plan", concurrency_limit=1)  # ui/planner.py: a workload replay, no model work
+        gr.api(plan_api(planner, issuer.request_address), api_name="plan", concurrency_limit=1)  # ui/planner.py: a workload replay, no model work
     return demo
 
 
@@ -439,8 +439,8 @@ def build_rest(service: EngineService, issuer: SessionIssuer, planner: Planner) 
     @api.post("/plan", openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": PlanBody.model_json_schema()}}}})
     async def rest_plan(request: Request) -> JSONResponse:
         """Replay a workload trace across budgets and policies (ui/planner.py). Body: PlanBody, the trace up to 2 MiB."""
-        status, body = await asyncio.to_thread(run_plan_rest, planner, await request.body())
-        return JSONResponse(body, status_code=status)
+        status, body = await asyncio.to_thread(run_plan_rest, planner, await request.body(), issuer.request_address(request))
+        return JSONResponse(body, status_code=status, headers={"Retry-After": str(Busy.retry_after_s)} if status == 503 else None)
 
     @api.get("/health")
     def health() -> dict:

@@ -104,3 +104,101 @@ def test_gradio_client_plan(app_server_public):
     assert client.predict(prompts, api_name="/plan")["trace_kind"] == "prompt"
     with pytest.raises(AppError, match="line 1: hash_ids must be a list"):
         client.predict('{"hash_ids": 5, "input_length": 3}', api_name="/plan")
+
+
+# ---------------------------------------------------------------------- fair turns between callers
+
+
+def test_turns_keep_a_refused_callers_place_and_let_places_lapse():
+    """The line: empty lets anyone start; a refused caller goes first; the one who just ran waits behind; places lapse."""
+    from ui.planner import Turns
+
+    now = [0.0]
+    turns = Turns(kept_s=30, clock=lambda: now[0], max_waiting=2)
+    assert turns.may_start("a")
+    turns.started("a")
+    turns.wait("b")  # refused while a ran
+    assert not turns.may_start("a") and turns.may_start("b")
+    turns.wait("a")  # a loops: it joins behind b
+    turns.started("b")
+    assert turns.may_start("a") and not turns.may_start("c")
+    turns.wait("c")  # the line is full (a, c): d is refused without a place
+    turns.wait("d")
+    now[0] = 29.0
+    turns.wait("c")  # c tried again: its place is kept 30 s from now, a's lapses at 30
+    now[0] = 30.5
+    assert turns.may_start("c") and not turns.may_start("d")
+    now[0] = 60.0
+    assert turns.may_start("d")  # every place lapsed: anyone may start
+
+
+def test_a_looping_caller_cannot_keep_the_planner_from_another():
+    """Planner: while a's plan runs, b is refused and keeps its place; a, done and trying again at once, waits for b."""
+    import threading
+
+    from ui.planner import Planner, parse_plan
+    from ui.service import Busy
+
+    inside, release = threading.Event(), threading.Event()
+
+    class SlowTokenizer:
+        def prompt_ids(self, messages):
+            inside.set()
+            release.wait(30)
+            return [1, 2, 3]
+
+        def reply_ids(self, text):
+            return [4]
+
+    planner = Planner(lambda: SlowTokenizer())
+    body = parse_plan({"trace": '{"prompt": "hello"}', "budgets": "inf"})
+    worker = threading.Thread(target=planner.run, args=(body,), kwargs={"caller": "address:a"})
+    worker.start()
+    assert inside.wait(30)
+    with pytest.raises(Busy, match="another workload plan is running; your place in line is kept"):
+        planner.run(body, caller="address:b")
+    release.set()
+    worker.join(30)
+    with pytest.raises(Busy, match="other callers are waiting"):
+        planner.run(body, caller="address:a")
+    assert planner.run(body, caller="address:b").requests == 1
+    assert planner.run(body, caller="address:a").requests == 1  # a was refused after b: its turn came
+
+
+def _long_block_trace(requests: int = 1500, blocks: int = 30) -> str:
+    """A block trace that keeps the planner busy for seconds (~3 s here with auto budgets, two policies), under the 2 MiB cap."""
+    return "\n".join(json.dumps({"timestamp": i, "input_length": blocks * 512, "output_length": 1, "hash_ids": [i % 7] + list(range(1000 + i % 97, 999 + i % 97 + blocks))}) for i in range(requests))
+
+
+def test_plan_turns_over_http_between_two_addresses(app_server_behind_proxy):
+    """Behind the simulated proxy, two addresses: b, refused while a's long plan runs, gets the next plan; a's
+    immediate retry is a 503 with the reason and Retry-After; then a's turn comes. The planner keeps serving."""
+    import threading
+    import time
+
+    def post(address: str, trace: str, budgets: str = "inf") -> httpx.Response:
+        with httpx.Client(base_url=app_server_behind_proxy.url, timeout=180) as client:
+            return client.post("/plan", json={"trace": trace, "budgets": budgets, "policies": "lru,lfu"}, headers={"X-Forwarded-For": address})
+
+    def run_long() -> None:
+        while (response := post("10.0.0.1", _long_block_trace(), "auto")).status_code == 503:  # b's tiny plan may have gone first
+            time.sleep(0.05)
+        long["response"] = response
+
+    long: dict = {}
+    worker = threading.Thread(target=run_long)
+    worker.start()
+    refused = None
+    while worker.is_alive():  # b tries until a's plan holds the slot
+        refused = post("10.0.0.2", BLOCK_TRACE)
+        if refused.status_code == 503:
+            break
+        time.sleep(0.05)
+    worker.join(180)
+    assert long["response"].status_code == 200, long["response"].text
+    assert refused is not None and refused.status_code == 503, "a's plan ended before b was refused: make the long trace longer"
+    assert "another workload plan is running" in refused.json()["detail"] and refused.headers["retry-after"]
+    again = post("10.0.0.1", BLOCK_TRACE)
+    assert again.status_code == 503 and "other callers are waiting" in again.json()["detail"], again.text
+    assert post("10.0.0.2", BLOCK_TRACE).status_code == 200
+    assert post("10.0.0.1", BLOCK_TRACE).status_code == 200

@@ -24,6 +24,7 @@ PLAN_MAX_REQUESTS = 20_000
 PLAN_MAX_UNITS = 2_000_000  # tokens (or blocks of a block trace) over all requests
 PLAN_MAX_BUDGETS = 12
 PLAN_TIME_LIMIT_S = 60.0  # a replay still running after this stops with an error
+PLAN_TURN_KEPT_S = 30.0  # a caller refused while another's plan ran keeps its place in line this long after its last try
 MAX_PIN_TTL_S = 24 * 3600  # a pin lasts at most a day without a hit (per-session mode: also the default)
 
 # The page's generation defaults. Its repetition control is picked by measurement on the page's own

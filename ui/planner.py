@@ -10,7 +10,9 @@ Three doors, one validation (:func:`parse_plan`) and one bounded runner (:class:
 
 The trace is bounded in bytes, requests and tokens before any replay, one plan runs at a time on
 the server (a second gets :class:`~ui.service.Busy`), and a replay past ``PLAN_TIME_LIMIT_S`` stops
-with an error. Replays run in throwaway caches over metered pools (``cache.replay``), never in the
+with an error. Turns are fair between addresses (:class:`Turns`): a caller refused while another's
+plan runs keeps its place in line, so a client that loops on ``/plan`` cannot keep the planner
+from everyone else. Replays run in throwaway caches over metered pools (``cache.replay``), never in the
 live one; no path the client names is ever opened (the page's upload arrives as bytes), and model
 configs are picked by name from the shipped ones only. Text traces are tokenized by the served
 engine's tokenizer, as its requests are. No business logic here beyond wiring: it is ``cache.replay``'s.
@@ -50,7 +52,7 @@ from cache.replay import (
     plan,
     rows_csv,
 )
-from ui.limits import PLAN_MAX_BUDGETS, PLAN_MAX_REQUESTS, PLAN_MAX_TRACE_BYTES, PLAN_MAX_UNITS, PLAN_TIME_LIMIT_S
+from ui.limits import PLAN_MAX_BUDGETS, PLAN_MAX_REQUESTS, PLAN_MAX_TRACE_BYTES, PLAN_MAX_UNITS, PLAN_TIME_LIMIT_S, PLAN_TURN_KEPT_S
 from ui.schemas import BadRequest, describe
 from ui.service import Busy, NotReady
 
@@ -151,23 +153,69 @@ class PlanResult:
         return head + "\n\n" + "\n".join(f"- {knee_sentence(self.rows, p)}" for p in dict.fromkeys(r.policy for r in self.rows))
 
 
+class Turns:
+    """The line for the one planner slot: who may start a plan when it is free.
+
+    A caller refused while the slot is taken gets a place in line, kept ``kept_s`` after its last
+    try. While anyone is in line only the first may start; the others (a caller who just had its
+    go included) join the line behind. A client that loops on ``/plan`` so gets every other go at
+    most, never all of them; a place whose caller does not come back lapses. At most ``max_waiting``
+    places are kept. Not thread-safe: the :class:`Planner` holds its lock around every call.
+
+    Example:
+        >>> turns = Turns(kept_s=30); turns.may_start("address:a")
+        True
+        >>> turns.wait("address:b"); turns.may_start("address:a"), turns.may_start("address:b")
+        (False, True)
+    """
+
+    def __init__(self, kept_s: float = PLAN_TURN_KEPT_S, clock: Callable[[], float] = time.monotonic, max_waiting: int = 256) -> None:
+        self.kept_s, self._clock, self.max_waiting = kept_s, clock, max_waiting
+        self._line: dict[str, float] = {}  # caller -> when its place lapses, in the order they joined
+
+    def may_start(self, caller: str) -> bool:
+        self._drop_lapsed()
+        return not self._line or next(iter(self._line)) == caller
+
+    def wait(self, caller: str) -> None:
+        """``caller`` was refused: keep (or refresh) its place at the end of the line."""
+        self._drop_lapsed()
+        if caller in self._line or len(self._line) < self.max_waiting:
+            self._line[caller] = self._clock() + self.kept_s
+
+    def started(self, caller: str) -> None:
+        self._line.pop(caller, None)
+
+    def _drop_lapsed(self) -> None:
+        now = self._clock()
+        for caller in [c for c, until in self._line.items() if until <= now]:
+            del self._line[caller]
+
+
 class Planner:
-    """Runs plans one at a time, bounded in size and time, on throwaway caches.
+    """Runs plans one at a time, bounded in size and time, on throwaway caches, in fair turns between callers.
 
     Args:
         tokenizer: Returns the served engine's chat tokenizer (raises ``NotReady`` while it loads);
             called only for text traces.
     """
 
-    def __init__(self, tokenizer: Callable[[], TextTokenizer], time_limit_s: float = PLAN_TIME_LIMIT_S) -> None:
+    def __init__(self, tokenizer: Callable[[], TextTokenizer], time_limit_s: float = PLAN_TIME_LIMIT_S, turns: Turns | None = None) -> None:
         self._tokenizer = tokenizer
         self.time_limit_s = time_limit_s
-        self._running = threading.Lock()
+        self.turns = turns or Turns()
+        self._lock = threading.Lock()  # guards _running and the turns
+        self._running = False
 
-    def run(self, body: PlanBody, progress: Callable[[int, int], None] | None = None) -> PlanResult:
-        """Replay ``body.trace``; raises ``ValueError`` (bad trace, too much work), ``Busy`` or ``NotReady``."""
-        if not self._running.acquire(blocking=False):
-            raise Busy("another workload plan is running; try again in a few seconds")
+    def run(self, body: PlanBody, progress: Callable[[int, int], None] | None = None, caller: str = "address:unknown") -> PlanResult:
+        """Replay ``body.trace`` for ``caller`` (its address); raises ``ValueError`` (bad trace, too much work), ``Busy`` or ``NotReady``."""
+        with self._lock:
+            if self._running or not self.turns.may_start(caller):
+                why = "another workload plan is running" if self._running else "other callers are waiting for the planner"
+                self.turns.wait(caller)
+                raise Busy(f"{why}; your place in line is kept for {self.turns.kept_s:g} s: try again in a few seconds")
+            self._running = True
+            self.turns.started(caller)
         try:
             t0 = time.monotonic()
             model = load_model_size(body.model)
@@ -180,14 +228,18 @@ class Planner:
                 raise ValueError(f"{exc} (the limit here is {self.time_limit_s:g} s)") from None
             return PlanResult(model, body.kv_dtype, settings.kv_bytes_per_token, trace.kind, len(trace.requests), rows, time.monotonic() - t0)
         finally:
-            self._running.release()
+            with self._lock:
+                self._running = False
 
 
 # ---------------------------------------------------------------------- the page tab
 
 
-def build_plan_tab(planner: Planner) -> None:
-    """The "Plan your workload" tab; call inside ``gr.Tabs()``. Its event is private: scripts use ``/plan``."""
+def build_plan_tab(planner: Planner, address_of: Callable[[Any], str]) -> None:
+    """The "Plan your workload" tab; call inside ``gr.Tabs()``. Its event is private: scripts use ``/plan``.
+
+    ``address_of``: the caller's address from its request (``SessionIssuer.request_address``), for the planner's turns.
+    """
     with gr.Tab("Plan your workload"):
         gr.Markdown(
             "Should prefix caching be on, and how much memory should it get? Upload a workload as JSON Lines "
@@ -215,7 +267,7 @@ def build_plan_tab(planner: Planner) -> None:
             csv_file = gr.File(label="Download CSV", interactive=False)
             json_file = gr.File(label="Download JSON", interactive=False)
 
-        def on_plan(data: Any, model_name: Any, dtype: Any, budget_text: Any, chosen: Any, block: Any, progress=gr.Progress()):
+        def on_plan(data: Any, model_name: Any, dtype: Any, budget_text: Any, chosen: Any, block: Any, request: gr.Request, progress=gr.Progress()):
             def fields() -> dict:
                 if not isinstance(data, bytes):
                     raise ValueError("upload a JSONL trace first")
@@ -225,7 +277,7 @@ def build_plan_tab(planner: Planner) -> None:
                 return dict(trace=data.decode("utf-8"), model=model_name, kv_dtype=dtype, budgets=budget_text, policies=policies, block_size=block_size)
 
             progress(0, desc="reading the trace")
-            result = _gradio_call(planner, fields, lambda done, total: progress(done / total, desc=f"replay {done} of {total}"))
+            result = _gradio_call(planner, fields, address_of(request), lambda done, total: progress(done / total, desc=f"replay {done} of {total}"))
             folder = Path(tempfile.mkdtemp(prefix="kvci-plan-"))
             (folder / "plan.csv").write_text(rows_csv(result.rows))
             (folder / "plan.json").write_text(json.dumps(result.to_dict(), indent=2))
@@ -241,7 +293,7 @@ def build_plan_tab(planner: Planner) -> None:
         )
 
 
-def plan_api(planner: Planner) -> Callable[..., dict]:
+def plan_api(planner: Planner, address_of: Callable[[Any], str]) -> Callable[..., dict]:
     """The gradio_client ``/plan`` function (register with ``gr.api(..., api_name="plan")``)."""
 
     def plan_endpoint(
@@ -252,31 +304,32 @@ def plan_api(planner: Planner) -> Callable[..., dict]:
         policies: str = "lru",
         block_size: int = DEFAULT_BLOCK_SIZE,
         prefill_tokens_per_s: float = DEFAULT_PREFILL_TOKENS_PER_S,
+        request: gr.Request = None,
     ) -> dict:
         """Replay a JSONL trace (text) through the prefix cache; returns the rows per policy × budget and each policy's knee."""
         raw = dict(trace=trace, model=model, kv_dtype=kv_dtype, budgets=budgets, policies=policies, block_size=block_size, prefill_tokens_per_s=prefill_tokens_per_s)
-        return _gradio_call(planner, lambda: raw).to_dict()
+        return _gradio_call(planner, lambda: raw, address_of(request)).to_dict()
 
     return plan_endpoint
 
 
-def run_rest(planner: Planner, raw: bytes) -> tuple[int, dict]:
-    """``POST /plan``: (status, body). 422 for a bad body, 400 for a bad trace or too much work, 503 when busy or loading."""
+def run_rest(planner: Planner, raw: bytes, caller: str) -> tuple[int, dict]:
+    """``POST /plan`` from ``caller`` (its address): (status, body). 422 for a bad body, 400 for a bad trace or too much work, 503 when busy or loading."""
     try:
         body = parse_plan(raw)
     except BadRequest as exc:
         return 422, {"detail": str(exc)}
     try:
-        return 200, planner.run(body).to_dict()
+        return 200, planner.run(body, caller=caller).to_dict()
     except (Busy, NotReady) as exc:
         return 503, {"detail": str(exc)}
     except ValueError as exc:
         return 400, {"detail": str(exc)}
 
 
-def _gradio_call(planner: Planner, fields: Callable[[], dict], progress: Callable[[int, int], None] | None = None) -> PlanResult:
+def _gradio_call(planner: Planner, fields: Callable[[], dict], caller: str, progress: Callable[[int, int], None] | None = None) -> PlanResult:
     """A page or gradio_client plan: bad input, a busy server or a loading model become a gr.Error with the message."""
     try:
-        return planner.run(parse_plan(fields()), progress)
+        return planner.run(parse_plan(fields()), progress, caller)
     except (ValueError, Busy, NotReady) as exc:
         raise gr.Error(str(exc)) from None

@@ -114,6 +114,11 @@ class SessionIssuer:
         client = getattr(request, "client", None)
         return self.resolve(request.headers, request.cookies, getattr(client, "host", None))
 
+    def request_address(self, request: Any) -> str:
+        """``address:<ip>`` of a Starlette or Gradio request, as :meth:`resolve` gives it (what needs no session: the planner's turns)."""
+        client = getattr(request, "client", None)
+        return "address:" + self.client_address(getattr(request, "headers", {}) or {}, getattr(client, "host", None))
+
     def client_address(self, headers: Mapping[str, str], peer: str | None) -> str:
         """The caller's address: the peer's, or behind ``proxy_hops`` trusted proxies the X-Forwarded-For
         entry the outermost of them wrote, counted from the right.

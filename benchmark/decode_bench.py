@@ -72,18 +72,29 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     global DEVICE, MODEL
     DEVICE, MODEL = args.device, args.model
-    on_cpu = torch.device(DEVICE).type == "cpu"
     if args.child == "compile-time":
         return compile_time_child(args.formats[0])
+    if args.child or "TORCHINDUCTOR_CACHE_DIR" in os.environ:  # a child, or a folder the caller chose: use it
+        return run(args)
+    # One fresh inductor cache folder for the run, removed after it (children inherit it): the first
+    # compile of a format is cold, later ones warm.
+    with tempfile.TemporaryDirectory(prefix="decode-bench-inductor-") as folder:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = folder
+        try:
+            return run(args)
+        finally:
+            del os.environ["TORCHINDUCTOR_CACHE_DIR"]
 
+
+def run(args) -> dict:
+    """The measurements (``main`` gives them their inductor cache folder); a child prints its results as JSON."""
+    on_cpu = torch.device(DEVICE).type == "cpu"
     child = args.child == "measure"
     info = machine_info(DEVICE, {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "model": MODEL or "bundled"})
     if not child:
         print_machine_info(info)
     bandwidth = copy_bandwidth()
     results: dict = {"machine": info, "copy_bandwidth_gb_s": bandwidth / 1e9, "formats": {}}
-    # One fresh inductor cache folder for the run (children inherit it): the first compile of a format is cold, later ones warm.
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="decode-bench-inductor-"))
     if not child and not args.no_compile:
         results["compile_seconds"] = {name: compile_times(name) for name in args.compile_times}
         print(f"compile seconds: {json.dumps(results['compile_seconds'])}", flush=True)
@@ -212,8 +223,8 @@ def avx2_figure(args) -> dict:
     cmd = ["--child", "measure", "--formats", "int4", "--contexts", "512", "--repeats", str(args.repeats), "--new-tokens", str(args.new_tokens)]
     # Its own inductor cache folder, as engine/compiled.py keeps one per kind of kernels: inductor's
     # cache key leaves the kind out, and the AVX-512 graph of this run decodes zeros under AVX2.
-    env = {"ATEN_CPU_CAPABILITY": "avx2", "TORCHINDUCTOR_CACHE_DIR": tempfile.mkdtemp(prefix="decode-bench-inductor-avx2-")}
-    child = _child(cmd + (["--no-compile"] if args.no_compile else []), env)
+    with tempfile.TemporaryDirectory(prefix="decode-bench-inductor-avx2-") as folder:
+        child = _child(cmd + (["--no-compile"] if args.no_compile else []), {"ATEN_CPU_CAPABILITY": "avx2", "TORCHINDUCTOR_CACHE_DIR": folder})
     row = child["formats"]["int4"]
     return {"cpu_capability": child["machine"]["cpu_capability"], "eager_512": row.get("eager_512"), "compiled_512": row.get("compiled_512"), "compile": row.get("compile")}
 

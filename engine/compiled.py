@@ -114,16 +114,22 @@ class StepCompiler:
 
 
 def inductor_options() -> dict[str, bool]:
-    """``cpp_wrapper`` (the kernels called from C++, not Python), and no ``freezing``.
+    """``cpp_wrapper`` (the kernels called from C++, not Python), built separately; no ``freezing``.
 
-    Measured on the bundled model's int4 step (benchmark/README.md): ``freezing`` (the weights
-    folded in as constants) gave no speed here (49.2 tok/s at 512 without it, 47-49 with it, in
-    runs beside llama-server at 34.6), since the int4 and int8 kernels take prepacked weights
-    anyway, and it cost time at every start: a compile from a warm inductor cache took 23 s with
-    it, 13 s without. Without ``cpp_wrapper`` a cold compile takes 70-78 s instead of 125-136 s,
-    and decode is 3-6% slower (47.7 against 50.7 tok/s at 512, in one process, runs alternated).
+    Measured on the bundled model's int4 step (benchmark/README.md), each pair in one process with
+    the runs alternated:
+
+    - ``cpp_wrapper_build_separate``: the C++ wrapper (one call per kernel, 30 layers of them) is
+      compiled at ``-O1`` apart from the kernels at ``-O3``, instead of all of it in one file at
+      ``-O3``, a single g++ process of about 80 s. A cold compile takes 51-75 s instead of
+      110-144 s, and decode is 3-8% slower (48.8 against 51.6 tok/s at 512 tokens; a ``-O2``
+      wrapper gave 48.4, so the loss is the kernels no longer inlined into the wrapper). Taken for
+      the cold start: a Space without persistent storage compiles cold at every restart.
+    - ``cpp_wrapper`` itself: without it decode is 3-6% slower again (47.7 against 50.7 tok/s).
+    - ``freezing`` (the weights folded in as constants) gave no speed (the int4 and int8 kernels
+      take prepacked weights anyway) and cost ~10 s at every start from a warm cache (23 s, 13 s without).
     """
-    return {"cpp_wrapper": True}
+    return {"cpp_wrapper": True, "cpp_wrapper_build_separate": True}
 
 
 def use_cache_folder(folder: Path) -> None:

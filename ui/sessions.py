@@ -96,7 +96,7 @@ class SessionIssuer:
         Raises:
             BadSession: an id was sent but is not of the allowed form.
         """
-        address = "address:" + self.client_address(headers, peer)
+        address = self._address(headers, peer)
         given = _bearer(headers.get("authorization", "")) or headers.get(SESSION_HEADER.lower(), "").strip()
         if given:
             if not _ID_PATTERN.fullmatch(given):
@@ -111,13 +111,11 @@ class SessionIssuer:
         """:meth:`resolve` for a Starlette or Gradio request (None: a direct Python call, nobody's session)."""
         if request is None:
             return self.resolve({}, {}, None)
-        client = getattr(request, "client", None)
-        return self.resolve(request.headers, request.cookies, getattr(client, "host", None))
+        return self.resolve(request.headers, request.cookies, _peer(request))
 
     def request_address(self, request: Any) -> str:
-        """``address:<ip>`` of a Starlette or Gradio request, as :meth:`resolve` gives it (what needs no session: the planner's turns)."""
-        client = getattr(request, "client", None)
-        return "address:" + self.client_address(getattr(request, "headers", {}) or {}, getattr(client, "host", None))
+        """The ``address:<ip>`` :meth:`resolve_request` gives a session, without resolving one (the planner's turns need no session)."""
+        return self._address({} if request is None else request.headers, _peer(request))
 
     def client_address(self, headers: Mapping[str, str], peer: str | None) -> str:
         """The caller's address: the peer's, or behind ``proxy_hops`` trusted proxies the X-Forwarded-For
@@ -132,6 +130,9 @@ class SessionIssuer:
 
     # ------------------------------------------------------------------ helpers
 
+    def _address(self, headers: Mapping[str, str], peer: str | None) -> str:
+        return "address:" + self.client_address(headers, peer)
+
     def _known(self, identity: str, address: str) -> Session:
         key = hashlib.sha256(identity.encode()).hexdigest()
         return Session(key=key, client="session:" + key, anonymous=False, address=address)
@@ -144,3 +145,8 @@ class SessionIssuer:
 def _bearer(authorization: str) -> str:
     scheme, _, token = authorization.strip().partition(" ")
     return token.strip() if scheme.lower() == "bearer" else ""
+
+
+def _peer(request: Any) -> str | None:
+    """The host of the connection a Starlette or Gradio request came on (None when there is none)."""
+    return getattr(getattr(request, "client", None), "host", None)

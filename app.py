@@ -36,10 +36,11 @@ from ui.scenarios import load_examples, load_scenarios, run_scenario
 from ui.schemas import BadRequest, GenerateBody, SaveBody, UnpinBody, WarmBody, parse_body
 from ui.security import Guard
 from ui.service import Busy, EngineService, NotAllowed, NotReady
-from ui.sessions import ID_RULE, SESSION_HEADER, BadSession, Session, SessionIssuer
+from ui.sessions import ID_RULE, SESSION_HEADER, Session, SessionIssuer
 from ui.settings import parse_settings
 
 ASSETS = Path(__file__).resolve().parent / "assets"
+RETRY_AFTER = {"Retry-After": str(Busy.retry_after_s)}  # on every 503: when to try again
 SHARED_PUBLIC_WARNING = (
     "This public server shares one prefix cache among all visitors (--allow-shared-public): the time to "
     "the first token and the count of reused tokens tell anyone whether someone else sent the same "
@@ -198,7 +199,8 @@ def build_demo(service: EngineService, issuer: SessionIssuer, planner: Planner) 
 
         def on_inspect(state: charts.SessionHistory, colour: Any, request: gr.Request) -> tuple[str, Any, Any]:
             if not service.ready:
-                return "The model is still loading.", None, None
+                reason = service.not_ready_reason()
+                return reason[:1].upper() + reason[1:] + ".", None, None
             session = session_of(request)
             check_colour(colour)
             rows = service.entries(session, state.owned_by(session.key).sequences)
@@ -391,7 +393,7 @@ def build_rest(service: EngineService, issuer: SessionIssuer, planner: Planner) 
             job = service.stream(_session(issuer, request), **body.engine_kwargs())
             result = await job.aresult_unless(request.is_disconnected)  # None: the client left, the job is cancelled
         except (NotReady, Busy) as exc:
-            return _error(503, str(exc), {"Retry-After": str(Busy.retry_after_s)})
+            return _error(503, str(exc), RETRY_AFTER)
         except ValueError as exc:
             return _error(400, str(exc))
         if result is None:
@@ -401,46 +403,33 @@ def build_rest(service: EngineService, issuer: SessionIssuer, planner: Planner) 
     @api.get("/cache/stats")
     def rest_cache_stats(request: Request) -> JSONResponse:
         """Prefix-cache statistics for this client's scope."""
-        return _rest_call(lambda: service.stats(_session(issuer, request)))
+        return _answer(lambda: service.stats(_session(issuer, request)))
 
     @api.post("/cache/clear")
     def rest_cache_clear(request: Request) -> JSONResponse:
         """Clear this client's namespace (or everything, for a local shared-mode app); 403 where not allowed."""
-        return _rest_call(lambda: service.clear(_session(issuer, request)))
+        return _answer(lambda: service.clear(_session(issuer, request)), status=lambda done: 403 if done.get("cleared") == "nothing" else 200)
 
     @api.post("/cache/warm", openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": WarmBody.model_json_schema()}}}})
     def rest_cache_warm(request: Request, raw: bytes = Depends(_body_bytes)) -> JSONResponse:
         """Prefill a system prompt or messages into this client's namespace, maybe pinned. Body: WarmBody. 422 bad body, 403 a pin not allowed, 400 refused."""
-        return _pin_call(raw, WarmBody, lambda body: service.warm(_session(issuer, request), body.message_dicts(), pin=body.pin, ttl_s=body.ttl_s))
+        return _body_call(raw, WarmBody, lambda body: service.warm(_session(issuer, request), body.message_dicts(), pin=body.pin, ttl_s=body.ttl_s))
 
     @api.post("/cache/unpin", openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": UnpinBody.model_json_schema()}}}})
     def rest_cache_unpin(request: Request, raw: bytes = Depends(_body_bytes)) -> JSONResponse:
         """Drop the pin of a system prompt or messages in this client's own namespace. Body: UnpinBody. 404 no such pin, 403 not allowed."""
-        return _pin_call(raw, UnpinBody, lambda body: service.unpin(_session(issuer, request), body.message_dicts()))
+        return _body_call(raw, UnpinBody, lambda body: service.unpin(_session(issuer, request), body.message_dicts()), status=lambda done: 404 if done["unpinned"] is False else 200)
 
     @api.post("/cache/save")
     def rest_cache_save(raw: bytes = Depends(_body_bytes)) -> JSONResponse:
         """Save the prefix cache to --cache-dir now (local servers only: 403 on a public one). No body, or `{}`."""
-        try:
-            parse_body(raw or b"{}", SaveBody)
-        except BadRequest as exc:
-            return _error(422, str(exc))
-        try:
-            return JSONResponse(service.save_cache())
-        except NotAllowed as exc:
-            return _error(403, str(exc))
-        except NotReady as exc:
-            return _error(503, str(exc))
-        except ValueError as exc:
-            return _error(400, str(exc))
-        except OSError as exc:
-            return _error(500, f"the snapshot could not be written: {exc}")
+        return _body_call(raw or b"{}", SaveBody, lambda body: service.save_cache())
 
     @api.post("/plan", openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": PlanBody.model_json_schema()}}}})
     async def rest_plan(request: Request) -> JSONResponse:
         """Replay a workload trace across budgets and policies (ui/planner.py). Body: PlanBody, the trace up to 2 MiB."""
         status, body = await asyncio.to_thread(run_plan_rest, planner, await request.body(), issuer.request_address(request))
-        return JSONResponse(body, status_code=status, headers={"Retry-After": str(Busy.retry_after_s)} if status == 503 else None)
+        return JSONResponse(body, status_code=status, headers=RETRY_AFTER if status == 503 else None)
 
     @api.get("/health")
     def health() -> dict:
@@ -526,32 +515,32 @@ def _warm_message(done: dict[str, Any]) -> str:
     return f"Warmed {done['tokens']} tokens ({done['prefilled']} prefilled, {done['reused']} already cached){pinned}."
 
 
-def _pin_call(raw: bytes, schema: type, call: Callable[[Any], dict[str, Any]]) -> JSONResponse:
-    """A warm or unpin route's answer: 422 a bad body, 403 not allowed, 503 busy or loading, 400 refused, 404 nothing to unpin."""
+def _body_call(raw: bytes, schema: type, call: Callable[[Any], dict[str, Any]], status: Callable[[dict[str, Any]], int] = lambda done: 200) -> JSONResponse:
+    """A route with a JSON body: 422 for a body that fails ``schema``, else ``_answer`` of the call with the parsed body."""
     try:
         body = parse_body(raw, schema)
     except BadRequest as exc:
         return _error(422, str(exc))
-    try:
-        outcome = call(body)
-    except NotAllowed as exc:
-        return _error(403, str(exc))
-    except (NotReady, Busy) as exc:
-        return _error(503, str(exc), {"Retry-After": str(Busy.retry_after_s)})
-    except ValueError as exc:  # BadSession too: a malformed session id
-        return _error(400, str(exc))
-    return JSONResponse(outcome, status_code=404 if outcome.get("unpinned") is False else 200)
+    return _answer(lambda: call(body), status)
 
 
-def _rest_call(call: Any) -> JSONResponse:
-    """A small REST route's answer: 400 for a malformed session id, 503 while loading, 403 where not allowed."""
+def _answer(call: Callable[[], dict[str, Any]], status: Callable[[dict[str, Any]], int] = lambda done: 200) -> JSONResponse:
+    """A cache route's answer, one mapping of the service's refusals for them all.
+
+    403 not allowed; 503 with Retry-After while loading or busy; 400 refused (a malformed session id
+    too); 500 a snapshot that could not be written. Otherwise the outcome, with ``status(outcome)``.
+    """
     try:
         outcome = call()
-    except BadSession as exc:
+    except NotAllowed as exc:  # before OSError: NotAllowed is a PermissionError
+        return _error(403, str(exc))
+    except (NotReady, Busy) as exc:
+        return _error(503, str(exc), RETRY_AFTER)
+    except ValueError as exc:
         return _error(400, str(exc))
-    except NotReady as exc:
-        return _error(503, str(exc))
-    return JSONResponse(outcome, status_code=403 if outcome.get("cleared") == "nothing" else 200)
+    except OSError as exc:  # only /cache/save writes files
+        return _error(500, f"the snapshot could not be written: {exc}")
+    return JSONResponse(outcome, status_code=status(outcome))
 
 
 def _error(status_code: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:

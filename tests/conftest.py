@@ -119,8 +119,9 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch_app(log_dir: Path, *flags: str, env_extra: dict[str, str] | None = None) -> AppServer:
-    """Start `python app.py` on a free port and wait until /health says the model is loaded."""
+def launch_app(log_dir: Path, *flags: str, env_extra: dict[str, str] | None = None, expect_load_error: bool = False) -> AppServer:
+    """Start `python app.py` on a free port and wait until /health says the model is loaded (or, with
+    ``expect_load_error``, that it could not be)."""
     port = _free_port()
     log_path = log_dir / f"app-{port}.log"
     env = {k: v for k, v in os.environ.items() if k not in ("SPACE_ID", "GRADIO_SERVER_NAME", "GRADIO_SERVER_PORT") and not k.startswith("KVCI_")}
@@ -142,7 +143,7 @@ def launch_app(log_dir: Path, *flags: str, env_extra: dict[str, str] | None = No
             pytest.fail(f"app.py exited with {process.returncode}:\n{server.log_tail()}")
         try:
             health = httpx.get(server.url + "/health", timeout=5).json()
-            if health["ready"]:
+            if health["ready"] or (expect_load_error and health["error"]):
                 return server
             if health["error"]:
                 stop_app(server)

@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
+from conftest import launch_app, stop_app
 from test_app_isolation import Page, bearer, body, secret_system_prompt
 from ui.limits import MAX_BODY_BYTES
 
@@ -256,3 +257,42 @@ def test_rss_settles_after_2000_sessions(app_server_public):
     after = rss_mib(pid)
     print(f"RSS {before:.0f} -> {after:.0f} MiB after {SESSIONS} sessions in {elapsed:.1f} s")
     assert after - before < RSS_GROWTH_BOUND_MIB, f"RSS grew {after - before:.0f} MiB ({before:.0f} -> {after:.0f})"
+
+
+# ---------------------------------------------------------------------- a model that cannot load
+
+
+def test_an_app_whose_model_cannot_load_refuses_every_route_with_503_the_reason_and_retry_after(tmp_path):
+    """A broken model folder: the process keeps serving; REST, /v1 and the page's events all say why (503
+    with Retry-After on HTTP, the reason in a gr.Error on the page), and /health reports the error."""
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "no-such-architecture"}')
+    server = launch_app(tmp_path, "--model", str(broken), expect_load_error=True)
+    try:
+        url = server.url
+        health = httpx.get(url + "/health").json()
+        assert not health["ready"] and "could not be loaded" in health["error"], health
+        calls = [
+            ("POST", "/generate", body("Hello there.")),
+            ("GET", "/cache/stats", None),
+            ("POST", "/cache/clear", None),
+            ("POST", "/cache/warm", {"system_prompt": "You are terse."}),
+            ("POST", "/cache/unpin", {"system_prompt": "You are terse."}),
+            ("POST", "/cache/save", None),
+            ("POST", "/v1/chat/completions", {"model": "any", "messages": [{"role": "user", "content": "Hi"}]}),
+        ]
+        for method, path, json_body in calls:
+            response = httpx.request(method, url + path, json=json_body, timeout=30)
+            assert response.status_code == 503, (path, response.status_code, response.text)
+            assert int(response.headers["retry-after"]) > 0, path
+            assert "could not be loaded" in response.text, (path, response.text)
+        page = Page(url)
+        inspected = page.event("on_inspect", None, "hits")  # the inspector's text says why
+        assert inspected.status_code == 200 and inspected.json()["data"][0].startswith("The model could not be loaded"), inspected.text
+        cleared = page.event("on_clear", None, "hits")  # a gr.Error with the reason
+        assert "could not be loaded" in cleared.json().get("error", ""), cleared.text
+        assert httpx.get(url + "/health").json()["error"] == health["error"] and server.process.poll() is None
+    finally:
+        stop_app(server)
+

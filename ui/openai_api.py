@@ -361,7 +361,7 @@ def _model_card(service: EngineService) -> dict[str, Any]:
 
 def _check_model(service: EngineService, model: str) -> None:
     if not service.ready:
-        raise ApiError(503, service.load_error or "the model is still loading; try again in a few seconds", type_="server_error", code="model_loading", headers={"Retry-After": str(Busy.retry_after_s)})
+        raise ApiError(503, service.not_ready_reason(), type_="server_error", code="model_loading", headers={"Retry-After": str(Busy.retry_after_s)})
     served = _served_model(service)
     if model != served:
         raise ApiError(404, f"The model `{model[:100]}` does not exist. This server serves `{served}` (GET /v1/models).", param="model", code="model_not_found")

@@ -584,7 +584,11 @@ class EngineService:
 
     def _backend_ready(self) -> None:
         if not self._ready:
-            raise NotReady(self.load_error or "the model is still loading; try again in a few seconds")
+            raise NotReady(self.not_ready_reason())
+
+    def not_ready_reason(self) -> str:
+        """Why requests are refused before the model is ready: the load's error, or that it is still loading."""
+        return self.load_error or "the model is still loading; try again in a few seconds"
 
 
 # ---------------------------------------------------------------------- helpers

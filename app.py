@@ -34,7 +34,7 @@ from ui.openai_api import add_openai_routes
 from ui.planner import PlanBody, Planner, build_plan_tab, plan_api, run_rest as run_plan_rest
 from ui.scenarios import load_examples, load_scenarios, run_scenario
 from ui.schemas import BadRequest, GenerateBody, SaveBody, UnpinBody, WarmBody, parse_body
-from ui.security import Guard
+from ui.security import Guard, UploadBudget
 from ui.service import Busy, EngineService, NotAllowed, NotReady
 from ui.sessions import ID_RULE, SESSION_HEADER, Session, SessionIssuer
 from ui.settings import parse_settings
@@ -48,7 +48,7 @@ SHARED_PUBLIC_WARNING = (
 )
 
 
-def build_demo(service: EngineService, issuer: SessionIssuer, planner: Planner) -> gr.Blocks:
+def build_demo(service: EngineService, issuer: SessionIssuer, planner: Planner, uploads: UploadBudget) -> gr.Blocks:
     """The page. Every UI event is private: scripts use the named API endpoints at the end."""
     scenarios = load_scenarios()
     private = dict(api_visibility="private")
@@ -63,7 +63,7 @@ def build_demo(service: EngineService, issuer: SessionIssuer, planner: Planner) 
         if colour not in charts.TREE_COLOURS:
             raise gr.Error(f"tree colour: pick one of {', '.join(charts.TREE_COLOURS)}")
 
-    with gr.Blocks(title="KV cache & prefix cache, measured", analytics_enabled=False) as demo:
+    with gr.Blocks(title="KV cache & prefix cache, measured", analytics_enabled=False, delete_cache=uploads.delete_cache()) as demo:  # uploads and plan files go after a while
         # Keyed by Gradio's session_hash, which a client can copy: handlers bind it to the server's session.
         history = gr.State(charts.SessionHistory(), time_to_live=SESSION_STATE_TTL_S)
 
@@ -364,7 +364,7 @@ def build_demo(service: EngineService, issuer: SessionIssuer, planner: Planner) 
     return demo
 
 
-def build_rest(service: EngineService, issuer: SessionIssuer, planner: Planner) -> FastAPI:
+def build_rest(service: EngineService, issuer: SessionIssuer, planner: Planner, uploads: UploadBudget) -> FastAPI:
     """REST routes, behind the Guard middleware; defined before Gradio is mounted at "/" so they take precedence."""
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -437,7 +437,7 @@ def build_rest(service: EngineService, issuer: SessionIssuer, planner: Planner) 
         return service.status()
 
     add_openai_routes(api, service, issuer)  # /v1/chat/completions, /v1/completions, /v1/models: ui/openai_api.py
-    api.add_middleware(Guard, check_host=service.settings.is_local, issuer=issuer, routes=lambda: api.routes)
+    api.add_middleware(Guard, check_host=service.settings.is_local, issuer=issuer, routes=lambda: api.routes, uploads=uploads)
     return api
 
 
@@ -449,11 +449,12 @@ def main() -> None:
     service.start_loading()
     issuer = SessionIssuer(secure_cookie=settings.on_space, trust_proxy=settings.trust_proxy, proxy_hops=settings.proxy_hops)
     planner = Planner(lambda: service.engine.chat)  # one plan at a time, whichever door
+    uploads = UploadBudget(int(settings.upload_budget_mb * 2**20), settings.upload_kept_min * 60)  # trace uploads on disk
     # Gradio's queue lets every event through (no concurrency limit): admission, per-session limits
     # and round-robin fairness are the service's, the same for page, gradio_client and REST.
     app = gr.mount_gradio_app(
-        build_rest(service, issuer, planner),
-        build_demo(service, issuer, planner).queue(default_concurrency_limit=None, max_size=settings.max_queue),
+        build_rest(service, issuer, planner, uploads),
+        build_demo(service, issuer, planner, uploads).queue(default_concurrency_limit=None, max_size=settings.max_queue),
         path="/",
         theme=gr.themes.Soft(primary_hue="emerald", secondary_hue="slate"),
         css_paths=[ASSETS / "style.css"],

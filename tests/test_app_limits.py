@@ -12,6 +12,8 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
+from pathlib import Path
+
 import httpx
 import pytest
 
@@ -296,3 +298,108 @@ def test_an_app_whose_model_cannot_load_refuses_every_route_with_503_the_reason_
     finally:
         stop_app(server)
 
+
+# ---------------------------------------------------------------------- the disk: uploads, deep links, plan files
+
+
+TRACE_LINE = '{"timestamp": 0, "input_length": 1000, "output_length": 10, "hash_ids": [0, 1]}\n'
+
+
+def upload(url: str, data: bytes, address: str | None = None) -> httpx.Response:
+    """The page's file upload (multipart to /gradio_api/upload), from ``address`` behind the app's proxy."""
+    headers = {"X-Forwarded-For": address} if address else {}
+    return httpx.post(url + "/gradio_api/upload", files={"files": ("trace.jsonl", data)}, headers=headers, timeout=60)
+
+
+def test_uploads_past_an_address_share_get_429_and_other_addresses_still_upload(app_server_behind_proxy):
+    """Attack: a script posting 2 MiB uploads in a loop filled the disk (Gradio keeps every upload).
+    Now one address may upload a sixteenth of the 512 MiB budget within the time uploads are kept."""
+    url, flooder = app_server_behind_proxy.url, f"10.7.{uuid.uuid4().int % 250}.1"
+    accepted, refused = 0, None
+    for i in range(20):
+        response = upload(url, (uuid.uuid4().hex.encode() * (1 << 16))[: (2 << 20) - 1024], flooder)  # 2 MiB less 1 KiB, each one distinct
+        if response.status_code != 200:
+            refused = response
+            break
+        accepted += 1
+    assert refused is not None and refused.status_code == 429, (accepted, refused and refused.text)
+    assert accepted == 16 and int(refused.headers["retry-after"]) > 0 and "its share" in refused.json()["detail"], refused.text
+    assert upload(url, b'{"hash_ids": [1]}\n', f"10.8.{uuid.uuid4().int % 250}.1").status_code == 200  # another address
+    assert httpx.get(url + "/health").json()["ready"]
+
+
+def test_uploads_stay_within_the_budget_and_go_after_the_kept_time_and_deep_links_write_nothing(tmp_path, tiny_model_folder):
+    """A 6 MiB budget, uploads kept 3 s: 1 MiB uploads from three addresses fill it (429 past an address's share,
+    503 past everyone's); the disk never holds more; the files are deleted and the budget frees up again.
+    The page's plan files: only the newest plan's stay in the planner's folder. Deep links: 404, no file."""
+    gradio_dir = tmp_path / "gradio"
+    server = launch_app(
+        tmp_path, "--public", "--trust-proxy", "--model", str(tiny_model_folder), "--upload-budget-mb", "6", "--upload-kept-min", "0.05",
+        env_extra={"GRADIO_TEMP_DIR": str(gradio_dir), "TMPDIR": str(tmp_path)},
+    )
+    try:
+        url = server.url
+
+        def on_disk() -> int:
+            return sum(f.stat().st_size for f in gradio_dir.rglob("*") if f.is_file())
+
+        def one_mib(address: str) -> httpx.Response:
+            return upload(url, uuid.uuid4().hex.encode() * (1 << 15), address)  # 1 MiB, distinct
+
+        statuses, paths = [], []
+        for address in ("10.1.0.1", "10.1.0.1", "10.1.0.1", "10.1.0.2", "10.1.0.2", "10.1.0.3", "10.1.0.3"):
+            response = one_mib(address)
+            statuses.append(response.status_code)
+            if response.status_code == 200:
+                paths += response.json()
+            else:
+                assert int(response.headers["retry-after"]) > 0, response.text
+            assert on_disk() <= 6 << 20
+        assert statuses == [200, 200, 429, 200, 200, 200, 503], statuses
+        assert len(paths) == 5 and all(Path(p).is_file() and Path(p).is_relative_to(gradio_dir) for p in paths)
+
+        deadline = time.monotonic() + 30
+        while any(Path(p).exists() for p in paths) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not any(Path(p).exists() for p in paths), "uploads were not deleted after the kept time"
+        deadline = time.monotonic() + 30
+        while (response := one_mib("10.1.0.3")).status_code != 200 and time.monotonic() < deadline:
+            time.sleep(1)  # the budget forgets an upload a few seconds after the file went
+        assert response.status_code == 200, response.text
+
+        page = Page(url)
+        page.event("on_inspect", None, "hits").raise_for_status()  # the session now has page state
+        deep = page.http.get("/gradio_api/deep_link", params={"session_hash": page.session_hash})
+        assert deep.status_code == 404 and not (gradio_dir / "deep_links").exists(), deep.text
+
+        trace = upload(url, (TRACE_LINE * 4).encode(), "10.1.0.4").json()[0]
+        file_data = {"path": trace, "orig_name": "trace.jsonl", "meta": {"_type": "gradio.FileData"}}
+        for _ in range(2):
+            messages = list(page.stream("on_plan", file_data, "llama-3.1-8b", "bf16", "auto", ["lru"], 512))  # succeeds, or the stream asserts
+            assert messages[-1]["output"]["data"][0].startswith("**Llama-3.1-8B**"), messages[-1]
+        planner_folders = list(tmp_path.glob("kvci-plans-*"))
+        assert len(planner_folders) == 1 and len(list(planner_folders[0].iterdir())) == 1  # the newest plan's files only
+        assert server.process.poll() is None
+    finally:
+        stop_app(server)
+
+
+def test_upload_budget_counts_per_address_and_in_all_and_forgets_after_the_window():
+    """The budget with a fake clock: an address's share, everyone's total, Retry-After, and forgetting."""
+    from ui.security import UploadBudget
+
+    now = [0.0]
+    budget = UploadBudget(total=100_000, kept_s=30, per_address=40_000, clock=lambda: now[0])
+    assert budget.delete_cache() == (10, 30) and budget.window_s == 45
+    assert budget.admit("a", 40_000) is None
+    status, reason, headers = budget.admit("a", 1)  # past a's share (a small upload counts 4 KiB)
+    assert status == 429 and headers["Retry-After"] == "45" and "its share" in reason and "in 45 s" in reason
+    now[0] = 20.0
+    assert budget.admit("b", 40_000) is None
+    status, _, headers = budget.admit("c", 40_000)  # past everyone's: 120,000 > 100,000
+    assert status == 503 and headers["Retry-After"] == "25"  # when a's upload at t=0 is forgotten
+    now[0] = 45.0
+    assert budget.admit("c", 40_000) is None and budget.admit("a", 20_000) is None  # a's first upload is forgotten: 100,000
+    assert budget.admit("d", 1)[0] == 503  # refused, and counted nowhere
+    now[0] = 200.0
+    assert budget.admit("d", 40_000) is None and budget._bytes == {"d": 40_000} and budget._sum == 40_000

@@ -25,6 +25,10 @@ PLAN_MAX_UNITS = 2_000_000  # tokens (or blocks of a block trace) over all reque
 PLAN_MAX_BUDGETS = 12
 PLAN_TIME_LIMIT_S = 60.0  # a replay still running after this stops with an error
 PLAN_TURN_KEPT_S = 30.0  # a caller refused while another's plan ran keeps its place in line this long after its last try
+UPLOAD_BUDGET_MB = 512  # trace uploads (/gradio_api/upload) all addresses may have on disk: Gradio keeps each until its sweep
+UPLOAD_KEPT_MIN = 15  # an upload is deleted this long after it was written (gr.Blocks delete_cache), checked every third of it
+UPLOAD_ADDRESS_SHARE = 1 / 16  # of that budget, what one address may fill (at least one whole trace)
+UPLOAD_MIN_CHARGE_BYTES = 4096  # an upload counts at least this much (its folder and file take a block anyway)
 MAX_PIN_TTL_S = 24 * 3600  # a pin lasts at most a day without a hit (per-session mode: also the default)
 
 # The page's generation defaults. Its repetition control is picked by measurement on the page's own

@@ -21,6 +21,7 @@ engine's tokenizer, as its requests are. No business logic here beyond wiring: i
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 import threading
 import time
@@ -267,6 +268,8 @@ def build_plan_tab(planner: Planner, address_of: Callable[[Any], str]) -> None:
             csv_file = gr.File(label="Download CSV", interactive=False)
             json_file = gr.File(label="Download JSON", interactive=False)
 
+        files = Path(tempfile.mkdtemp(prefix="kvci-plans-"))  # this page's CSV and JSON, the newest plan's only
+
         def on_plan(data: Any, model_name: Any, dtype: Any, budget_text: Any, chosen: Any, block: Any, request: gr.Request, progress=gr.Progress()):
             def fields() -> dict:
                 if not isinstance(data, bytes):
@@ -278,7 +281,9 @@ def build_plan_tab(planner: Planner, address_of: Callable[[Any], str]) -> None:
 
             progress(0, desc="reading the trace")
             result = _gradio_call(planner, fields, address_of(request), lambda done, total: progress(done / total, desc=f"replay {done} of {total}"))
-            folder = Path(tempfile.mkdtemp(prefix="kvci-plan-"))
+            for earlier in files.iterdir():  # Gradio copied the last plan's files to its cache (swept in time) as that event ended
+                shutil.rmtree(earlier, ignore_errors=True)
+            folder = Path(tempfile.mkdtemp(dir=files))
             (folder / "plan.csv").write_text(rows_csv(result.rows))
             (folder / "plan.json").write_text(json.dumps(result.to_dict(), indent=2))
             frame = [[getattr(r, f) for f in ("policy", "budget", "requests")] + [f"{r.request_hit_rate:.1%}", f"{r.token_hit_rate:.1%}", r.prompt_tokens, r.reused_tokens, r.peak_bytes, r.evictions, round(r.prefill_s_saved, 2), "knee" if r.knee else ""] for r in result.rows]

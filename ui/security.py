@@ -13,8 +13,11 @@ In order, for each request:
 5. **Body size**: any body over ``MAX_BODY_BYTES`` gets 413, REST and ``/gradio_api/*`` alike, before
    it is parsed, with or without Content-Length. Two paths carry a workload trace and get the
    planner's larger cap, ``PLAN_MAX_BODY_BYTES``: ``POST /plan`` and the page's file upload.
-6. **No CORS**: no ``Access-Control-Allow-*`` header leaves the app; cross-origin callers get nothing.
-7. **Page sessions**: loading the page without a valid session cookie sets a fresh one (``ui.sessions``).
+6. **Disk**: Gradio writes every upload to its cache folder, and a deep link's page state too. An
+   upload must fit the :class:`UploadBudget` (429 over one address's share, 503 over everyone's,
+   both with Retry-After); the app has no deep links, so ``/gradio_api/deep_link`` is 404.
+7. **No CORS**: no ``Access-Control-Allow-*`` header leaves the app; cross-origin callers get nothing.
+8. **Page sessions**: loading the page without a valid session cookie sets a fresh one (``ui.sessions``).
 
 Knows nothing about the engine; the routes still validate what they receive.
 """
@@ -22,14 +25,18 @@ Knows nothing about the engine; the routes still validate what they receive.
 from __future__ import annotations
 
 import json
+import math
+import time
+from collections import deque
 from typing import Awaitable, Callable
 from urllib.parse import urlsplit
 
 from starlette.datastructures import Headers
+from starlette.requests import Request
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ui.limits import MAX_BODY_BYTES, PLAN_MAX_BODY_BYTES
+from ui.limits import MAX_BODY_BYTES, PLAN_MAX_BODY_BYTES, UPLOAD_ADDRESS_SHARE, UPLOAD_MIN_CHARGE_BYTES
 from ui.sessions import COOKIE_NAME, SessionIssuer
 
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "[::1]", "::1"})
@@ -38,19 +45,21 @@ PAGE_PATH = "/"
 UPLOAD_PREFIX = "/gradio_api/upload"  # multipart by design: the planner tab's trace file comes this way
 PLAN_PATHS = ("/plan", UPLOAD_PREFIX)  # bodies up to PLAN_MAX_BODY_BYTES: a workload trace
 OPENAI_PREFIX = "/v1/"  # refusals there use OpenAI's error body (ui/openai_api.py)
+DEEP_LINK_PATH = "/gradio_api/deep_link"  # GET writes the session's page state to disk, once per distinct state
 
 
 class Guard:
     """The middleware. ``routes`` gives the REST routes (read at the first request, when all exist).
 
     Example:
-        >>> app.add_middleware(Guard, check_host=True, issuer=SessionIssuer(False), routes=lambda: api.routes)
+        >>> app.add_middleware(Guard, check_host=True, issuer=SessionIssuer(False), routes=lambda: api.routes, uploads=UploadBudget(2**29, 900))
     """
 
-    def __init__(self, app: ASGIApp, check_host: bool, issuer: SessionIssuer, routes: Callable[[], list]) -> None:
+    def __init__(self, app: ASGIApp, check_host: bool, issuer: SessionIssuer, routes: Callable[[], list], uploads: UploadBudget) -> None:
         self.app = app
         self.check_host = check_host
         self.issuer = issuer
+        self.uploads = uploads
         self._routes = routes
         self._methods: dict[str, set[str]] | None = None
 
@@ -69,6 +78,11 @@ class Guard:
             if body is None:
                 await _respond(send, 413, f"the request body is over the limit of {cap // 1024} KiB; send a shorter {'trace' if cap != MAX_BODY_BYTES else 'prompt'}", path=scope["path"])
                 return
+            if scope["path"].rstrip("/") == UPLOAD_PREFIX:
+                refused = self.uploads.admit(self.issuer.request_address(Request(scope)), len(body))
+                if refused is not None:
+                    await _respond(send, *refused, path=scope["path"])
+                    return
             receive = _replay(body, receive)
         new_cookie = None
         if scope["method"] == "GET" and scope["path"] == PAGE_PATH and self.issuer.cookie_id(_cookie(headers)) is None:
@@ -80,6 +94,8 @@ class Guard:
         host = headers.get("host", "")
         if self.check_host and _hostname(host) not in LOOPBACK_NAMES:
             return 421, f"this server answers only to localhost, 127.0.0.1 or [::1], not {host[:100]!r}", {}
+        if path.rstrip("/") == DEEP_LINK_PATH:
+            return 404, "this app makes no deep links", {}
         allowed = self._rest_methods().get(path)
         if allowed is not None and method not in allowed:
             return 405, f"{path} allows {', '.join(sorted(allowed))}, not {method[:20]}", {"Allow": ", ".join(sorted(allowed))}
@@ -102,6 +118,69 @@ class Guard:
                     methods.setdefault(route.path, set()).update(route.methods | ({"HEAD"} if "GET" in route.methods else set()))
             self._methods = methods
         return self._methods
+
+
+class UploadBudget:
+    """The bytes trace uploads may put on disk: ``total`` from everyone, ``per_address`` from one address.
+
+    Gradio writes each ``/gradio_api/upload`` into its cache folder, and the app's sweep
+    (``gr.Blocks(delete_cache=budget.delete_cache())``) deletes it ``kept_s`` after it was written,
+    looking every ``sweep_s``. So what was admitted over the last ``window_s`` (kept, one sweep, and
+    a few seconds for the write) bounds what uploads hold on disk at any moment. Without it, a script
+    posting 2 MiB uploads in a loop would fill the disk. Runs in the event loop only.
+
+    Example:
+        >>> budget = UploadBudget(512 * 2**20, kept_s=900)
+        >>> budget.admit("address:10.0.0.1", 2 * 2**20) is None
+        True
+    """
+
+    def __init__(self, total: int, kept_s: float, per_address: int | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.total = total
+        self.per_address = per_address or max(int(total * UPLOAD_ADDRESS_SHARE), PLAN_MAX_BODY_BYTES)
+        self.kept_s = max(1, math.ceil(kept_s))
+        self.sweep_s = max(1, self.kept_s // 3)
+        self.window_s = self.kept_s + self.sweep_s + 5
+        self._clock = clock
+        self._admitted: deque[tuple[float, str, int]] = deque()  # (when, address, bytes charged), oldest first
+        self._by_address: dict[str, deque[tuple[float, int]]] = {}  # the same, per address
+        self._bytes: dict[str, int] = {}  # per address, what its deque sums to
+        self._sum = 0
+
+    def delete_cache(self) -> tuple[int, int]:
+        """Gradio's ``delete_cache``: (how often to sweep, how old a file must be to go), in seconds."""
+        return self.sweep_s, self.kept_s
+
+    def admit(self, address: str, size: int) -> tuple[int, str, dict[str, str]] | None:
+        """Count an upload of ``size`` bytes from ``address``; or (status, reason, headers) refusing it, counting nothing."""
+        now = self._clock()
+        while self._admitted and self._admitted[0][0] <= now - self.window_s:
+            self._forget(*self._admitted.popleft())
+        charge = max(size, UPLOAD_MIN_CHARGE_BYTES)
+        window = f"{self.window_s // 60} minutes" if self.window_s >= 120 else f"{self.window_s} s"
+        if self._bytes.get(address, 0) + charge > self.per_address:
+            wait = self._wait(now, self._by_address[address][0][0] if address in self._by_address else now)
+            return 429, f"this address has uploaded {self.per_address / 2**20:.1f} MiB of traces in {window}, its share; try again in {wait} s", {"Retry-After": str(wait)}
+        if self._sum + charge > self.total:
+            wait = self._wait(now, self._admitted[0][0] if self._admitted else now)
+            return 503, f"the server keeps {self.total / 2**20:.0f} MiB of uploaded traces at most, and holds that now; try again in {wait} s", {"Retry-After": str(wait)}
+        self._admitted.append((now, address, charge))
+        self._by_address.setdefault(address, deque()).append((now, charge))
+        self._bytes[address] = self._bytes.get(address, 0) + charge
+        self._sum += charge
+        return None
+
+    def _forget(self, when: float, address: str, charge: int) -> None:
+        """Drop the oldest upload, which is also its address's oldest."""
+        self._sum -= charge
+        self._by_address[address].popleft()
+        self._bytes[address] -= charge
+        if not self._by_address[address]:
+            del self._by_address[address], self._bytes[address]
+
+    def _wait(self, now: float, oldest: float) -> int:
+        """Whole seconds until an upload admitted at ``oldest`` is forgotten."""
+        return max(1, math.ceil(oldest + self.window_s - now))
 
 
 # ---------------------------------------------------------------------- helpers

@@ -15,6 +15,7 @@ from typing import Literal, Mapping, Sequence
 
 from engine.config import KV_DTYPES
 from engine.quant import WEIGHT_FORMATS
+from ui.limits import UPLOAD_BUDGET_MB, UPLOAD_KEPT_MIN
 
 CacheMode = Literal["shared", "per-session"]
 CACHE_MODES: tuple[str, ...] = ("shared", "per-session")
@@ -52,6 +53,8 @@ class AppSettings:
     cache_dir: str | None = None  # the prefix cache is saved here and restored at start (engine/snapshot.py)
     cache_save_interval_min: float = 10.0  # with cache_dir: save every this many minutes (0: only on POST /cache/save and at shutdown)
     persist_session_caches: bool = False  # per-session mode: save sessions' namespaces too (default: only the shared one)
+    upload_budget_mb: float = UPLOAD_BUDGET_MB  # trace uploads on disk at most, all addresses together (ui/security.UploadBudget)
+    upload_kept_min: float = UPLOAD_KEPT_MIN  # an upload is deleted this long after it was written
 
     def __post_init__(self) -> None:
         if self.warm_file is not None and self.cache_mode == "per-session":
@@ -68,6 +71,8 @@ class AppSettings:
             raise ValueError(f"backend_kind must be one of {', '.join(BACKEND_KINDS)}, got {self.backend_kind!r}")
         if self.cache_save_interval_min < 0:
             raise ValueError(f"cache_save_interval_min must be >= 0 (0: no periodic save), got {self.cache_save_interval_min}")
+        if self.upload_budget_mb <= 0 or self.upload_kept_min <= 0:
+            raise ValueError(f"upload_budget_mb and upload_kept_min must be > 0, got {self.upload_budget_mb} and {self.upload_kept_min}")
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
             raise ValueError(f"max_prompt_tokens must be >= 1, got {self.max_prompt_tokens}")
         if self.cache_mode == "shared" and not self.is_local and not self.allow_shared_public:
@@ -143,6 +148,8 @@ def parse_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str]
     parser.add_argument("--cache-dir", default=environ.get("KVCI_CACHE_DIR") or None, help="save the prefix cache here (at shutdown, on POST /cache/save, periodically) and restore it at start (env KVCI_CACHE_DIR)")
     parser.add_argument("--cache-save-interval-min", type=float, default=AppSettings.cache_save_interval_min, help="with --cache-dir: minutes between saves (default 10; 0: off)")
     parser.add_argument("--persist-session-caches", action="store_true", help="with --cache-dir in per-session mode: save every session's namespace, not only the shared one")
+    parser.add_argument("--upload-budget-mb", type=float, default=AppSettings.upload_budget_mb, help=f"MiB of uploaded traces kept on disk at most, all callers together; one address may fill a sixteenth (default {UPLOAD_BUDGET_MB})")
+    parser.add_argument("--upload-kept-min", type=float, default=AppSettings.upload_kept_min, help=f"minutes an uploaded trace is kept before it is deleted (default {UPLOAD_KEPT_MIN})")
     parser.add_argument("--public", action="store_true", help=argparse.SUPPRESS)  # a loopback server that behaves as a public one (tests)
     args = parser.parse_args(argv)
     on_space = bool(environ.get("SPACE_ID"))
@@ -181,6 +188,8 @@ def _settings_from(args: argparse.Namespace, mode: CacheMode, on_space: bool, pu
         cache_dir=args.cache_dir,
         cache_save_interval_min=args.cache_save_interval_min,
         persist_session_caches=args.persist_session_caches,
+        upload_budget_mb=args.upload_budget_mb,
+        upload_kept_min=args.upload_kept_min,
     )
 
 

@@ -122,7 +122,7 @@ def run(args) -> dict:
         results["avx2"] = avx2_figure(args)
     markdown = render(results, args)
     print(markdown)
-    name = "decode_bench" if set(args.formats) == set(FORMATS) else "decode_bench_partial"
+    name = "decode_bench" if set(args.formats) == set(FORMATS) else "decode_bench_" + "_".join(args.formats)  # a run of some formats keeps the others' files
     write_results(name if on_cpu else f"{name}_{torch.device(DEVICE).type}", results, markdown)
     summary = {name: {"eager_512": _median(row, "eager_512"), "compiled_512": _median(row, "compiled_512"), "ceiling": row["ceiling_tok_s"]} for name, row in results["formats"].items()}
     print(json.dumps({"summary": summary, "compile_seconds": results.get("compile_seconds"), "llama_server": results.get("llama_server"), "avx2": results.get("avx2"), "loadavg_end": [round(x, 2) for x in os.getloadavg()]}))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -122,3 +123,19 @@ def test_repetition_controls_are_visible_with_the_page_defaults(page, app_server
     page.locator("#kv-generate").click()
     page.locator("#kv-figures .kv-badge").wait_for()
     assert page.locator("#kv-output textarea").input_value().strip()
+
+
+def test_plan_tab_uploads_a_trace_and_replays_it(page, app_server):
+    """The planner tab in the browser: the file goes through /gradio_api/upload (the guard's budget, no
+    upload-progress tracking), Replay draws the summary, and the CSV is offered for download."""
+    page.goto(app_server.url)
+    page.get_by_text("Model:").first.wait_for()
+    page.get_by_role("tab", name="Plan your workload").click()
+    trace = Path(__file__).resolve().parent.parent / "assets" / "traces" / "mooncake_synthetic.jsonl"
+    page.locator("#kv-plan-trace input[type=file]").set_input_files(str(trace))
+    page.get_by_text("mooncake_synthetic.jsonl").first.wait_for()  # uploaded: the file is listed
+    page.get_by_role("button", name="Replay").click()
+    page.get_by_text("bytes of KV per token").first.wait_for()
+    assert "SmolLM2-135M" in page.get_by_text("bytes of KV per token").first.inner_text()
+    sync_api = pytest.importorskip("playwright.sync_api")
+    sync_api.expect(page.locator("#kv-plan-csv a").first).to_have_attribute("href", re.compile(r"plan\.csv$"), timeout=30_000)  # the download

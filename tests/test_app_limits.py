@@ -7,6 +7,8 @@ kept running, one client taking every slot, and bookkeeping that grew with every
 
 from __future__ import annotations
 
+import os
+import socket
 import threading
 import time
 import uuid
@@ -328,6 +330,21 @@ def test_uploads_past_an_address_share_get_429_and_other_addresses_still_upload(
     assert httpx.get(url + "/health").json()["ready"]
 
 
+def test_upload_progress_keeps_nothing_per_upload_id(app_server_public):
+    """Attack: Gradio kept an entry per upload_id, never freed, for each id an upload named and each id anyone
+    asked /gradio_api/upload_progress about (after a 3 s wait): a loop of GETs with long random ids grew the
+    memory without bound. Now the guard drops upload_id from uploads and answers the progress route 404 at once."""
+    url = app_server_public.url
+    upload_id = uuid.uuid4().hex
+    done = httpx.post(url + "/gradio_api/upload", params={"upload_id": upload_id}, files={"files": ("trace.jsonl", b'{"hash_ids": [1]}\n')}, timeout=60)
+    assert done.status_code == 200, done.text
+    for asked in (upload_id, "x" * 4000):
+        start = time.monotonic()
+        progress = httpx.get(url + "/gradio_api/upload_progress", params={"upload_id": asked}, timeout=10)
+        assert progress.status_code == 404 and "upload progress" in progress.json()["detail"], progress.text
+        assert time.monotonic() - start < 1.0  # refused by the guard, not after Gradio's 3 s wait
+
+
 def test_uploads_stay_within_the_budget_and_go_after_the_kept_time_and_deep_links_write_nothing(tmp_path, tiny_model_folder):
     """A 6 MiB budget, uploads kept 3 s: 1 MiB uploads from three addresses fill it (429 past an address's share,
     503 past everyone's); the disk never holds more; the files are deleted and the budget frees up again.
@@ -403,3 +420,95 @@ def test_upload_budget_counts_per_address_and_in_all_and_forgets_after_the_windo
     assert budget.admit("d", 1)[0] == 503  # refused, and counted nowhere
     now[0] = 200.0
     assert budget.admit("d", 40_000) is None and budget._bytes == {"d": 40_000} and budget._sum == 40_000
+
+
+# ---------------------------------------------------------------------- memory: bodies held at once
+
+
+SLOW_UPLOADS = 200
+
+
+def test_many_slow_uploads_at_once_do_not_hold_more_than_the_body_memory_budget(app_server_behind_proxy):
+    """Attack: 200 connections, each from its own address, declare a 2 MiB upload, send all of it but the
+    last byte and wait. The guard held every body read so far: 400 MiB. Now bodies in memory are bounded
+    (128 MiB in all): most are refused at once with 503, RSS stays bounded, and other requests still pass."""
+    url, pid = app_server_behind_proxy.url, app_server_behind_proxy.process.pid
+    port = int(url.rsplit(":", 1)[1])
+    boundary = "kvci-slow"
+    data = os.urandom((2 << 20) - 4096)
+    body = f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"t.jsonl\"\r\n\r\n".encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    before = rss_mib(pid)
+    sockets, refused = [], 0
+    try:
+        for i in range(SLOW_UPLOADS):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+            head = (f"POST /gradio_api/upload HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nX-Forwarded-For: 10.9.{i // 200}.{i % 200 + 1}\r\n"
+                    f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {len(body)}\r\n\r\n")
+            sock.sendall(head.encode())
+            sock.setblocking(False)
+            try:
+                sock.sendall(body[:-1])  # all but the last byte, then wait
+            except (BlockingIOError, BrokenPipeError, ConnectionResetError):
+                pass  # refused, or the server stopped reading: either way nothing more is sent
+            sockets.append(sock)
+        time.sleep(2)
+        held = rss_mib(pid) - before
+        for sock in sockets:
+            sock.setblocking(True)
+            sock.settimeout(0.2)
+            try:
+                refused += sock.recv(200).startswith(b"HTTP/1.1 503")
+            except (socket.timeout, ConnectionResetError):
+                pass
+        assert httpx.get(url + "/health", timeout=10).json()["ready"]
+        assert upload(url, b'{"hash_ids": [1]}\n', "10.8.250.1").status_code in (200, 503)  # answered, not hung
+        print(f"RSS +{held:.0f} MiB with {SLOW_UPLOADS} slow uploads; {refused} refused at once")
+        assert held < 200, f"{held:.0f} MiB held by {SLOW_UPLOADS} slow 2 MiB uploads"
+        assert refused >= SLOW_UPLOADS // 2
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def test_the_guard_gives_a_body_back_when_its_request_ends_however_it_ends():
+    """BodyBudget through the Guard itself (ASGI, no server): a finished request, a client that went away
+    mid-body and a route that raised all give their bytes back; one address past its share gets 503."""
+    import asyncio
+
+    from ui.security import BodyBudget, Guard, UploadBudget
+    from ui.sessions import SessionIssuer
+
+    async def route(scope, receive, send):
+        if scope["path"] == "/boom":
+            raise RuntimeError("the route failed")
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    bodies = BodyBudget(total=1_000, per_address=600)
+    guard = Guard(route, check_host=False, issuer=SessionIssuer(False), routes=lambda: [], uploads=UploadBudget(10**9, 60), bodies=bodies)
+
+    async def call(path: str, length: int, messages: list[dict]) -> int:
+        scope = {"type": "http", "method": "POST", "path": path, "headers": [(b"content-type", b"application/json"), (b"content-length", str(length).encode())], "client": ("10.0.0.1", 1), "query_string": b""}
+        sent = []
+
+        async def receive():
+            return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+        async def send(message):
+            sent.append(message)
+
+        try:
+            await guard(scope, receive, send)
+        except RuntimeError:
+            return 500
+        return next(m["status"] for m in sent if m["type"] == "http.response.start")
+
+    async def scenario() -> None:
+        assert await call("/ok", 500, [{"type": "http.request", "body": b"x" * 500, "more_body": False}]) == 200
+        assert await call("/gone", 500, [{"type": "http.request", "body": b"x" * 100, "more_body": True}, {"type": "http.disconnect"}]) == 200
+        assert await call("/boom", 500, [{"type": "http.request", "body": b"x" * 500, "more_body": False}]) == 500
+        assert bodies.held == 0 and not bodies._by_address
+        assert await call("/ok", 700, []) == 503  # over the address's 600
+
+    asyncio.run(scenario())

@@ -251,7 +251,7 @@ def build_plan_tab(planner: Planner, address_of: Callable[[Any], str]) -> None:
             "Examples: `assets/traces/` in the repository."
         )
         with gr.Row():
-            trace_file = gr.File(label="Trace (.jsonl)", file_types=[".jsonl", ".json", ".txt"], type="binary", scale=2)
+            trace_file = gr.File(label="Trace (.jsonl)", file_types=[".jsonl", ".json", ".txt"], type="binary", scale=2, elem_id="kv-plan-trace")
             with gr.Column(scale=3):
                 with gr.Row():
                     model = gr.Dropdown(model_config_names(), value=DEFAULT_MODEL_CONFIG, label="Model config")
@@ -265,7 +265,7 @@ def build_plan_tab(planner: Planner, address_of: Callable[[Any], str]) -> None:
         chart = gr.Plot(show_label=False)
         table = gr.DataFrame(headers=TABLE_COLUMNS, interactive=False, label="One row per policy × budget")
         with gr.Row():
-            csv_file = gr.File(label="Download CSV", interactive=False)
+            csv_file = gr.File(label="Download CSV", interactive=False, elem_id="kv-plan-csv")
             json_file = gr.File(label="Download JSON", interactive=False)
 
         files = Path(tempfile.mkdtemp(prefix="kvci-plans-"))  # this page's CSV and JSON, the newest plan's only

@@ -12,10 +12,15 @@ In order, for each request:
    request (text/plain, forms) never reaches a route.
 5. **Body size**: any body over ``MAX_BODY_BYTES`` gets 413, REST and ``/gradio_api/*`` alike, before
    it is parsed, with or without Content-Length. Two paths carry a workload trace and get the
-   planner's larger cap, ``PLAN_MAX_BODY_BYTES``: ``POST /plan`` and the page's file upload.
+   planner's larger cap, ``PLAN_MAX_BODY_BYTES``: ``POST /plan`` and the page's file upload. The
+   bodies held at once fit the :class:`BodyBudget` (503 with Retry-After beyond), so many slow
+   uploads together cannot hold the memory.
 6. **Disk**: Gradio writes every upload to its cache folder, and a deep link's page state too. An
    upload must fit the :class:`UploadBudget` (429 over one address's share, 503 over everyone's,
-   both with Retry-After); the app has no deep links, so ``/gradio_api/deep_link`` is 404.
+   both with Retry-After); the app has no deep links, so ``/gradio_api/deep_link`` is 404. Gradio
+   also kept, for ever, an entry per ``upload_id`` an upload named and per id anyone asked
+   ``/gradio_api/upload_progress`` about; the guard drops ``upload_id`` from uploads and answers
+   that route 404 (the page's upload works without its progress bar).
 7. **No CORS**: no ``Access-Control-Allow-*`` header leaves the app; cross-origin callers get nothing.
 8. **Page sessions**: loading the page without a valid session cookie sets a fresh one (``ui.sessions``).
 
@@ -36,7 +41,7 @@ from starlette.requests import Request
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ui.limits import MAX_BODY_BYTES, PLAN_MAX_BODY_BYTES, UPLOAD_ADDRESS_SHARE, UPLOAD_MIN_CHARGE_BYTES
+from ui.limits import BODY_MEMORY_BYTES, BODY_MEMORY_PER_ADDRESS_BYTES, MAX_BODY_BYTES, PLAN_MAX_BODY_BYTES, RETRY_AFTER_S, UPLOAD_ADDRESS_SHARE, UPLOAD_MIN_CHARGE_BYTES
 from ui.sessions import COOKIE_NAME, SessionIssuer
 
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "[::1]", "::1"})
@@ -46,6 +51,7 @@ UPLOAD_PREFIX = "/gradio_api/upload"  # multipart by design: the planner tab's t
 PLAN_PATHS = ("/plan", UPLOAD_PREFIX)  # bodies up to PLAN_MAX_BODY_BYTES: a workload trace
 OPENAI_PREFIX = "/v1/"  # refusals there use OpenAI's error body (ui/openai_api.py)
 DEEP_LINK_PATH = "/gradio_api/deep_link"  # GET writes the session's page state to disk, once per distinct state
+UPLOAD_PROGRESS_PATH = "/gradio_api/upload_progress"  # GET kept an entry per upload_id asked about, never freed
 
 
 class Guard:
@@ -55,11 +61,12 @@ class Guard:
         >>> app.add_middleware(Guard, check_host=True, issuer=SessionIssuer(False), routes=lambda: api.routes, uploads=UploadBudget(2**29, 900))
     """
 
-    def __init__(self, app: ASGIApp, check_host: bool, issuer: SessionIssuer, routes: Callable[[], list], uploads: UploadBudget) -> None:
+    def __init__(self, app: ASGIApp, check_host: bool, issuer: SessionIssuer, routes: Callable[[], list], uploads: UploadBudget, bodies: BodyBudget | None = None) -> None:
         self.app = app
         self.check_host = check_host
         self.issuer = issuer
         self.uploads = uploads
+        self.bodies = bodies or BodyBudget()
         self._routes = routes
         self._methods: dict[str, set[str]] | None = None
 
@@ -72,22 +79,32 @@ class Guard:
         if refusal is not None:
             await _respond(send, *refusal, path=scope["path"])
             return
-        if scope["method"] in STATE_CHANGING:
+        if scope["method"] not in STATE_CHANGING:
+            new_cookie = self.issuer.new_cookie() if scope["method"] == "GET" and scope["path"] == PAGE_PATH and self.issuer.cookie_id(_cookie(headers)) is None else None
+            await self.app(scope, receive, _filtered(send, new_cookie))
+            return
+        address, held = self.issuer.request_address(Request(scope)), 0
+
+        def hold(size: int) -> None:
+            nonlocal held
+            if not self.bodies.take(address, size):
+                raise _Refused(503, "the server is reading too many request bodies at once; try again in a few seconds", {"Retry-After": str(RETRY_AFTER_S)})
+            held += size
+
+        try:
             cap = PLAN_MAX_BODY_BYTES if scope["path"] in PLAN_PATHS else MAX_BODY_BYTES
-            body = await _read_capped(receive, headers, cap)
-            if body is None:
-                await _respond(send, 413, f"the request body is over the limit of {cap // 1024} KiB; send a shorter {'trace' if cap != MAX_BODY_BYTES else 'prompt'}", path=scope["path"])
-                return
+            body = await _read_capped(receive, headers, cap, hold)
             if scope["path"].rstrip("/") == UPLOAD_PREFIX:
-                refused = self.uploads.admit(self.issuer.request_address(Request(scope)), len(body))
+                refused = self.uploads.admit(address, len(body))
                 if refused is not None:
-                    await _respond(send, *refused, path=scope["path"])
-                    return
-            receive = _replay(body, receive)
-        new_cookie = None
-        if scope["method"] == "GET" and scope["path"] == PAGE_PATH and self.issuer.cookie_id(_cookie(headers)) is None:
-            new_cookie = self.issuer.new_cookie()
-        await self.app(scope, receive, _filtered(send, new_cookie))
+                    raise _Refused(*refused)
+                scope = {**scope, "query_string": b""}  # no upload_id: Gradio would track its progress for ever
+        except _Refused as refusal:
+            await _respond(send, *refusal.args, path=scope["path"])
+        else:
+            await self.app(scope, _replay(body, receive), _filtered(send, None))  # the body stays held until the request ends
+        finally:
+            self.bodies.give_back(address, held)
 
     def _refusal(self, method: str, path: str, headers: Headers) -> tuple[int, str, dict[str, str]] | None:
         """(status, message, extra headers) for a request refused before any route, else None."""
@@ -96,6 +113,8 @@ class Guard:
             return 421, f"this server answers only to localhost, 127.0.0.1 or [::1], not {host[:100]!r}", {}
         if path.rstrip("/") == DEEP_LINK_PATH:
             return 404, "this app makes no deep links", {}
+        if path.rstrip("/") == UPLOAD_PROGRESS_PATH:
+            return 404, "this app does not track upload progress", {}
         allowed = self._rest_methods().get(path)
         if allowed is not None and method not in allowed:
             return 405, f"{path} allows {', '.join(sorted(allowed))}, not {method[:20]}", {"Allow": ", ".join(sorted(allowed))}
@@ -183,6 +202,40 @@ class UploadBudget:
         return max(1, math.ceil(oldest + self.window_s - now))
 
 
+class BodyBudget:
+    """Request bodies held in memory at once: ``total`` bytes for everyone, ``per_address`` for one address.
+
+    The guard reads a whole body before a route sees it (to cap its size), and the body stays in
+    memory until its request ends. Without a bound, 200 connections that each declared a 2 MiB
+    upload and sent it slowly held 400 MiB, and thousands would exhaust the memory. A body holds its
+    declared length (or, without one, each chunk as it comes) until its request ends; past either
+    limit the request is refused before more is read. Runs in the event loop only.
+    """
+
+    def __init__(self, total: int = BODY_MEMORY_BYTES, per_address: int = BODY_MEMORY_PER_ADDRESS_BYTES) -> None:
+        self.total, self.per_address = total, per_address
+        self.held = 0
+        self._by_address: dict[str, int] = {}
+
+    def take(self, address: str, size: int) -> bool:
+        """Hold ``size`` more bytes for ``address``; False, holding nothing, past a limit."""
+        if self.held + size > self.total or self._by_address.get(address, 0) + size > self.per_address:
+            return False
+        self.held += size
+        self._by_address[address] = self._by_address.get(address, 0) + size
+        return True
+
+    def give_back(self, address: str, size: int) -> None:
+        if not size:
+            return
+        self.held -= size
+        left = self._by_address[address] - size
+        if left:
+            self._by_address[address] = left
+        else:
+            del self._by_address[address]
+
+
 # ---------------------------------------------------------------------- helpers
 
 
@@ -205,11 +258,15 @@ def _has_body(headers: Headers) -> bool:
     return headers.get("content-length", "0") not in ("", "0") or "transfer-encoding" in headers
 
 
-async def _read_capped(receive: Receive, headers: Headers, cap: int) -> bytes | None:
-    """The whole body, or None when it is (or declares itself) over ``cap`` bytes; never reads past it."""
+async def _read_capped(receive: Receive, headers: Headers, cap: int, hold: Callable[[int], None]) -> bytes:
+    """The whole body, never reading past ``cap`` bytes; ``hold`` reserves its memory first (the declared
+    length, or each chunk of a body without one). Raises ``_Refused``: 413 over ``cap``, or ``hold``'s."""
+    too_large = _Refused(413, f"the request body is over the limit of {cap // 1024} KiB; send a shorter {'trace' if cap != MAX_BODY_BYTES else 'prompt'}", {})
     declared = headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > cap:
-        return None
+    if declared.isdigit():
+        if int(declared) > cap:
+            raise too_large
+        hold(int(declared))
     chunks, size = [], 0
     while True:
         message = await receive()
@@ -218,11 +275,17 @@ async def _read_capped(receive: Receive, headers: Headers, cap: int) -> bytes | 
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > cap:
-            return None
+            raise too_large
+        if not declared.isdigit():
+            hold(len(chunk))
         chunks.append(chunk)
         if not message.get("more_body", False):
             break
     return b"".join(chunks)
+
+
+class _Refused(Exception):
+    """A request refused by the guard once it has started reading: (status, message, extra headers)."""
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

@@ -29,7 +29,7 @@ from engine.snapshot import status_line as snapshot_line
 from engine.sampling import NO_REPEAT_NGRAM_MAX, REPETITION_PENALTY_MAX, REPETITION_PENALTY_MIN
 from ui import backend_view, charts
 from ui.components import RawSlider, RawTextbox
-from ui.limits import MAX_NEW_TOKENS, PAGE_MAX_NEW_TOKENS, PAGE_NO_REPEAT_NGRAM_SIZE, PAGE_REPETITION_PENALTY, SESSION_STATE_TTL_S
+from ui.limits import MAX_NEW_TOKENS, PAGE_MAX_NEW_TOKENS, PAGE_NO_REPEAT_NGRAM_SIZE, PAGE_REPETITION_PENALTY, RETRY_AFTER, SESSION_STATE_TTL_S
 from ui.openai_api import add_openai_routes
 from ui.planner import PlanBody, Planner, build_plan_tab, plan_api, run_rest as run_plan_rest
 from ui.scenarios import load_examples, load_scenarios, run_scenario
@@ -40,7 +40,6 @@ from ui.sessions import ID_RULE, SESSION_HEADER, Session, SessionIssuer
 from ui.settings import parse_settings
 
 ASSETS = Path(__file__).resolve().parent / "assets"
-RETRY_AFTER = {"Retry-After": str(Busy.retry_after_s)}  # on every 503: when to try again
 SHARED_PUBLIC_WARNING = (
     "This public server shares one prefix cache among all visitors (--allow-shared-public): the time to "
     "the first token and the count of reused tokens tell anyone whether someone else sent the same "

@@ -16,6 +16,7 @@ MAX_BODY_BYTES = 256 * 1024  # any larger request body (REST or /gradio_api) get
 BODY_MEMORY_BYTES = 128 * 2**20  # request bodies held in memory at once, all requests together (beyond: 503)
 BODY_MEMORY_PER_ADDRESS_BYTES = 16 * 2**20  # ... and those of one address
 RETRY_AFTER_S = 5  # what a 503 (busy) asks the client to wait
+RETRY_AFTER = {"Retry-After": str(RETRY_AFTER_S)}  # the header of every busy or loading refusal
 MAX_CHART_RECORDS = 200  # a page session's chart history keeps the newest this many requests
 SESSION_STATE_TTL_S = 3600  # a page session's gr.State is dropped this long after its last change
 

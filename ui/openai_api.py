@@ -33,7 +33,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from engine import GenerationResult
-from ui.limits import MAX_NEW_TOKENS, MAX_PROMPT_CHARS
+from ui.limits import MAX_NEW_TOKENS, MAX_PROMPT_CHARS, RETRY_AFTER
 from ui.schemas import BadRequest, ConversationBody, describe, parse_body
 from ui.service import Busy, EngineService, Job, NotReady
 from ui.sessions import ID_RULE, BadSession, SessionIssuer
@@ -235,9 +235,9 @@ def _start(service: EngineService, session: Any, body: ConversationBody, cache_s
     try:
         return service.stream(session, cache_salt=cache_salt, **body.engine_kwargs())
     except NotReady as exc:
-        raise ApiError(503, str(exc), type_="server_error", code="model_loading", headers={"Retry-After": str(Busy.retry_after_s)}) from None
+        raise ApiError(503, str(exc), type_="server_error", code="model_loading", headers=RETRY_AFTER) from None
     except Busy as exc:
-        raise ApiError(429, str(exc), type_="rate_limit_error", code="rate_limit_exceeded", headers={"Retry-After": str(Busy.retry_after_s)}) from None
+        raise ApiError(429, str(exc), type_="rate_limit_error", code="rate_limit_exceeded", headers=RETRY_AFTER) from None
     except ValueError as exc:
         raise ApiError(400, str(exc)) from None
 
@@ -260,7 +260,7 @@ async def _finish(job: Job, request: Request) -> GenerationResult | None:
 def _job_error(exc: Exception) -> ApiError:
     """A job's error: the caller's input (400), or a backend that stopped answering (503)."""
     if isinstance(exc, NotReady):
-        return ApiError(503, str(exc), type_="server_error", code="backend_unavailable", headers={"Retry-After": str(Busy.retry_after_s)})
+        return ApiError(503, str(exc), type_="server_error", code="backend_unavailable", headers=RETRY_AFTER)
     return ApiError(400, str(exc))
 
 
@@ -361,7 +361,7 @@ def _model_card(service: EngineService) -> dict[str, Any]:
 
 def _check_model(service: EngineService, model: str) -> None:
     if not service.ready:
-        raise ApiError(503, service.not_ready_reason(), type_="server_error", code="model_loading", headers={"Retry-After": str(Busy.retry_after_s)})
+        raise ApiError(503, service.not_ready_reason(), type_="server_error", code="model_loading", headers=RETRY_AFTER)
     served = _served_model(service)
     if model != served:
         raise ApiError(404, f"The model `{model[:100]}` does not exist. This server serves `{served}` (GET /v1/models).", param="model", code="model_not_found")

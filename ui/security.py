@@ -41,7 +41,7 @@ from starlette.requests import Request
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ui.limits import BODY_MEMORY_BYTES, BODY_MEMORY_PER_ADDRESS_BYTES, MAX_BODY_BYTES, PLAN_MAX_BODY_BYTES, RETRY_AFTER_S, UPLOAD_ADDRESS_SHARE, UPLOAD_MIN_CHARGE_BYTES
+from ui.limits import BODY_MEMORY_BYTES, BODY_MEMORY_PER_ADDRESS_BYTES, MAX_BODY_BYTES, PLAN_MAX_BODY_BYTES, RETRY_AFTER, UPLOAD_ADDRESS_SHARE, UPLOAD_MIN_CHARGE_BYTES
 from ui.sessions import COOKIE_NAME, SessionIssuer
 
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "[::1]", "::1"})
@@ -88,7 +88,7 @@ class Guard:
         def hold(size: int) -> None:
             nonlocal held
             if not self.bodies.take(address, size):
-                raise _Refused(503, "the server is reading too many request bodies at once; try again in a few seconds", {"Retry-After": str(RETRY_AFTER_S)})
+                raise _Refused(503, "the server is reading too many request bodies at once; try again in a few seconds", RETRY_AFTER)
             held += size
 
         try:
@@ -193,9 +193,9 @@ class UploadBudget:
         """Drop the oldest upload, which is also its address's oldest."""
         self._sum -= charge
         self._by_address[address].popleft()
-        self._bytes[address] -= charge
+        _count_down(self._bytes, address, charge)
         if not self._by_address[address]:
-            del self._by_address[address], self._bytes[address]
+            del self._by_address[address]
 
     def _wait(self, now: float, oldest: float) -> int:
         """Whole seconds until an upload admitted at ``oldest`` is forgotten."""
@@ -226,17 +226,21 @@ class BodyBudget:
         return True
 
     def give_back(self, address: str, size: int) -> None:
-        if not size:
-            return
-        self.held -= size
-        left = self._by_address[address] - size
-        if left:
-            self._by_address[address] = left
-        else:
-            del self._by_address[address]
+        if size:
+            self.held -= size
+            _count_down(self._by_address, address, size)
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _count_down(counts: dict[str, int], key: str, amount: int) -> None:
+    """``counts[key] -= amount``, dropping the key at zero: an address that holds nothing takes no memory."""
+    left = counts[key] - amount
+    if left:
+        counts[key] = left
+    else:
+        del counts[key]
 
 
 def _hostname(host: str) -> str:

@@ -39,7 +39,7 @@ from cache import DEFAULT_NAMESPACE
 from engine import Engine, EngineConfig, GenerationResult, final_result
 from engine.snapshot import Snapshots
 from engine.warm import unpin, warm
-from ui.limits import MAX_PIN_TTL_S, RETRY_AFTER_S
+from ui.limits import MAX_PIN_TTL_S
 from ui.schemas import WarmBody, parse_body
 from ui.sessions import Session
 from ui.settings import AppSettings
@@ -58,9 +58,7 @@ class NotAllowed(PermissionError):
 
 
 class Busy(RuntimeError):
-    """Too many requests, from this client or from everyone: REST answers 503 with Retry-After."""
-
-    retry_after_s = RETRY_AFTER_S
+    """Too many requests, from this client or from everyone: REST answers 503 with Retry-After (``ui.limits.RETRY_AFTER``)."""
 
 
 class Job:

@@ -31,7 +31,7 @@ from ui import backend_view, charts
 from ui.components import RawSlider, RawTextbox
 from ui.limits import MAX_NEW_TOKENS, PAGE_MAX_NEW_TOKENS, PAGE_NO_REPEAT_NGRAM_SIZE, PAGE_REPETITION_PENALTY, RETRY_AFTER, SESSION_STATE_TTL_S
 from ui.openai_api import add_openai_routes
-from ui.planner import PlanBody, Planner, build_plan_tab, plan_api, run_rest as run_plan_rest
+from ui.planner import PlanBody, Planner, build_plan_tab, plan_api
 from ui.scenarios import load_examples, load_scenarios, run_scenario
 from ui.schemas import BadRequest, GenerateBody, SaveBody, UnpinBody, WarmBody, parse_body
 from ui.security import Guard, UploadBudget
@@ -427,8 +427,8 @@ def build_rest(service: EngineService, issuer: SessionIssuer, planner: Planner, 
     @api.post("/plan", openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": PlanBody.model_json_schema()}}}})
     async def rest_plan(request: Request) -> JSONResponse:
         """Replay a workload trace across budgets and policies (ui/planner.py). Body: PlanBody, the trace up to 2 MiB."""
-        status, body = await asyncio.to_thread(run_plan_rest, planner, await request.body(), issuer.request_address(request))
-        return JSONResponse(body, status_code=status, headers=RETRY_AFTER if status == 503 else None)
+        caller = issuer.request_address(request)
+        return await asyncio.to_thread(_body_call, await request.body(), PlanBody, lambda body: planner.run(body, caller=caller).to_dict())
 
     @api.get("/health")
     def health() -> dict:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import gradio as gr
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from cache.replay import (
     DEFAULT_BLOCK_SIZE,
@@ -54,7 +54,7 @@ from cache.replay import (
     rows_csv,
 )
 from ui.limits import PLAN_MAX_BUDGETS, PLAN_MAX_REQUESTS, PLAN_MAX_TRACE_BYTES, PLAN_MAX_UNITS, PLAN_TIME_LIMIT_S, PLAN_TURN_KEPT_S
-from ui.schemas import BadRequest, describe
+from ui.schemas import parse_body
 from ui.service import Busy, NotReady
 
 TABLE_COLUMNS = ["policy", "budget", "requests", "request hit rate", "token hit rate", "prompt tokens", "reused tokens", "peak", "evictions", "prefill s saved", "knee"]
@@ -116,12 +116,7 @@ def parse_plan(raw: bytes | dict) -> PlanBody:
     Raises:
         BadRequest: what is wrong, one line per field, without echoing the trace.
     """
-    try:
-        if isinstance(raw, dict):
-            return PlanBody.model_validate(raw)
-        return PlanBody.model_validate_json(raw)
-    except ValidationError as exc:
-        raise BadRequest(describe(exc, PlanBody.model_fields)) from None
+    return parse_body(raw, PlanBody)
 
 
 @dataclass(frozen=True)
@@ -316,20 +311,6 @@ def plan_api(planner: Planner, address_of: Callable[[Any], str]) -> Callable[...
         return _gradio_call(planner, lambda: raw, address_of(request)).to_dict()
 
     return plan_endpoint
-
-
-def run_rest(planner: Planner, raw: bytes, caller: str) -> tuple[int, dict]:
-    """``POST /plan`` from ``caller`` (its address): (status, body). 422 for a bad body, 400 for a bad trace or too much work, 503 when busy or loading."""
-    try:
-        body = parse_plan(raw)
-    except BadRequest as exc:
-        return 422, {"detail": str(exc)}
-    try:
-        return 200, planner.run(body, caller=caller).to_dict()
-    except (Busy, NotReady) as exc:
-        return 503, {"detail": str(exc)}
-    except ValueError as exc:
-        return 400, {"detail": str(exc)}
 
 
 def _gradio_call(planner: Planner, fields: Callable[[], dict], caller: str, progress: Callable[[int, int], None] | None = None) -> PlanResult:

@@ -345,6 +345,30 @@ def test_upload_progress_keeps_nothing_per_upload_id(app_server_public):
         assert time.monotonic() - start < 1.0  # refused by the guard, not after Gradio's 3 s wait
 
 
+def test_odd_uploads_and_paths_go_through_the_same_budget_and_refusals(app_server_behind_proxy):
+    """Attacks on the new refusals: a chunked upload with no Content-Length (held chunk by chunk, counted
+    by the budget), a trailing slash on the upload, deep-link and progress paths, anonymous page callers."""
+    url, address = app_server_behind_proxy.url, f"10.6.{uuid.uuid4().int % 250}.1"
+    boundary = "kvci-odd"
+    part = uuid.uuid4().hex.encode() * (1 << 15)  # 1 MiB
+
+    def chunked():
+        yield f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"t.jsonl\"\r\n\r\n".encode()
+        for i in range(0, len(part), 64 << 10):
+            yield part[i : i + (64 << 10)]
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    headers = {"X-Forwarded-For": address, "Content-Type": f"multipart/form-data; boundary={boundary}"}
+    statuses = [httpx.post(url + "/gradio_api/upload", content=chunked(), headers=headers, timeout=60).status_code for _ in range(32)]
+    assert statuses == [200] * 31 + [429], statuses  # 31 uploads of 1 MiB and their framing fit the address's 32 MiB share
+    slash = httpx.post(url + "/gradio_api/upload/", files={"files": ("t.jsonl", part)}, headers={"X-Forwarded-For": address}, timeout=30)
+    assert slash.status_code == 429, slash.text  # the same budget (and body cap), with or without the slash
+    for path in ("/gradio_api/deep_link/", "/gradio_api/upload_progress/"):
+        refused = httpx.get(url + path, params={"session_hash": "x", "upload_id": "x"}, timeout=10)
+        assert refused.status_code == 404, (path, refused.text)
+    assert httpx.get(url + "/health", timeout=10).json()["ready"]
+
+
 def test_uploads_stay_within_the_budget_and_go_after_the_kept_time_and_deep_links_write_nothing(tmp_path, tiny_model_folder):
     """A 6 MiB budget, uploads kept 3 s: 1 MiB uploads from three addresses fill it (429 past an address's share,
     503 past everyone's); the disk never holds more; the files are deleted and the budget frees up again.

@@ -53,6 +53,11 @@ def test_bad_settings_are_refused():
         parse_settings(["--cache-mode", "everyone"], {})
     with pytest.raises(SystemExit):
         parse_settings(["--weights", "int3"], {})
+    for flag in ("--upload-budget-mb", "--upload-kept-min"):
+        for value in ("0", "-5"):
+            with pytest.raises(SystemExit):
+                parse_settings([flag, value], {})
+    assert (parse_settings(["--upload-budget-mb", "64", "--upload-kept-min", "2.5"], {}).upload_budget_mb, parse_settings([], {}).upload_kept_min) == (64, 15)
 
 
 @pytest.mark.parametrize("argv, environ", [(["--host", "0.0.0.0", "--cache-mode", "shared"], {}), (["--cache-mode", "shared"], {"SPACE_ID": "me/demo"}), (["--cache-mode", "shared", "--public"], {})])

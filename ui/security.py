@@ -47,8 +47,8 @@ from ui.sessions import COOKIE_NAME, SessionIssuer
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "[::1]", "::1"})
 STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 PAGE_PATH = "/"
-UPLOAD_PREFIX = "/gradio_api/upload"  # multipart by design: the planner tab's trace file comes this way
-PLAN_PATHS = ("/plan", UPLOAD_PREFIX)  # bodies up to PLAN_MAX_BODY_BYTES: a workload trace
+UPLOAD_PATH = "/gradio_api/upload"  # multipart by design: the planner tab's trace file comes this way (a trailing slash too)
+PLAN_PATHS = ("/plan", UPLOAD_PATH)  # bodies up to PLAN_MAX_BODY_BYTES: a workload trace
 OPENAI_PREFIX = "/v1/"  # refusals there use OpenAI's error body (ui/openai_api.py)
 DEEP_LINK_PATH = "/gradio_api/deep_link"  # GET writes the session's page state to disk, once per distinct state
 UPLOAD_PROGRESS_PATH = "/gradio_api/upload_progress"  # GET kept an entry per upload_id asked about, never freed
@@ -75,7 +75,8 @@ class Guard:
             await self.app(scope, receive, send)
             return
         headers = Headers(scope=scope)
-        refusal = self._refusal(scope["method"], scope["path"], headers)
+        path = scope["path"].rstrip("/") or PAGE_PATH  # "/gradio_api/upload/" is the upload route too (Gradio redirects it)
+        refusal = self._refusal(scope["method"], scope["path"], path, headers)
         if refusal is not None:
             await _respond(send, *refusal, path=scope["path"])
             return
@@ -92,9 +93,9 @@ class Guard:
             held += size
 
         try:
-            cap = PLAN_MAX_BODY_BYTES if scope["path"] in PLAN_PATHS else MAX_BODY_BYTES
+            cap = PLAN_MAX_BODY_BYTES if path in PLAN_PATHS else MAX_BODY_BYTES
             body = await _read_capped(receive, headers, cap, hold)
-            if scope["path"].rstrip("/") == UPLOAD_PREFIX:
+            if path == UPLOAD_PATH:
                 refused = self.uploads.admit(address, len(body))
                 if refused is not None:
                     raise _Refused(*refused)
@@ -106,24 +107,24 @@ class Guard:
         finally:
             self.bodies.give_back(address, held)
 
-    def _refusal(self, method: str, path: str, headers: Headers) -> tuple[int, str, dict[str, str]] | None:
-        """(status, message, extra headers) for a request refused before any route, else None."""
+    def _refusal(self, method: str, raw_path: str, path: str, headers: Headers) -> tuple[int, str, dict[str, str]] | None:
+        """(status, message, extra headers) for a request refused before any route, else None (``path``: without a trailing slash)."""
         host = headers.get("host", "")
         if self.check_host and _hostname(host) not in LOOPBACK_NAMES:
             return 421, f"this server answers only to localhost, 127.0.0.1 or [::1], not {host[:100]!r}", {}
-        if path.rstrip("/") == DEEP_LINK_PATH:
+        if path == DEEP_LINK_PATH:
             return 404, "this app makes no deep links", {}
-        if path.rstrip("/") == UPLOAD_PROGRESS_PATH:
+        if path == UPLOAD_PROGRESS_PATH:
             return 404, "this app does not track upload progress", {}
-        allowed = self._rest_methods().get(path)
+        allowed = self._rest_methods().get(raw_path)
         if allowed is not None and method not in allowed:
-            return 405, f"{path} allows {', '.join(sorted(allowed))}, not {method[:20]}", {"Allow": ", ".join(sorted(allowed))}
+            return 405, f"{raw_path} allows {', '.join(sorted(allowed))}, not {method[:20]}", {"Allow": ", ".join(sorted(allowed))}
         if method not in STATE_CHANGING:
             return None
         origin = headers.get("origin")
         if origin is not None and urlsplit(origin).netloc.lower() != host.lower():
             return 403, "cross-site requests are refused: this server takes state-changing requests only from its own page or from scripts", {}
-        if _has_body(headers) and not path.startswith(UPLOAD_PREFIX):
+        if _has_body(headers) and path != UPLOAD_PATH:
             content_type = headers.get("content-type", "").split(";")[0].strip().lower()
             if content_type != "application/json":
                 return 415, f"send the body as application/json, not {content_type[:60] or 'no content type'!r}", {}

@@ -15,6 +15,7 @@ session_hash) and its request through ``ui.schemas.parse_body``: private events 
 from __future__ import annotations
 
 import asyncio
+import sys
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -34,7 +35,7 @@ from ui.openai_api import add_openai_routes
 from ui.planner import PlanBody, Planner, build_plan_tab, plan_api
 from ui.scenarios import load_examples, load_scenarios, run_scenario
 from ui.schemas import BadRequest, GenerateBody, SaveBody, UnpinBody, WarmBody, parse_body
-from ui.security import Guard, UploadBudget
+from ui.security import Guard, HeadersInTime, LineCappedStream, UploadBudget
 from ui.service import Busy, EngineService, NotAllowed, NotReady
 from ui.sessions import ID_RULE, SESSION_HEADER, Session, SessionIssuer
 from ui.settings import parse_settings
@@ -441,6 +442,7 @@ def build_rest(service: EngineService, issuer: SessionIssuer, planner: Planner, 
 
 
 def main() -> None:
+    sys.stderr = LineCappedStream(sys.stderr)  # no library prints a client's whole value into the log
     settings = parse_settings()
     if not settings.is_local and not settings.per_session:
         print(f"WARNING: {SHARED_PUBLIC_WARNING}", flush=True)
@@ -451,9 +453,11 @@ def main() -> None:
     uploads = UploadBudget(int(settings.upload_budget_mb * 2**20), settings.upload_kept_min * 60)  # trace uploads on disk
     # Gradio's queue lets every event through (no concurrency limit): admission, per-session limits
     # and round-robin fairness are the service's, the same for page, gradio_client and REST.
+    demo = build_demo(service, issuer, planner, uploads).queue(default_concurrency_limit=None, max_size=settings.max_queue)
+    demo.has_launched = True  # mounted, never launched: without it Gradio skips its own checks of input files (ui/security.py checks first)
     app = gr.mount_gradio_app(
         build_rest(service, issuer, planner, uploads),
-        build_demo(service, issuer, planner, uploads).queue(default_concurrency_limit=None, max_size=settings.max_queue),
+        demo,
         path="/",
         theme=gr.themes.Soft(primary_hue="emerald", secondary_hue="slate"),
         css_paths=[ASSETS / "style.css"],
@@ -462,7 +466,7 @@ def main() -> None:
         server_port=settings.port,
     )
     print(f"Serving on http://{settings.host}:{settings.port} (prefix cache: {settings.cache_mode})", flush=True)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", timeout_graceful_shutdown=3)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", timeout_graceful_shutdown=3, http=HeadersInTime)  # a deadline on request headers
 
 
 # ---------------------------------------------------------------------- helpers

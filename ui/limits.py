@@ -15,6 +15,9 @@ MAX_PROMPT_CHARS = 32_000  # about SmolLM2's 8k-token context window; longer tex
 MAX_BODY_BYTES = 256 * 1024  # any larger request body (REST or /gradio_api) gets 413 before it is parsed
 BODY_MEMORY_BYTES = 128 * 2**20  # request bodies held in memory at once, all requests together (beyond: 503)
 BODY_MEMORY_PER_ADDRESS_BYTES = 16 * 2**20  # ... and those of one address
+HEADER_READ_TIMEOUT_S = 10  # a request's headers must be complete this long after the connection (or the last response)
+BODY_READ_GRACE_S = 10  # a request body must be complete within this ...
+BODY_MIN_BYTES_PER_S = 64 * 1024  # ... plus its length at this rate (a 2 MiB trace: 42 s)
 RETRY_AFTER_S = 5  # what a 503 (busy) asks the client to wait
 RETRY_AFTER = {"Retry-After": str(RETRY_AFTER_S)}  # the header of every busy or loading refusal
 MAX_CHART_RECORDS = 200  # a page session's chart history keeps the newest this many requests
@@ -32,6 +35,14 @@ UPLOAD_BUDGET_MB = 512  # trace uploads (/gradio_api/upload) all addresses may h
 UPLOAD_KEPT_MIN = 15  # an upload is deleted this long after it was written (gr.Blocks delete_cache), checked every third of it
 UPLOAD_ADDRESS_SHARE = 1 / 16  # of that budget, what one address may fill (at least one whole trace)
 UPLOAD_MIN_CHARGE_BYTES = 4096  # an upload counts at least this much (its folder and file take a block anyway)
+# Gradio's page sessions and events (ui/security.Guard): each new session_hash costs Gradio a page state
+# (16,000 cheap joins with fresh hashes grew the process by 1.7 GiB, ~110 KiB each), so they are rate limited per address.
+NEW_PAGE_SESSIONS_PER_S = 2.0  # new Gradio session hashes one address may open, a second, after ...
+NEW_PAGE_SESSION_BURST = 256  # ... this many at once (a NAT of many browsers, a test suite)
+EVENT_CALLS_PER_S = 20.0  # page events (queue/join, run/predict, call/*) one address may call, a second, after ...
+EVENT_CALL_BURST = 200  # ... this many at once
+MAX_BOUND_KEYS = 50_000  # session hashes, event ids and upload paths the guard remembers an owner for (each table)
+MAX_FILES_PER_UPLOAD = 4  # files in one multipart upload (the page sends one trace)
 MAX_PIN_TTL_S = 24 * 3600  # a pin lasts at most a day without a hit (per-session mode: also the default)
 
 # The page's generation defaults. Its repetition control is picked by measurement on the page's own

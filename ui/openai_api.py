@@ -64,7 +64,7 @@ class ChatMessage(BaseModel):
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    include_usage: bool = False
+    include_usage: bool = Field(False, strict=True)
 
 
 class _Common(BaseModel):
@@ -79,7 +79,7 @@ class _Common(BaseModel):
     top_p: float = 1.0
     seed: int | None = None
     stop: str | list[str] | None = None
-    stream: bool = False
+    stream: bool = Field(False, strict=True)  # "yes", 1 or "true" are refused, not read as true
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, max_length=256)
     n: int = 1

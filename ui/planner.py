@@ -20,6 +20,7 @@ engine's tokenizer, as its requests are. No business logic here beyond wiring: i
 
 from __future__ import annotations
 
+import atexit
 import json
 import shutil
 import tempfile
@@ -264,6 +265,7 @@ def build_plan_tab(planner: Planner, address_of: Callable[[Any], str]) -> None:
             json_file = gr.File(label="Download JSON", interactive=False)
 
         files = Path(tempfile.mkdtemp(prefix="kvci-plans-"))  # this page's CSV and JSON, the newest plan's only
+        atexit.register(shutil.rmtree, files, ignore_errors=True)  # a clean exit (SIGTERM, Ctrl-C) leaves no folder behind
 
         def on_plan(data: Any, model_name: Any, dtype: Any, budget_text: Any, chosen: Any, block: Any, request: gr.Request, progress=gr.Progress()):
             def fields() -> dict:

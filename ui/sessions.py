@@ -83,7 +83,7 @@ class SessionIssuer:
 
     def cookie_id(self, cookie: str | None) -> str | None:
         """The id inside a cookie value, or None when it is missing or not signed by this server."""
-        if not cookie or "." not in cookie:
+        if not cookie or "." not in cookie or not cookie.isascii():  # compare_digest raises on non-ASCII text: a 500 on every route
             return None
         session_id = cookie.rpartition(".")[0]
         return session_id if session_id and hmac.compare_digest(self._sign(session_id), cookie) else None

@@ -1,0 +1,292 @@
+"""The attacks of issue 21 against the running app, each over real HTTP, each failing before its fix.
+
+File reads by a client-given path, page streams read or cancelled by a stranger holding the Gradio
+``session_hash``, 500s from odd headers, slow clients, cheap queue joins. Most run against
+``app_server_public`` (a loopback server behaving as a public one: per-session, the tiny model).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+import uuid
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+
+TRACE = '{"prompt": "%s"}\n'
+
+
+class Visitor:
+    """A browser: its session cookie (set by loading the page), its Gradio session hash, the page's events by fn_index."""
+
+    def __init__(self, url: str, cookie: bool = True, session_hash: str | None = None, headers: dict | None = None) -> None:
+        self.http = httpx.Client(base_url=url, timeout=60, headers=headers or {})
+        if cookie:
+            self.http.get("/").raise_for_status()
+        dependencies = self.http.get("/config").json()["dependencies"]
+        self.fn = {d["api_name"]: i for i, d in enumerate(dependencies)}
+        self.session_hash = session_hash or uuid.uuid4().hex
+
+    def join(self, name: str, *data, session_hash: str | None = None) -> httpx.Response:
+        payload = {"fn_index": self.fn[name], "data": list(data), "session_hash": session_hash or self.session_hash}
+        return self.http.post("/gradio_api/queue/join", json=payload)
+
+    def messages(self, session_hash: str | None = None, limit_s: float = 60) -> list[dict]:
+        """The queue's server-sent messages for a session hash, up to the first completed event (or the stream's end)."""
+        seen, deadline = [], time.monotonic() + limit_s
+        with self.http.stream("GET", "/gradio_api/queue/data", params={"session_hash": session_hash or self.session_hash}) as response:
+            if response.status_code != 200:
+                response.read()
+                return [{"msg": "refused", "status": response.status_code, "text": response.text}]
+            for line in response.iter_lines():
+                if line.startswith("data:"):
+                    seen.append(json.loads(line[5:]))
+                    if seen[-1].get("msg") in ("process_completed", "close_stream") or time.monotonic() > deadline:
+                        break
+        return seen
+
+    def upload(self, data: bytes, name: str = "trace.jsonl") -> str:
+        response = self.http.post("/gradio_api/upload", files={"files": (name, data)})
+        assert response.status_code == 200, response.text
+        return response.json()[0]
+
+    def plan(self, file_data) -> tuple[httpx.Response, list[dict]]:
+        """The planner tab's event with ``file_data`` as its trace input: the join's answer and the stream's messages."""
+        joined = self.join("on_plan", file_data, "smollm2-135m", "bf16", "auto", ["lru"], 16)
+        return joined, (self.messages() if joined.status_code == 200 else [])
+
+
+def generate_args(prompt, system_prompt=None, max_new_tokens: int = 4) -> list:
+    """The gradio_client /generate event's inputs, every one given (its page-free twin of the page's generate)."""
+    return [prompt, system_prompt, max_new_tokens, True, True, 0.0, 1.0, None, False, 1.0, 0, 0.0, 0.0]
+
+
+def file_data(path: str, **extra) -> dict:
+    """What the page sends for an uploaded file: Gradio's FileData, here with any path."""
+    return {"path": path, "url": None, "orig_name": Path(path).name, "size": None, "mime_type": None, "is_stream": False, "meta": {"_type": "gradio.FileData"}, **extra}
+
+
+def gradio_temp_files_holding(marker: bytes) -> list[Path]:
+    """Files in Gradio's upload/cache folder whose bytes hold ``marker``: what a read by path would have copied there."""
+    folder = Path(os.environ.get("GRADIO_TEMP_DIR") or Path(os.environ.get("TMPDIR", "/tmp")) / "gradio")
+    found = []
+    for path in folder.rglob("*") if folder.exists() else []:
+        try:
+            if path.is_file() and path.stat().st_size < 1 << 20 and marker in path.read_bytes():
+                found.append(path)
+        except OSError:
+            continue
+    return found
+
+
+# ---------------------------------------------------------------------- finding 1: no file by a client-given path
+
+
+def outside_trace(tmp_path: Path) -> tuple[Path, bytes]:
+    marker = f"AWS_SECRET={uuid.uuid4().hex}".encode()
+    secret = tmp_path / "secrets" / "outside.jsonl"
+    secret.parent.mkdir()
+    secret.write_bytes((TRACE % marker.decode()).encode() * 4)
+    return secret, marker
+
+
+def test_no_page_event_opens_a_file_by_a_client_given_path(app_server_public, tmp_path):
+    """Attack (finding 1): the planner's FileData ``path`` named any server file; the app opened it, copied it into
+    Gradio's cache and named its keys in the error. Now only a file this session uploaded is accepted."""
+    secret, marker = outside_trace(tmp_path)
+    visitor = Visitor(app_server_public.url)
+    for variant in (file_data(str(secret)), file_data(f"{secret.parent}/../secrets/{secret.name}"), file_data(str(secret), url=f"/gradio_api/file={secret}")):
+        joined, messages = visitor.plan(variant)
+        assert joined.status_code in (400, 403), (joined.status_code, joined.text, messages)
+        assert marker.decode() not in joined.text and str(secret) not in joined.text
+    assert not gradio_temp_files_holding(marker)
+    assert httpx.get(app_server_public.url + "/health").json()["ready"]
+
+
+@pytest.mark.parametrize("route", ["queue/join", "run/predict", "call/generate", "run/generate", "component_server"])
+def test_no_route_takes_a_file_path_in_any_field(app_server_public, tmp_path, route):
+    """Attack (finding 1): Gradio copies a FileData found in ANY input (a textbox, an API string) into its cache
+    before the handler runs: the GGUF and libtorch were copied that way. Every Gradio POST route refuses it first."""
+    secret, marker = outside_trace(tmp_path)
+    visitor = Visitor(app_server_public.url)
+    smuggled = [file_data(str(secret)), {"nested": [file_data(str(secret))]}, file_data("http://127.0.0.1:9/x")]
+    for value in smuggled:
+        if route == "queue/join":
+            response = visitor.join("generate", *generate_args(value))
+        elif route == "run/predict":
+            response = visitor.http.post("/gradio_api/run/predict", json={"fn_index": visitor.fn["cache_stats"], "data": [value], "session_hash": visitor.session_hash})
+        elif route == "component_server":
+            response = visitor.http.post("/gradio_api/component_server", json={"session_hash": visitor.session_hash, "component_id": 1, "fn_name": "x", "data": value})
+        else:
+            response = visitor.http.post(f"/gradio_api/{route}", json={"data": [value]})
+        assert response.status_code in (400, 403), (route, response.status_code, response.text)
+        assert "uploaded" in response.json()["detail"], response.text
+    time.sleep(0.5)
+    assert not gradio_temp_files_holding(marker)
+
+
+def test_only_the_uploading_session_may_use_its_upload(app_server_public):
+    """The planner still takes a trace the page uploaded (the path Gradio's upload route answered, for this
+    cookie session); another visitor holding that path is refused, so an upload is not a shared file."""
+    trace = (TRACE % f"mine {uuid.uuid4().hex}").encode() * 8
+    owner, stranger = Visitor(app_server_public.url), Visitor(app_server_public.url)
+    path = owner.upload(trace)
+    joined, messages = owner.plan(file_data(path))
+    assert joined.status_code == 200 and messages[-1]["msg"] == "process_completed" and messages[-1]["success"], messages[-1:]
+    refused, _ = stranger.plan(file_data(path))
+    assert refused.status_code == 403 and "uploaded" in refused.json()["detail"], refused.text
+    anonymous, _ = Visitor(app_server_public.url, cookie=False).plan(file_data(path))
+    assert anonymous.status_code == 403, anonymous.text
+
+
+# ---------------------------------------------------------------------- finding 2: page streams bound to the cookie session
+
+
+def test_a_stranger_with_the_session_hash_cannot_read_join_or_cancel(app_server_public):
+    """Attack (finding 2): polling queue/data with another visitor's session_hash got their process_completed (their
+    system prompt rebuilt from the token highlights), and /cancel with it cancelled their job. Now the hash belongs
+    to the cookie session that first used it: a stranger gets 403 everywhere, and the owner's stream completes."""
+    url = app_server_public.url
+    owner = Visitor(url)
+    secret = f"Secret {uuid.uuid4().hex}"
+    joined = owner.join("generate", *generate_args("Say hi", secret, 8))
+    assert joined.status_code == 200, joined.text
+    event_id = joined.json()["event_id"]
+    for stranger in (Visitor(url, session_hash=owner.session_hash), Visitor(url, cookie=False, session_hash=owner.session_hash)):
+        assert stranger.messages()[0] == {"msg": "refused", "status": 403, "text": stranger.messages()[0]["text"]}
+        cancel = stranger.http.post("/gradio_api/cancel", json={"session_hash": owner.session_hash, "fn_index": owner.fn["generate"], "event_id": event_id})
+        assert cancel.status_code == 403, cancel.text
+        cancel = stranger.http.post("/gradio_api/cancel", json={"session_hash": stranger.session_hash + "x", "fn_index": owner.fn["generate"], "event_id": event_id})
+        assert cancel.status_code == 403, cancel.text  # the event id alone is no key either
+        assert stranger.join("on_inspect", None, "hits").status_code == 403
+        assert stranger.http.get(f"/gradio_api/heartbeat/{owner.session_hash}").status_code == 403
+    messages = owner.messages()
+    assert messages[-1]["msg"] == "process_completed" and messages[-1]["success"], messages[-1:]
+
+
+def test_an_unknown_session_hash_is_a_404_without_a_traceback(app_server_public):
+    """Attack (finding 9): GET queue/data?session_hash=nope logged a 7 KB traceback per call. Now a 404, one short log line."""
+    before = len(app_server_public.log_path.read_bytes())
+    for _ in range(20):
+        response = httpx.get(app_server_public.url + "/gradio_api/queue/data", params={"session_hash": "nope" + "x" * 5000}, timeout=10)
+        assert response.status_code == 404, response.text
+    time.sleep(0.5)
+    logged = app_server_public.log_path.read_bytes()[before:]
+    assert b"Traceback" not in logged and len(logged) < 20 * 400, logged[-2000:]
+
+
+# ---------------------------------------------------------------------- finding 9: no 500 on any header, cookie or Origin
+
+
+def raw_request(url: str, request: bytes, timeout: float = 10) -> bytes:
+    """Send raw bytes to the app and return what it answers (the status line first)."""
+    parts = urlsplit(url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=timeout) as sock:
+        sock.sendall(request)
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+        return answer
+
+
+@pytest.mark.parametrize("header", [b"Cookie: kvci_session=\xe9.x", b"Cookie: kvci_session=\xe9\xe9\xe9", b"Origin: http://[", b"Origin: http://[::1", b"Origin: \xff\xfe", b"Authorization: Bearer \xe9" + b"a" * 40, b"X-Session-Id: \xe9"])
+@pytest.mark.parametrize("method, path", [("GET", "/"), ("GET", "/health"), ("POST", "/generate"), ("POST", "/gradio_api/queue/join"), ("GET", "/gradio_api/queue/data?session_hash=x")])
+def test_odd_headers_are_never_a_500(app_server_public, header, method, path):
+    """Attack (finding 9): a non-ASCII session cookie gave a 500 on every route, and ``Origin: http://[`` another."""
+    body = b'{"prompt": "hi", "max_new_tokens": 1}' if method == "POST" else b""
+    host = urlsplit(app_server_public.url).netloc.encode()
+    request = b"%s %s HTTP/1.1\r\nHost: %s\r\n%s\r\nContent-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (method.encode(), path.encode(), host, header, len(body), body)
+    status = raw_request(app_server_public.url, request).split(b" ", 2)[1]
+    assert status.isdigit() and int(status) < 500, (header, status)
+    assert httpx.get(app_server_public.url + "/health").json()["ready"]
+
+
+def test_a_huge_tree_colour_is_refused_and_not_logged_whole(app_server_public):
+    """Attack (finding 9): a 200 KB tree-colour value was logged whole at every call."""
+    visitor = Visitor(app_server_public.url)
+    before = len(app_server_public.log_path.read_bytes())
+    colour = "z" * 200_000
+    response = visitor.http.post("/gradio_api/run/predict", json={"fn_index": visitor.fn["on_inspect"], "data": [None, colour], "session_hash": visitor.session_hash})
+    assert response.status_code < 500 and colour not in response.text
+    time.sleep(0.5)
+    logged = app_server_public.log_path.read_bytes()[before:]
+    assert len(logged) < 4000, (len(logged), logged[:500])
+
+
+# ---------------------------------------------------------------------- finding 11: read deadlines, over raw sockets
+
+
+def test_headers_sent_one_line_at_a_time_lose_the_connection(app_server_public):
+    """Attack (finding 11): a header line every 5 s kept a connection open past 60 s. Now the headers must be
+    complete within 10 s of the connection opening."""
+    parts = urlsplit(app_server_public.url)
+    start = time.monotonic()
+    with socket.create_connection((parts.hostname, parts.port), timeout=30) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: %s\r\n" % parts.netloc.encode())
+        closed_after = None
+        for i in range(15):
+            time.sleep(2)
+            try:
+                sock.sendall(b"X-Slow-%d: x\r\n" % i)
+                sock.settimeout(0.01)
+                if sock.recv(1) == b"":
+                    closed_after = time.monotonic() - start
+                    break
+            except socket.timeout:
+                continue
+            except OSError:
+                closed_after = time.monotonic() - start
+                break
+    assert closed_after is not None and closed_after < 16, closed_after
+    assert httpx.get(app_server_public.url + "/health").json()["ready"]
+
+
+def test_a_body_sent_one_byte_at_a_time_gets_a_408(app_server_public):
+    """Attack (finding 11): a slow body held its connection past 25 s. Now the whole body is due within 10 s
+    plus its length at 64 KiB/s, else 408 and the connection ends."""
+    parts = urlsplit(app_server_public.url)
+    body = b'{"prompt": "hi", "max_new_tokens": 1}'
+    start = time.monotonic()
+    with socket.create_connection((parts.hostname, parts.port), timeout=30) as sock:
+        sock.sendall(b"POST /generate HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % (parts.netloc.encode(), len(body)))
+        answer = b""
+        for byte in body:
+            try:
+                sock.sendall(bytes([byte]))
+            except OSError:
+                break
+            sock.settimeout(2)
+            try:
+                answer += sock.recv(4096)
+            except socket.timeout:
+                continue
+            if answer:
+                break
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert time.monotonic() - start < 16
+
+
+# ---------------------------------------------------------------------- finding 13: small things
+
+
+@pytest.mark.parametrize("stream", ["yes", 1, "true", None])
+def test_v1_stream_takes_only_booleans(app_server_public, stream):
+    """Finding 13: ``"stream": "yes"`` was read as true."""
+    response = httpx.post(app_server_public.url + "/v1/completions", json={"model": "x", "prompt": "hi", "max_tokens": 1, "stream": stream}, timeout=60)
+    assert response.status_code in (400, 422) and "stream" in response.text, response.text
+
+
+def test_ranged_file_responses_do_not_echo_the_cookie(app_server_public):
+    """Finding 13: Gradio's ranged ``file=`` answer echoed the request's headers, the session cookie included."""
+    visitor = Visitor(app_server_public.url)
+    path = visitor.upload(b'{"prompt": "range"}\n' * 64)
+    response = visitor.http.get(f"/gradio_api/file={path}", headers={"Range": "bytes=0-9"})
+    assert "cookie" not in {k.lower() for k in response.headers} and "kvci_session" not in str(response.headers), response.headers

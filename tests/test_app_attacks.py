@@ -280,7 +280,7 @@ def test_a_body_sent_one_byte_at_a_time_gets_a_408(app_server_public):
 @pytest.mark.parametrize("stream", ["yes", 1, "true", None])
 def test_v1_stream_takes_only_booleans(app_server_public, stream):
     """Finding 13: ``"stream": "yes"`` was read as true."""
-    response = httpx.post(app_server_public.url + "/v1/completions", json={"model": "x", "prompt": "hi", "max_tokens": 1, "stream": stream}, timeout=60)
+    response = httpx.post(app_server_public.url + "/v1/completions", json={"model": served_model(app_server_public.url), "prompt": "hi", "max_tokens": 1, "stream": stream}, timeout=60)
     assert response.status_code in (400, 422) and "stream" in response.text, response.text
 
 
@@ -290,3 +290,42 @@ def test_ranged_file_responses_do_not_echo_the_cookie(app_server_public):
     path = visitor.upload(b'{"prompt": "range"}\n' * 64)
     response = visitor.http.get(f"/gradio_api/file={path}", headers={"Range": "bytes=0-9"})
     assert "cookie" not in {k.lower() for k in response.headers} and "kvci_session" not in str(response.headers), response.headers
+
+
+# ---------------------------------------------------------------------- finding 3: salts inside the session's quota
+
+
+def bearer_client(url: str) -> httpx.Client:
+    session = httpx.post(url + "/session").json()
+    return httpx.Client(base_url=url, timeout=120, headers={"Authorization": session["authorization"]})
+
+
+def served_model(url: str) -> str:
+    return httpx.get(url + "/v1/models").json()["data"][0]["id"]
+
+
+def completion(client: httpx.Client, prompt: str, salt: str | None = None) -> int:
+    """One /v1 completion of one token; the prompt tokens it found cached."""
+    body = {"model": served_model(str(client.base_url).rstrip("/")), "prompt": prompt, "max_tokens": 1, "temperature": 0, **({"cache_salt": salt} if salt else {})}
+    response = client.post("/v1/completions", json=body)
+    assert response.status_code == 200, response.text
+    return response.json()["usage"].get("prompt_tokens_details", {}).get("cached_tokens", 0)
+
+
+def test_cache_salts_stay_inside_the_session_quota_and_its_clear(app_server_public):
+    """Attack (finding 3): 16 /v1 calls of one session, each with another cache_salt, filled 4.6x its 25% quota and
+    evicted everyone else; /cache/clear never reached the salted namespaces. Now a salted namespace is
+    ``<session>/salt-<hash>``, charged to the session: the flood evicts only its own entries, and its clear
+    reaches them all."""
+    url = app_server_public.url
+    victim, flooder = bearer_client(url), bearer_client(url)
+    victim_prompt = f"Victim {uuid.uuid4().hex}: " + "a long shared preamble about gardens and rivers " * 12
+    completion(victim, victim_prompt)
+    assert completion(victim, victim_prompt) > 0
+    flood = "Flood %d " + uuid.uuid4().hex + ": " + "another long preamble about engines and bridges " * 12
+    for i in range(48):  # ~48 x 200 KiB of logits and KV: past the whole 8 MiB pool, let alone a 2 MiB quota
+        completion(flooder, flood % i, salt=f"salt-{i}")
+    assert completion(victim, victim_prompt) > 0, "the flooder's salted entries evicted the victim's"
+    assert completion(flooder, flood % 47, salt="salt-47") > 0
+    assert flooder.post("/cache/clear").status_code == 200
+    assert completion(flooder, flood % 47, salt="salt-47") == 0, "the session's clear did not reach its salted namespace"

@@ -363,14 +363,16 @@ class EngineService:
     def namespace_for(self, session: Session, cache_salt: str | None = None) -> str:
         """The prefix-cache namespace of a session: one shared namespace, or one per session.
 
-        A ``cache_salt`` (vLLM's request field) selects a namespace of the session's own, hashed
-        from the session's key and the salt: the same salt from another session is another namespace.
+        A ``cache_salt`` (vLLM's request field) selects a sub-namespace of the session's own,
+        ``<session's namespace>/salt-<hash>``, hashed from the session's key and the salt: the same
+        salt from another session is another namespace. The cache charges a namespace ``"owner/sub"``
+        to its owner (the part before the first "/"): its quota and pin share, and clearing the
+        owner clears its subs, so salts cannot take a session past its share (issue 21, finding 3).
         """
+        own = f"session-{session.key[-32:]}" if self.settings.per_session else DEFAULT_NAMESPACE
         if cache_salt:
-            return "salt-" + hashlib.sha256(f"{session.key}\0{cache_salt}".encode()).hexdigest()[:32]
-        if not self.settings.per_session:
-            return DEFAULT_NAMESPACE
-        return f"session-{session.key[-32:]}"
+            return f"{own}/salt-" + hashlib.sha256(f"{session.key}\0{cache_salt}".encode()).hexdigest()[:32]
+        return own
 
     @staticmethod
     def scratch_namespace(namespace: str) -> str:

@@ -5,8 +5,8 @@ the prompt matched, the nearest cached sequence, a few cached tokens after the d
 records every evicted node in an :class:`EvictionLog`. The engine turns both into words
 (``engine/explain.py``): which part of the chat the divergence is in, decoded context.
 
-The log keeps hashes, never tokens: ``(namespace, length, hash(prefix))`` of each evicted node's
-whole path, the last :data:`EVICTION_LOG_SIZE` of them, so "this prefix was cached and evicted at
+The log keeps hashes, never tokens: ``(length, hash(prefix))`` of each evicted node's whole path,
+the last :data:`EVICTION_LOG_SIZE` of them per namespace, so "this prefix was cached and evicted at
 T" costs a few dozen bytes per eviction and cannot be read back as text. Knows nothing of models.
 """
 
@@ -17,7 +17,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Sequence
 
-EVICTION_LOG_SIZE = 4096  # evicted prefixes remembered, all namespaces together
+EVICTION_LOG_SIZE = 256  # evicted prefixes remembered per namespace
 MAX_LENGTHS_CHECKED = 64  # distinct evicted lengths a lookup hashes its prompt at, longest first
 CACHED_CONTEXT_TOKENS = 8  # cached tokens kept after the divergence point
 
@@ -48,7 +48,12 @@ class LookupDetail:
 
 
 class EvictionLog:
-    """The hashes of the last ``size`` evicted prefixes, per namespace, looked up by a prompt's prefixes.
+    """The hashes of each namespace's last ``size`` evicted prefixes, looked up by a prompt's prefixes.
+
+    Each namespace has its own bounded record: one namespace's evictions never push another's out,
+    so what a namespace's lookups answer ("evicted" or not) depends on its own entries alone. Memory
+    is ``size`` records (a few dozen bytes each) per namespace that had evictions, until the tree
+    forgets the namespace (:meth:`forget`).
 
     Example:
         >>> log = EvictionLog(size=8)
@@ -60,46 +65,44 @@ class EvictionLog:
     def __init__(self, size: int = EVICTION_LOG_SIZE) -> None:
         self.size = size
         self._lock = threading.Lock()
-        self._entries: OrderedDict[tuple[str, int, int], Evicted] = OrderedDict()  # oldest first
+        self._entries: dict[str, OrderedDict[tuple[int, int], Evicted]] = {}  # namespace -> (length, hash) -> record, oldest first
         self._lengths: dict[str, dict[int, int]] = {}  # namespace -> length -> entries of that length
 
     def record(self, namespace: str, prefix: Sequence[int], at: float, cause: str) -> None:
         """Remember that ``prefix`` (a node's whole path) was evicted from ``namespace``."""
-        key = (namespace, len(prefix), hash(tuple(prefix)))
+        key = (len(prefix), hash(tuple(prefix)))
         with self._lock:
-            if self._entries.pop(key, None) is None:
-                lengths = self._lengths.setdefault(namespace, {})
-                lengths[len(prefix)] = lengths.get(len(prefix), 0) + 1
-            self._entries[key] = Evicted(len(prefix), at, cause)
-            while len(self._entries) > self.size:
-                (name, length, _), _ = self._entries.popitem(last=False)
-                self._forget_length(name, length)
+            entries = self._entries.get(namespace)
+            if entries is None:
+                entries = self._entries[namespace] = OrderedDict()
+                self._lengths[namespace] = {}
+            lengths = self._lengths[namespace]
+            if entries.pop(key, None) is None:
+                lengths[key[0]] = lengths.get(key[0], 0) + 1
+            entries[key] = Evicted(len(prefix), at, cause)
+            while len(entries) > self.size:
+                (length, _), _ = entries.popitem(last=False)
+                lengths[length] -= 1
+                if not lengths[length]:
+                    del lengths[length]
 
     def find(self, namespace: str, tokens: Sequence[int], beyond: int) -> Evicted | None:
         """The longest evicted prefix of ``tokens`` in ``namespace`` longer than ``beyond`` tokens, if any."""
         with self._lock:
             lengths = sorted((n for n in self._lengths.get(namespace, ()) if beyond < n <= len(tokens)), reverse=True)
+            entries = self._entries.get(namespace, {})
         key = tuple(tokens)
         for length in lengths[:MAX_LENGTHS_CHECKED]:  # hashing outside the lock: O(length) each, in C
-            found = self._entries.get((namespace, length, hash(key[:length])))
+            found = entries.get((length, hash(key[:length])))
             if found is not None:
                 return found
         return None
 
     def forget(self, namespace: str) -> None:
-        """Drop a namespace's entries (it was cleared: nothing of it was evicted any more)."""
+        """Drop a namespace's entries (it was cleared or forgotten: nothing of it was evicted any more)."""
         with self._lock:
-            if self._lengths.pop(namespace, None) is not None:
-                for key in [k for k in self._entries if k[0] == namespace]:
-                    del self._entries[key]
+            self._entries.pop(namespace, None)
+            self._lengths.pop(namespace, None)
 
     def __len__(self) -> int:
-        return len(self._entries)
-
-    def _forget_length(self, namespace: str, length: int) -> None:
-        lengths = self._lengths[namespace]
-        lengths[length] -= 1
-        if not lengths[length]:
-            del lengths[length]
-            if not lengths:
-                del self._lengths[namespace]
+        return sum(len(entries) for entries in self._entries.values())

@@ -8,7 +8,8 @@ KV; freeing a node hands its slots back in O(1) per slot.
 
 This module knows nothing about models, tensors or tokenizers: the pool (:class:`SlotPool`) hands
 out slot indices, and an insert's :class:`KVSource` copies bytes into them. The pool's size is the
-byte budget, so nothing the cache holds can live outside it.
+byte budget, so nothing the cache holds can live outside it. What a node counts for in the totals
+(sizes, evictable, pinned) is derived from its state in one place, ``cache/ledger.py``.
 
 Concurrency: one lock guards the tree. An insert reserves slots under it (evicting if it must),
 copies KV *outside* it while the attach path stays locked against eviction, then publishes under
@@ -17,19 +18,29 @@ the namespace was cleared meanwhile everything reserved is freed. A failing copy
 is logged and counted (``failed_inserts``); the tree is left as it was.
 
 Eviction: unlocked leaves in the order of the policy's priority (``cache/policies.py``; least
-recently used first by default), from heaps with lazy invalidation (a stale
-entry is skipped when popped; a heap is compacted when stale entries outnumber live nodes), so an
-evicting insert costs O(log n) per node whatever the number of nodes or namespaces. Running totals
-of evictable and locked slots, per namespace and overall, say whether an insert can fit *before*
-anything is evicted: one that cannot is rejected and evicts nothing.
+recently used first by default), from heaps with lazy invalidation (a stale entry is skipped when
+popped; a heap is compacted when stale entries outnumber live nodes), so an evicting insert costs
+O(log n) per node whatever the number of nodes or namespaces. Totals of evictable and locked
+slots say whether an insert can fit *before* anything is evicted: one that cannot is rejected and
+evicts nothing.
 
-Namespaces: a lookup only sees entries inserted under the same namespace. One namespace may hold
-at most ``namespace_quota`` of the pool; over its share it evicts its own entries first. While the
-pool has free slots, one namespace's inserts never evict another's; once the pool is full, room is
-made by LRU across all namespaces (so a busy namespace can still push out an idle one's entries).
-Evictions are counted against the namespace whose insert caused them, never the victim's, so a
-namespace's stats say nothing about what other namespaces send. A namespace with no entries and
-no request for ``namespace_idle_s`` is forgotten with its counters.
+Namespaces and owners: a lookup only sees entries inserted under the same namespace. A namespace
+``"owner/sub"`` belongs to ``owner`` (a name without ``/`` is its own owner), and the quota, the
+pin share and the reserve are charged per owner, all of its namespaces together: salting a
+namespace name cannot escape them. One owner may hold at most ``namespace_quota`` of the pool;
+over its share it evicts its own entries first. While the pool has free slots, one owner's inserts
+never evict another's. Once the pool is full, an owner that holds less than ``reserve_share`` of
+the pool makes room by LRU across all owners; one that holds its reserve or more makes room from
+its own entries first, and takes others' only when its own are not enough. So a stranger's entries
+are pushed out only by owners still growing into their reserve, and a visitor who fills the pool
+to watch their own entries go learns little of others' steady traffic (``docs/cache.md`` says
+exactly what remains). Evictions are counted against the namespace whose insert caused them, never
+the victim's, and each namespace keeps its own log of evicted prefixes. A namespace with no
+entries, no running lookup and no request for ``namespace_idle_s`` is forgotten with its counters.
+
+A namespace cleared by name refuses inserts until the next lookup in it: a request that looked up
+before the clear (a cancelled job still decoding) cannot bring the namespace back with its later
+inserts, while a request that looks up after the clear uses the name as new.
 
 Example:
     >>> cache = PrefixCache.simulated(num_slots=1000, min_tokens=2)
@@ -55,6 +66,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Literal, Sequence
 
 from cache.explain import CACHED_CONTEXT_TOKENS, EVICTION_LOG_SIZE, EvictionLog, LookupDetail
+from cache.ledger import Ledger, Namespace, Node, Owner, Totals, contribution, owner_of
 from cache.policies import get_priority, pinned_last
 from cache.slots import KVSource, SimulatedPool, Slot, SlotPool
 
@@ -64,6 +76,7 @@ DEFAULT_NAMESPACE = ""
 MatchKind = Literal["hit", "partial", "miss", "skipped"]
 SWEEP_INTERVAL_S = 1.0  # idle namespaces are looked for at most this often
 SWEEP_BATCH = 256  # namespaces looked at per sweep, at most (the sweep runs under the tree lock)
+TOMBSTONES = 65_536  # names of cleared namespaces remembered (refusing inserts until their next lookup), newest kept
 
 
 @dataclass(frozen=True)
@@ -83,7 +96,7 @@ class PrefixMatch:
     logits_slots: tuple[Slot, ...] = ()
     lock_wait_s: float = 0.0  # time this lookup waited for the tree lock
     detail: LookupDetail = LookupDetail()  # what the lookup saw beyond what it reused (the miss explainer's input)
-    _node: "_Node | None" = field(default=None, repr=False, compare=False)  # deepest locked node
+    _node: "Node | None" = field(default=None, repr=False, compare=False)  # deepest locked node
 
 
 @dataclass(frozen=True)
@@ -101,6 +114,7 @@ class ExportedNode:
     pinned: bool  # on a pinned path
     pin_ends_here: bool  # a pin was made on the sequence ending exactly here
     pin_expires_in_s: float | None  # that pin's seconds left (None: no TTL, or no pin here)
+    pin_ttl_s: float | None = None  # that pin's TTL as made, which each hit renews (None: no TTL, or no pin here)
 
 
 @dataclass(frozen=True)
@@ -125,14 +139,17 @@ class PrefixCache:
         pool: Where KV lives; its ``capacity * slot_bytes`` is the budget.
         min_tokens: Sequences shorter than this are neither looked up (nor counted in the stats)
             nor inserted: their prefill is too cheap to be worth the bookkeeping.
-        namespace_quota: The share of the pool one namespace may hold, in (0, 1].
+        namespace_quota: The share of the pool one owner (all its namespaces) may hold, in (0, 1].
         namespace_idle_s: A namespace with no entries and no request for this long is forgotten.
         clock: Monotonic seconds, for idleness (tests pass a fake one).
         policy: The eviction policy, a name of ``cache.policies.POLICIES`` (``lru``, ``lfu``, ``fifo``, ``mru``).
         log_evictions: Keep the hashes of evicted prefixes (``cache/explain.py``) so a miss can say
             it was evicted; a replay, which never explains, turns it off.
-        pin_share: The share of the pool pinned entries may hold, in [0, 1]; one namespace may pin
+        pin_share: The share of the pool pinned entries may hold, in [0, 1]; one owner may pin
             this share of its own quota (see :meth:`pin`).
+        reserve_share: The share of the pool an owner may take from others' entries when the pool is
+            full, in [0, 1]; above it, its inserts make room from its own entries first. 0: plain
+            LRU across owners.
     """
 
     def __init__(
@@ -145,6 +162,7 @@ class PrefixCache:
         policy: str = "lru",
         log_evictions: bool = True,
         pin_share: float = 0.25,
+        reserve_share: float = 0.05,
     ) -> None:
         if min_tokens < 1:
             raise ValueError(f"min_tokens must be >= 1, got {min_tokens}")
@@ -152,8 +170,9 @@ class PrefixCache:
             raise ValueError(f"namespace_quota must be in (0, 1], got {namespace_quota}")
         if namespace_idle_s < 0:
             raise ValueError(f"namespace_idle_s must be >= 0, got {namespace_idle_s}")
-        if not 0 <= pin_share <= 1:
-            raise ValueError(f"pin_share must be in [0, 1], got {pin_share}")
+        for name, share in (("pin_share", pin_share), ("reserve_share", reserve_share)):
+            if not 0 <= share <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {share}")
         self.pool = pool
         self.policy = policy
         self._priority = pinned_last(get_priority(policy))
@@ -161,21 +180,23 @@ class PrefixCache:
         self.namespace_quota = namespace_quota
         self.namespace_idle_s = namespace_idle_s
         self._quota_slots = int(namespace_quota * pool.capacity)
-        self._pin_slots = int(pin_share * pool.capacity)  # all namespaces' pins together
-        self._ns_pin_slots = int(pin_share * self._quota_slots)  # one namespace's pins
+        self._pin_slots = int(pin_share * pool.capacity)  # all owners' pins together
+        self._owner_pin_slots = int(pin_share * self._quota_slots)  # one owner's pins
+        self._reserve_slots = int(reserve_share * pool.capacity)
         self._pins: dict[int, _Pin] = {}  # id(node) -> its pin
         self._clock = clock
         self._lock = threading.Lock()
         self._local = threading.local()  # per-thread lock wait of the last public call
         self._ticks = itertools.count(1)  # recency and age: a counter, so ties cannot happen
-        self._namespaces: OrderedDict[str, _Namespace] = OrderedDict()  # least recently active first
+        self._namespaces: OrderedDict[str, Namespace] = OrderedDict()  # least recently active first
+        self._owners: dict[str, Owner] = {}
+        self._tombstones: OrderedDict[str, None] = OrderedDict()  # cleared by name, no lookup since: inserts refused
         self._totals = _Counters()  # every namespace's counters, including forgotten ones
-        self._all = _Totals()  # sizes over all namespaces
-        self._heap: list[tuple[Any, int, _Node]] = []  # evictable leaves of every namespace
-        self._pending = 0  # slots reserved by inserts still copying
-        self._doomed = 0  # slots of cleared nodes a running request still holds
+        self._ledger = Ledger()
+        self._all = self._ledger.all  # sizes over all namespaces
+        self._heap: list[tuple[Any, int, Node]] = []  # evictable leaves of every namespace
+        self.evicted = EvictionLog(EVICTION_LOG_SIZE if log_evictions else 0)  # per namespace: "this was cached, and evicted at T"
         self._last_sweep = clock()
-        self.evicted = EvictionLog(EVICTION_LOG_SIZE if log_evictions else 0)  # hashes of evicted prefixes: "this was cached, and evicted at T"
 
     @classmethod
     def simulated(cls, num_slots: int, slot_bytes: int = 1, **kwargs: Any) -> "PrefixCache":
@@ -206,6 +227,8 @@ class PrefixCache:
             return PrefixMatch("skipped", 0, len(key), namespace)
         with self._locked():
             ns = self._active_namespace(namespace)
+            if self._tombstones:
+                self._tombstones.pop(namespace, None)  # a request that looks up now may use the name again
             path, matched = _walk(ns.root, key)
             depth = sum(len(n.key) for n in path)
             exact = matched == len(key) and path[-1].logits is not None and depth == matched  # ends at the node's end, not mid-edge
@@ -264,7 +287,8 @@ class PrefixCache:
 
         Returns:
             The number of tokens newly stored (0 when already cached, too short, over budget or
-            quota, or when the copy failed).
+            quota, when the copy failed, or when ``namespace`` was cleared by name with no lookup in
+            it since).
         """
         key = tuple(tokens)
         if len(kv) < len(key):
@@ -300,19 +324,29 @@ class PrefixCache:
             return self._evict_from(self._heap, math.ceil(num_bytes / self.pool.slot_bytes), None, "evict() call") * self.pool.slot_bytes
 
     def clear(self, namespace: str | None = None) -> None:
-        """Drop every entry and counter, or only those of one namespace.
+        """Drop every entry and counter, or those of one namespace and of the namespaces under it.
 
-        Requests already running keep the KV they matched: locked slots are freed only when the
-        request releases them. Inserts still copying into a cleared namespace store nothing.
+        ``clear("owner")`` also clears every ``"owner/..."`` namespace (a session's salted and
+        scratch ones). Requests already running keep the KV they matched: locked slots are freed
+        only when the request releases them. Inserts still copying into a cleared namespace store
+        nothing, and so does every insert into a namespace cleared by name until the next lookup in
+        it (a running request cannot bring back what was cleared under it).
         """
         self._local.wait_s = 0.0
         with self._locked():
-            names = list(self._namespaces) if namespace is None else [namespace]
+            if namespace is None:
+                names = list(self._namespaces)
+            else:
+                owner = self._owners.get(owner_of(namespace))
+                below = namespace + "/"
+                names = [n for n in owner.namespaces if n == namespace or n.startswith(below)] if owner is not None else []
             for name in names:
-                ns = self._namespaces.pop(name, None)
-                if ns is not None:
-                    self._drop(ns)
-                self.evicted.forget(name)
+                self._drop(self._namespaces.pop(name))
+                if namespace is not None:
+                    self._tombstones[name] = None
+                    self._tombstones.move_to_end(name)
+                    if len(self._tombstones) > TOMBSTONES:
+                        self._tombstones.popitem(last=False)
             if namespace is None:
                 self._totals = _Counters()
 
@@ -322,7 +356,8 @@ class PrefixCache:
         ``hit_rate`` counts exact and partial hits; ``token_hit_rate`` is the share of looked-up
         prompt tokens that were reused; ``total_requests`` counts lookups of sequences of at least
         ``min_tokens`` tokens (``hits + partial_hits + misses``). A namespace's ``evictions``
-        counts the entries its own inserts evicted, whichever namespace they belonged to.
+        counts the entries its own inserts evicted, whichever namespace they belonged to; its
+        ``pin_budget_bytes`` is its owner's.
         """
         self._local.wait_s = 0.0
         with self._locked():
@@ -332,7 +367,7 @@ class PrefixCache:
                 namespaces = sum(1 for ns in self._namespaces.values() if ns.sizes.nodes)
             else:
                 ns = self._namespaces.get(namespace)
-                counters, sizes = (ns.counters, ns.sizes) if ns is not None else (_Counters(), _Totals())
+                counters, sizes = (ns.counters, ns.sizes) if ns is not None else (_Counters(), Totals())
                 namespaces = int(sizes.nodes > 0)
             total = counters.hits + counters.partial_hits + counters.misses
             return {
@@ -354,7 +389,7 @@ class PrefixCache:
                 "namespaces": namespaces,
                 "pins": sum(1 for p in self._pins.values() if namespace is None or p.node.ns.name == namespace),
                 "pinned_bytes": sizes.pinned * self.pool.slot_bytes,
-                "pin_budget_bytes": (self._pin_slots if namespace is None else self._ns_pin_slots) * self.pool.slot_bytes,
+                "pin_budget_bytes": (self._pin_slots if namespace is None else self._owner_pin_slots) * self.pool.slot_bytes,
             }
 
     def entries(self, namespace: str | None = None) -> list[CacheEntry]:
@@ -381,24 +416,45 @@ class PrefixCache:
                     )
             return result
 
-    def pin(self, tokens: Sequence[int], namespace: str = DEFAULT_NAMESPACE, ttl_s: float | None = None) -> dict[str, Any]:
+    def holds(self, tokens: Sequence[int], namespace: str = DEFAULT_NAMESPACE, logits: bool = False) -> bool:
+        """Whether every token of ``tokens`` is cached in ``namespace`` (and, with ``logits``, the logits after the last).
+
+        Looks only: no lock is taken on the path, no counter or recency changes (``cache/snapshot.py``
+        checks with it what a restore stored).
+        """
+        key = tuple(tokens)
+        with self._locked():
+            ns = self._namespaces.get(namespace)
+            if ns is None or not key:
+                return False
+            path, matched = _walk(ns.root, key)
+            if matched < len(key):
+                return False
+            return not logits or (sum(len(n.key) for n in path) == matched and path[-1].logits is not None)
+
+    def pin(self, tokens: Sequence[int], namespace: str = DEFAULT_NAMESPACE, ttl_s: float | None = None, expires_in_s: float | None = None) -> dict[str, Any]:
         """Exempt the cached sequence ``tokens`` (its whole path) from eviction, for ``ttl_s`` seconds or for good.
 
-        A match through the pinned node refreshes the TTL; pinning it again sets a new one. The
+        A match through the pinned node renews the TTL; pinning it again sets a new one. The
         pinned path stays evictable by lock (a running request's release works as ever), but
         ``cache/policies.pinned_last`` ranks a pinned leaf after every other, and eviction stops
-        there: pins live within ``pin_share`` of the pool, and of the namespace's quota.
+        there: pins live within ``pin_share`` of the pool, and of the owner's quota.
+
+        Args:
+            expires_in_s: The first expiry, when it is not ``ttl_s`` from now (a restored pin's
+                time left); each later hit renews the pin to ``ttl_s``.
 
         Returns:
             ``{"pinned_tokens", "pinned_bytes", "expires_in_s"}`` (``expires_in_s`` None: no TTL).
 
         Raises:
             ValueError: ``tokens`` is not cached in ``namespace`` (insert it first), or the pin would
-                go over the pin budget (the message says how much is left).
+                go over a pin budget (the message speaks only of the caller's own pins).
         """
         key = tuple(tokens)
-        if ttl_s is not None and not ttl_s > 0:
-            raise ValueError(f"ttl_s must be > 0 seconds or None (no expiry), got {ttl_s}")
+        for name, value in (("ttl_s", ttl_s), ("expires_in_s", expires_in_s)):
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be > 0 seconds or None (no expiry), got {value}")
         self._local.wait_s = 0.0
         with self._locked():
             self._expire_pins()
@@ -411,16 +467,15 @@ class PrefixCache:
             pin = self._pins.get(id(node))
             if pin is None:
                 new = sum(n.num_slots for n in _ancestry(node) if not n.pins)
-                for total, limit, whose in ((ns.sizes.pinned, self._ns_pin_slots, "this namespace's"), (self._all.pinned, self._pin_slots, "the cache's")):
-                    if total + new > limit:
-                        raise ValueError(
-                            f"pin refused: it needs {new * self.pool.slot_bytes:,} bytes and {whose} pin budget has "
-                            f"{max(limit - total, 0) * self.pool.slot_bytes:,} of {limit * self.pool.slot_bytes:,} bytes left; unpin or let a pin expire first"
-                        )
+                refusal = self._pin_refusal(ns.owner, new)
+                if refusal:
+                    raise ValueError(f"pin refused: it needs {new * self.pool.slot_bytes:,} bytes and {refusal}; unpin or let a pin expire first")
                 pin = self._pins[id(node)] = _Pin(node, ttl_s)
                 self._pin_path(node, +1)
             pin.ttl_s = ttl_s
             pin.refresh(now)
+            if expires_in_s is not None and ttl_s is not None:
+                pin.deadline = now + min(expires_in_s, ttl_s)
             return {"pinned_tokens": len(key), "pinned_bytes": sum(n.num_slots for n in _ancestry(node)) * self.pool.slot_bytes, "expires_in_s": pin.expires_in(now)}
 
     def unpin(self, tokens: Sequence[int], namespace: str = DEFAULT_NAMESPACE) -> bool:
@@ -458,8 +513,8 @@ class PrefixCache:
                     nodes.append(
                         ExportedNode(
                             ns.name, index.get(id(node.parent), -1), node.key, tuple(node.value), tuple(node.logits or ()),
-                            node.last_access, node.last_used, node.hits, node.pins > 0,
-                            pin is not None, pin.expires_in(now) if pin is not None else None,
+                            node.last_access, node.last_used, node.hits, node.pins > 0, pin is not None,
+                            pin.expires_in(now) if pin is not None else None, pin.ttl_s if pin is not None else None,
                         )
                     )
                     if not node.children:  # a leaf's lock holds its whole path
@@ -486,28 +541,33 @@ class PrefixCache:
         return getattr(self._local, "wait_s", 0.0)
 
     def check_invariants(self) -> None:
-        """Assert that the running totals and the pool agree with the tree (tests call this)."""
+        """Assert that every total, budget, heap and the pool agree with a fresh count of the tree (tests call this)."""
         with self._locked():
             nodes = [n for ns in self._namespaces.values() for n in _descendants(ns.root)]
-            assert self._all.nodes == len(nodes), "node count drifted"
-            assert self._all.slots == sum(n.num_slots for n in nodes), "slot count drifted"
-            assert self._all.evictable == sum(n.num_slots for n in nodes if n.lock_ref == 0), "evictable count drifted"
-            assert self.pool.capacity - self.pool.num_free == self._all.slots + self._pending + self._doomed, "slots leaked"
-            assert self._all.pinned == sum(n.num_slots for n in nodes if n.pins), "pinned count drifted"
-            assert self._all.pinned_evictable == sum(n.num_slots for n in nodes if n.pins and n.lock_ref == 0), "pinned evictable count drifted"
+            assert all(n.booked == contribution(n) for n in nodes), "a node's state changed without the ledger"
+            fresh = self._ledger.recount(nodes)
+            assert self._all.as_tuple()[:6] == fresh.as_tuple()[:6], f"totals drifted: {self._all.as_tuple()} kept, {fresh.as_tuple()} counted"
+            assert self.pool.capacity - self.pool.num_free == self._all.slots + self._all.pending + self._all.doomed, "slots leaked"
             assert self._all.pinned <= self._pin_slots, "pins went over their budget"
-            for ns in self._namespaces.values():
-                mine = _descendants(ns.root)
-                assert ns.sizes.slots == sum(n.num_slots for n in mine), f"namespace {ns.name!r} slot count drifted"
-                assert ns.sizes.evictable == sum(n.num_slots for n in mine if n.lock_ref == 0)
-                for heap in (ns.heap, self._heap):
+            for owner in self._owners.values():
+                mine = [n for ns in owner.namespaces.values() for n in _descendants(ns.root)]
+                assert owner.sizes.as_tuple()[:6] == self._ledger.recount(mine).as_tuple()[:6], f"owner {owner.name!r}'s totals drifted"
+                assert owner.sizes.pinned <= self._owner_pin_slots, f"owner {owner.name!r}'s pins went over their budget"
+                assert owner.sizes.pending == sum(ns.sizes.pending for ns in owner.namespaces.values()) >= 0
+                for ns in owner.namespaces.values():
+                    assert self._namespaces.get(ns.name) is ns and ns.owner is owner, f"namespace {ns.name!r} is filed under the wrong owner"
+                    assert ns.sizes.as_tuple()[:6] == self._ledger.recount(_descendants(ns.root)).as_tuple()[:6], f"namespace {ns.name!r}'s totals drifted"
+                for heap in (owner.heap, self._heap):
                     live = {id(e[2]) for e in heap if self._valid(e)}
                     assert all(id(n) in live for n in mine if _evictable(n)), "an evictable leaf is missing from a heap"
+            assert sum(len(o.namespaces) for o in self._owners.values()) == len(self._namespaces), "a namespace has no owner record"
 
     # ------------------------------------------------------------------ insert, in three phases
 
     def _reserve(self, key: tuple[int, ...], logits_slots: int, name: str) -> "_Reservation | None":
         """Phase 1, under the lock: lock the matched path, make room, take the slots. Changes no edge."""
+        if name in self._tombstones:  # cleared, with no lookup since: a request still running must not bring it back
+            return None
         ns = self._active_namespace(name)
         path, matched = _walk(ns.root, key)
         anchor = path[-1] if path else ns.root  # the edge may go on past `matched`: it is split at publish, if at all
@@ -525,13 +585,12 @@ class PrefixCache:
             self._count(ns, "rejected_inserts")
             return None
         slots = self.pool.alloc(needed)
-        ns.pending += needed
-        self._pending += needed
+        self._ledger.reserve(ns, needed)
         return _Reservation(ns, anchor, key, matched, slots[:new_tokens], slots[new_tokens:])
 
     def _publish(self, r: "_Reservation") -> int:
         """Phase 3, under the lock: attach what no other insert stored meanwhile; free the rest."""
-        self._unreserve(r)
+        self._ledger.reserve(r.ns, -(len(r.slots) + len(r.logits_slots)))
         if r.ns.dropped:  # cleared while copying
             self._dec_lock(r.parent)
             self.pool.free(r.slots + r.logits_slots)
@@ -541,16 +600,22 @@ class PrefixCache:
         duplicate = matched - r.start
         assert duplicate >= 0, "a locked path lost tokens"
         self.pool.free(r.slots[:duplicate])
-        end = parent
-        if matched < len(r.key):
-            end = _Node(r.key[matched:], parent, r.slots[duplicate:], r.ns)
+        end, grows = parent, matched < len(r.key)
+        if grows:
+            end = Node(r.key[matched:], parent, r.slots[duplicate:], r.ns)
             parent.children[end.key[0]] = end
-            self._add_node(end)
-        if r.logits_slots and end.logits is None:
+            end.created = next(self._ticks)
+        # Logits landing on a pinned node (an insert ending inside a pinned path) count against the
+        # pin budgets, which were checked when the pin was made: store them only where those have room.
+        logits = bool(r.logits_slots) and end.logits is None and not (end.pins and self._pin_refusal(r.ns.owner, len(r.logits_slots)))
+        if logits:
             end.logits = r.logits_slots
-            self._resize(end, len(r.logits_slots))
         elif r.logits_slots:
             self.pool.free(r.logits_slots)
+        if grows:
+            self._ledger.attach(end)
+        elif logits:
+            self._ledger.rebook(end)
         self._dec_lock(r.parent)
         self._touch(end, hit=False)
         self._push_if_evictable(end)
@@ -558,27 +623,32 @@ class PrefixCache:
 
     def _abandon(self, r: "_Reservation", failed: bool) -> None:
         """The copy raised: free the reservation, leave the tree as it was."""
-        self._unreserve(r)
+        self._ledger.reserve(r.ns, -(len(r.slots) + len(r.logits_slots)))
         self._dec_lock(r.parent)
         self.pool.free(r.slots + r.logits_slots)
         if failed:
             self._count(r.ns, "failed_inserts")
 
-    def _unreserve(self, r: "_Reservation") -> None:
-        n = len(r.slots) + len(r.logits_slots)
-        r.ns.pending -= n
-        self._pending -= n
+    def _make_room(self, ns: Namespace, needed: int) -> bool:
+        """Evict so that ``needed`` slots are free within the owner's quota; False (evicting nothing) if impossible.
 
-    def _make_room(self, ns: "_Namespace", needed: int) -> bool:
-        """Evict so that ``needed`` slots are free within ``ns``'s quota; False (evicting nothing) if impossible."""
-        own_excess = ns.sizes.slots + ns.pending + needed - self._quota_slots
+        Room beyond the owner's quota comes from its own entries. Room in a full pool comes from the
+        least valuable entries of every owner while this owner holds less than its reserve, and from
+        its own entries first once it holds the reserve or more (so its steady traffic does not show
+        in others' sizes).
+        """
+        owner = ns.owner
+        own_excess = owner.sizes.slots + owner.sizes.pending + needed - self._quota_slots
         shortfall = needed - self.pool.num_free
         self._expire_pins()
-        if needed > self._quota_slots or own_excess > ns.sizes.unpinned or shortfall > self._all.unpinned:
+        if needed > self._quota_slots or own_excess > owner.sizes.unpinned or shortfall > self._all.unpinned:
             return False
         if own_excess > 0:
-            self._evict_from(ns.heap, own_excess, ns, "namespace quota" if self.namespace_quota < 1 else "memory pressure")
+            self._evict_from(owner.heap, own_excess, ns, "namespace quota" if self.namespace_quota < 1 else "memory pressure")
         shortfall = needed - self.pool.num_free
+        if shortfall > 0 and self._reserve_slots and owner.sizes.slots >= self._reserve_slots:
+            self._evict_from(owner.heap, shortfall, ns, "memory pressure")
+            shortfall = needed - self.pool.num_free
         if shortfall > 0:
             self._evict_from(self._heap, shortfall, ns, "memory pressure")
         assert self.pool.num_free >= needed, "evictable totals promised more than eviction freed"
@@ -586,7 +656,7 @@ class PrefixCache:
 
     # ------------------------------------------------------------------ tree helpers
 
-    def _attach_point(self, ns: "_Namespace", key: tuple[int, ...]) -> tuple["_Node", int]:
+    def _attach_point(self, ns: Namespace, key: tuple[int, ...]) -> tuple[Node, int]:
         """The node where ``key``'s uncached part would hang, splitting an edge ``key`` leaves mid-way."""
         path, matched = _walk(ns.root, key)
         if not path:
@@ -596,7 +666,7 @@ class PrefixCache:
             node = self._split(node, len(node.key) - (depth - matched))
         return node, matched
 
-    def _split(self, node: "_Node", at: int) -> "_Node":
+    def _split(self, node: Node, at: int) -> Node:
         """Cut ``node``'s edge after ``at`` tokens; returns the new upper node. Copies slot indices, not KV.
 
         ::
@@ -604,50 +674,31 @@ class PrefixCache:
             parent -[a b c d]-> node      becomes      parent -[a b]-> upper -[c d]-> node
 
         The logits stay with ``node``: they belong to the end of the original edge. ``upper``
-        takes ``node``'s lock count, so a release walking up from ``node`` unlocks it too.
+        takes ``node``'s lock count and pins, so a release walking up from ``node`` unlocks it too.
         """
         assert 0 < at < len(node.key), f"split at {at} of an edge of {len(node.key)} tokens"
-        upper = _Node(node.key[:at], node.parent, node.value[:at], node.ns)
+        upper = Node(node.key[:at], node.parent, node.value[:at], node.ns)
         upper.lock_ref, upper.hits, upper.last_access, upper.last_used = node.lock_ref, node.hits, node.last_access, node.last_used
         upper.created, upper.pins = node.created, node.pins
         node.parent.children[upper.key[0]] = upper
         node.key, node.value, node.parent = node.key[at:], node.value[at:], upper
         upper.children[node.key[0]] = node
-        node.ns.sizes.nodes += 1  # slots and tokens are unchanged: they only moved to upper
-        self._all.nodes += 1
+        self._ledger.rebook(node)
+        self._ledger.attach(upper)
         return upper
 
-    def _add_node(self, node: "_Node") -> None:
-        node.created = next(self._ticks)
-        for sizes in (node.ns.sizes, self._all):
-            sizes.nodes += 1
-            sizes.tokens += len(node.key)
-        self._resize(node, len(node.value))
-
-    def _resize(self, node: "_Node", slots: int) -> None:
-        """Count ``slots`` more (or fewer) slots held by ``node``."""
-        for sizes in (node.ns.sizes, self._all):
-            sizes.slots += slots
-            sizes.pinned += slots if node.pins else 0
-        if node.lock_ref == 0:
-            self._add_evictable(node, slots)
-
-    def _delete_leaf(self, node: "_Node") -> None:
+    def _delete_leaf(self, node: Node) -> None:
         assert _evictable(node), "only unlocked leaves are deleted"
         self.pool.free(node.slots())
-        self._resize(node, -node.num_slots)
-        for sizes in (node.ns.sizes, self._all):
-            sizes.nodes -= 1
-            sizes.tokens -= len(node.key)
+        self._ledger.detach(node)
         del node.parent.children[node.key[0]]
-        node.alive = False
         self._push_if_evictable(node.parent)
 
-    def _evict_from(self, heap: list, num_slots: int, cause: "_Namespace | None", why: str) -> int:
+    def _evict_from(self, heap: list, num_slots: int, cause: Namespace | None, why: str) -> int:
         """Delete leaves popped from ``heap`` (lowest priority first) until ``num_slots`` are freed; count them against ``cause``.
 
-        Each evicted node's path is logged by hash (``why`` says what made room necessary), so a
-        later miss on it can say it was evicted rather than never cached.
+        Each evicted node's path is logged by hash in its own namespace's log (``why`` says what made
+        room necessary), so a later miss there can say it was evicted rather than never cached.
         """
         freed, now = 0, time.time()
         while freed < num_slots and heap:
@@ -665,27 +716,28 @@ class PrefixCache:
             self._count(cause, "evictions")
         return freed
 
-    def _inc_lock(self, node: "_Node") -> None:
+    def _inc_lock(self, node: Node) -> None:
         while node.parent is not None:
-            if node.lock_ref == 0 and not node.doomed:
-                self._add_evictable(node, -node.num_slots)
             node.lock_ref += 1
+            if node.lock_ref == 1:  # no longer evictable
+                self._ledger.lock_crossed(node)
             node = node.parent
 
-    def _dec_lock(self, node: "_Node") -> None:
+    def _dec_lock(self, node: Node) -> None:
         """Unlock from the deepest locked node to the root (splits since the lock are on the way)."""
         while node.parent is not None:
             assert node.lock_ref > 0, "release() called twice for the same match"
             node.lock_ref -= 1
             if node.lock_ref == 0 and node.doomed:  # cleared while in use: its slots are free only now
                 self.pool.free(node.slots())
-                self._doomed -= node.num_slots
+                node.doomed = False
+                self._ledger.rebook(node)
             elif node.lock_ref == 0:
-                self._add_evictable(node, node.num_slots)
+                self._ledger.lock_crossed(node)
                 self._push_if_evictable(node)
             node = node.parent
 
-    def _touch(self, node: "_Node", hit: bool) -> None:
+    def _touch(self, node: Node, hit: bool) -> None:
         """Mark ``node`` and its ancestors used now."""
         now, tick = time.time(), next(self._ticks)
         while node.parent is not None:
@@ -696,17 +748,26 @@ class PrefixCache:
 
     # ------------------------------------------------------------------ pins
 
-    def _pin_path(self, node: "_Node", delta: int) -> None:
+    def _pin_refusal(self, owner: Owner, slots: int) -> str:
+        """Why ``slots`` more pinned slots of ``owner`` would go over a pin budget ('' when they fit).
+
+        Speaks only of the owner's own pins: what other owners pinned is theirs to know.
+        """
+        slot_bytes = self.pool.slot_bytes
+        own = f"your pins hold {owner.sizes.pinned * slot_bytes:,} of your {self._owner_pin_slots * slot_bytes:,} bytes"
+        if owner.sizes.pinned + slots > self._owner_pin_slots:
+            return own
+        if self._all.pinned + slots > self._pin_slots:
+            return f"the cache's pins are full for now ({own})"
+        return ""
+
+    def _pin_path(self, node: Node, delta: int) -> None:
         """Count one pin more (or fewer) through ``node`` and its ancestors, and re-rank them."""
         for n in _ancestry(node):
             was = n.pins > 0
             n.pins += delta
             if was != (n.pins > 0):
-                sign = 1 if n.pins else -1
-                for sizes in (n.ns.sizes, self._all):
-                    sizes.pinned += sign * n.num_slots
-                    if n.lock_ref == 0 and not n.doomed:
-                        sizes.pinned_evictable += sign * n.num_slots
+                self._ledger.rebook(n)
                 self._push_if_evictable(n)  # its priority changed: the old heap entry is stale
 
     def _unpin(self, pin: "_Pin") -> None:
@@ -720,40 +781,38 @@ class PrefixCache:
         for pin in [p for p in self._pins.values() if p.deadline <= now]:
             self._unpin(pin)
 
-    def _add_evictable(self, node: "_Node", slots: int) -> None:
-        """``slots`` of ``node`` become evictable by lock (negative: no longer)."""
-        for sizes in (node.ns.sizes, self._all):
-            sizes.evictable += slots
-            if node.pins:
-                sizes.pinned_evictable += slots
-
     # ------------------------------------------------------------------ heaps
 
-    def _push_if_evictable(self, node: "_Node") -> None:
+    def _push_if_evictable(self, node: Node) -> None:
         if not _evictable(node):
             return
         entry = (self._priority(node), next(self._ticks), node)
-        for heap, live in ((self._heap, self._all.nodes), (node.ns.heap, node.ns.sizes.nodes)):
+        owner = node.ns.owner
+        for heap, live in ((self._heap, self._all.nodes), (owner.heap, owner.sizes.nodes)):
             heapq.heappush(heap, entry)
             if len(heap) > 2 * live + 64:  # stale entries dominate: compact (amortised O(1) per push)
                 heap[:] = [e for e in heap if self._valid(e)]
                 heapq.heapify(heap)
 
-    def _valid(self, entry: tuple[Any, int, "_Node"]) -> bool:
+    def _valid(self, entry: tuple[Any, int, Node]) -> bool:
         """A heap entry still names an evictable leaf, at the priority it was pushed with."""
         node = entry[2]
         return _evictable(node) and entry[0] == self._priority(node)
 
     # ------------------------------------------------------------------ namespaces
 
-    def _active_namespace(self, name: str) -> "_Namespace":
+    def _active_namespace(self, name: str) -> Namespace:
         """The namespace record for a request now (created if new), after an occasional idle sweep."""
         now = self._clock()
         if now - self._last_sweep >= SWEEP_INTERVAL_S:
             self._sweep(now)
         ns = self._namespaces.get(name)
         if ns is None:
-            ns = self._namespaces[name] = _Namespace(name)
+            owner_name = owner_of(name)
+            owner = self._owners.get(owner_name)
+            if owner is None:
+                owner = self._owners[owner_name] = Owner(owner_name)
+            ns = self._namespaces[name] = owner.namespaces[name] = Namespace(name, owner, self._all, _Counters())
         else:
             self._namespaces.move_to_end(name)
         ns.last_active = now
@@ -766,29 +825,32 @@ class PrefixCache:
             name, ns = next(iter(self._namespaces.items()))
             if now - ns.last_active < self.namespace_idle_s:
                 break
-            if ns.sizes.nodes == 0 and ns.pending == 0:
+            if ns.sizes.nodes == 0 and ns.sizes.pending == 0:
                 del self._namespaces[name]
-                ns.dropped = True
+                self._forget(ns)
             else:  # idle but holding entries: keep it, look at the next one
                 self._namespaces.move_to_end(name)
 
-    def _drop(self, ns: "_Namespace") -> None:
+    def _drop(self, ns: Namespace) -> None:
         """Remove a namespace's entries: free unlocked slots now, locked ones at their release."""
-        ns.dropped = True
-        for node in _descendants(ns.root):
-            node.alive = False
-            if node.lock_ref == 0:
-                self.pool.free(node.slots())
-            else:
-                node.doomed = True
-                self._doomed += node.num_slots
         for pin in [p for p in self._pins.values() if p.node.ns is ns]:
             del self._pins[id(pin.node)]
-        for name in ("nodes", "tokens", "slots", "evictable", "pinned", "pinned_evictable"):
-            setattr(self._all, name, getattr(self._all, name) - getattr(ns.sizes, name))
-        ns.sizes, ns.heap = _Totals(), []
+        for node in _descendants(ns.root):
+            if node.lock_ref == 0:
+                self.pool.free(node.slots())
+            self._ledger.detach(node)
+        self._forget(ns)
 
-    def _count(self, ns: "_Namespace | None", name: str) -> None:
+    def _forget(self, ns: Namespace) -> None:
+        """``ns`` (already out of ``_namespaces``) is gone, and its owner with it when it was the last."""
+        ns.dropped = True
+        self.evicted.forget(ns.name)
+        owner = ns.owner
+        del owner.namespaces[ns.name]
+        if not owner.namespaces:
+            del self._owners[owner.name]
+
+    def _count(self, ns: Namespace | None, name: str) -> None:
         for counters in (ns.counters if ns is not None else None, self._totals):
             if counters is not None:
                 setattr(counters, name, getattr(counters, name) + 1)
@@ -804,89 +866,12 @@ class PrefixCache:
 # ---------------------------------------------------------------------- helpers
 
 
-class _Node:
-    """One edge of the tree: its tokens, their slots, and (maybe) the slots of the logits after its last token."""
-
-    __slots__ = ("key", "value", "logits", "parent", "children", "recent_child", "ns", "lock_ref", "pins", "hits", "last_access", "last_used", "created", "alive", "doomed")
-
-    def __init__(self, key: tuple[int, ...], parent: "_Node | None", value: list[Slot], ns: "_Namespace | None") -> None:
-        self.key = key
-        self.value = value  # one slot per token of key
-        self.logits: list[Slot] | None = None
-        self.parent = parent
-        self.children: dict[int, _Node] = {}  # keyed by the first token of the child's edge
-        self.recent_child: _Node | None = None  # the child touched last (_touch): the explainer's "cached next" in O(1)
-        self.ns = ns
-        self.lock_ref = 0  # running requests (and copying inserts) whose path goes through here
-        self.pins = 0  # pins whose path goes through here (cache/policies.pinned_last ranks them last)
-        self.hits = 0
-        self.last_access = 0
-        self.last_used = 0.0
-        self.created = 0  # the tick at which it was stored (fifo)
-        self.alive = True  # False once evicted or cleared
-        self.doomed = False  # cleared while locked: free the slots at the last release
-
-    @property
-    def num_slots(self) -> int:
-        return len(self.value) + (len(self.logits) if self.logits else 0)
-
-    def slots(self) -> list[Slot]:
-        """Every slot the node holds: its tokens' KV, then its logits'."""
-        return self.value + (self.logits or [])
-
-    @property
-    def depth(self) -> int:
-        """Tokens from the root to the end of this node's edge."""
-        depth, node = 0, self
-        while node is not None:
-            depth += len(node.key)
-            node = node.parent
-        return depth
-
-
-@dataclass
-class _Totals:
-    """Running sizes, in nodes, tokens and slots; ``evictable`` counts slots of unlocked nodes.
-
-    ``pinned`` counts slots of pinned nodes (the pin budget's use), ``pinned_evictable`` those of
-    them that are unlocked: evictable by lock, but exempt by pin, so not room an insert can make.
-    """
-
-    nodes: int = 0
-    tokens: int = 0
-    slots: int = 0
-    evictable: int = 0
-    pinned: int = 0
-    pinned_evictable: int = 0
-
-    @property
-    def unpinned(self) -> int:
-        """Slots eviction can actually free."""
-        return self.evictable - self.pinned_evictable
-
-
-class _Namespace:
-    """A namespace's root, counters, sizes and its own LRU heap (for evicting within its quota)."""
-
-    __slots__ = ("name", "root", "counters", "sizes", "heap", "pending", "last_active", "dropped")
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.root = _Node((), None, [], self)
-        self.counters = _Counters()
-        self.sizes = _Totals()
-        self.heap: list[tuple[Any, int, _Node]] = []
-        self.pending = 0  # slots reserved by this namespace's inserts still copying
-        self.last_active = 0.0
-        self.dropped = False
-
-
 class _Pin:
     """A pinned sequence: the node at its end, and until when (``clock()`` seconds; inf: no TTL)."""
 
     __slots__ = ("node", "ttl_s", "deadline")
 
-    def __init__(self, node: _Node, ttl_s: float | None) -> None:
+    def __init__(self, node: Node, ttl_s: float | None) -> None:
         self.node, self.ttl_s, self.deadline = node, ttl_s, math.inf
 
     def refresh(self, now: float) -> None:
@@ -900,8 +885,8 @@ class _Pin:
 class _Reservation:
     """Slots taken for an insert's copy: ``slots`` for tokens ``key[start:]``, then the logits'."""
 
-    ns: _Namespace
-    parent: _Node  # the deepest node of the matched path, locked during the copy
+    ns: Namespace
+    parent: Node  # the deepest node of the matched path, locked during the copy
     key: tuple[int, ...]
     start: int
     slots: list[Slot]
@@ -930,13 +915,13 @@ class _Counters:
         self.prompt_tokens += prompt_tokens
 
 
-def _evictable(node: _Node) -> bool:
+def _evictable(node: Node) -> bool:
     return node.alive and not node.children and node.lock_ref == 0 and node.parent is not None
 
 
-def _walk(root: _Node, key: tuple[int, ...]) -> tuple[list[_Node], int]:
+def _walk(root: Node, key: tuple[int, ...]) -> tuple[list[Node], int]:
     """Follow ``key`` from ``root``: the nodes entered (the last maybe only partly) and tokens matched."""
-    path: list[_Node] = []
+    path: list[Node] = []
     matched = 0
     node = root
     while matched < len(key):
@@ -971,7 +956,7 @@ def _common_prefix_len(edge: tuple[int, ...], key: tuple[int, ...], offset: int)
     return lo
 
 
-def _cached_after(path: list[_Node], depth: int, matched: int) -> tuple[int, ...]:
+def _cached_after(path: list[Node], depth: int, matched: int) -> tuple[int, ...]:
     """Up to ``CACHED_CONTEXT_TOKENS`` cached tokens where a walk that matched ``matched`` tokens stopped.
 
     Inside the last node's edge: the rest of that edge. At its end: the most recently used child's edge
@@ -993,7 +978,7 @@ def _cached_after(path: list[_Node], depth: int, matched: int) -> tuple[int, ...
     return ()
 
 
-def _path_tokens(node: _Node) -> tuple[int, ...]:
+def _path_tokens(node: Node) -> tuple[int, ...]:
     """The token ids from the root to the end of ``node``'s edge."""
     edges = []
     while node.parent is not None:
@@ -1002,14 +987,14 @@ def _path_tokens(node: _Node) -> tuple[int, ...]:
     return tuple(token for edge in reversed(edges) for token in edge)
 
 
-def _ancestry(node: _Node) -> Iterator[_Node]:
+def _ancestry(node: Node) -> Iterator[Node]:
     """``node`` and its ancestors up to (not including) the root."""
     while node.parent is not None:
         yield node
         node = node.parent
 
 
-def _descendants(root: _Node) -> list[_Node]:
+def _descendants(root: Node) -> list[Node]:
     """Every node below ``root``, depth first, parents before children."""
     result, stack = [], list(root.children.values())[::-1]
     while stack:

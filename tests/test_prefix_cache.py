@@ -525,10 +525,14 @@ def test_cached_next_is_the_branch_used_last_and_no_lookup_scans_the_children():
 
 @pytest.mark.parametrize("pool_slots", [10_000, 60])  # never evicts: compared with a reference; evicts: invariants
 def test_model_check_against_a_reference(pool_slots):
-    """Random insert / match / release / evict / clear: the tree agrees with a set of sequences, slots never leak."""
+    """Random insert / match / release / evict / clear: the tree agrees with a set of sequences, slots never leak.
+
+    A namespace cleared by name refuses inserts until its next lookup (issue 24, defect 4).
+    """
     rng = random.Random(pool_slots)
     cache = make(slots=pool_slots, min_tokens=2)
     stored: dict[str, set[tuple[int, ...]]] = {"a": set(), "b": set()}
+    refusing = {"a": False, "b": False}  # cleared, and no lookup since
     held = []
     for step in range(1500):
         ns = rng.choice("ab")
@@ -536,7 +540,8 @@ def test_model_check_against_a_reference(pool_slots):
         op = rng.random()
         if op < 0.4:
             put(cache, list(seq), "x" if rng.random() < 0.5 else None, namespace=ns)
-            stored[ns].add(seq)
+            if not refusing[ns]:
+                stored[ns].add(seq)
         elif op < 0.8:
             match = cache.match_prefix(list(seq), namespace=ns)
             assert matched_tokens(cache, match) == list(seq[: match.length])
@@ -545,6 +550,7 @@ def test_model_check_against_a_reference(pool_slots):
                 expected = min(longest, len(seq) - 1) if match.kind != "hit" else len(seq)
                 assert match.length == (expected if expected >= 2 else 0)
             held.append(match)
+            refusing[ns] = refusing[ns] and len(seq) < 2  # a lookup counts from min_tokens on
         elif op < 0.9 and held:
             cache.release(held.pop(rng.randrange(len(held))))
         elif op < 0.95 and pool_slots != 10_000:  # the reference knows nothing of eviction
@@ -552,6 +558,7 @@ def test_model_check_against_a_reference(pool_slots):
         elif op >= 0.95:
             cache.clear(ns)
             stored[ns] = set()
+            refusing[ns] = True
         cache.check_invariants()
         assert cache.pool.num_used + cache.pool.num_free == cache.pool.capacity
         assert len(cache.pool.owned) == cache.pool.num_used  # no slot owned twice (the pool asserts it)
@@ -624,18 +631,30 @@ def test_pin_ttl_expires_and_a_hit_refreshes_it():
     cache.check_invariants()
 
 
-def test_pin_over_budget_is_refused_with_the_bytes_left():
-    """Pins live within pin_share of the pool (and of the namespace's quota): one beyond is a ValueError saying so."""
+def test_pin_over_budget_is_refused_with_the_callers_own_bytes_only():
+    """Pins live within pin_share of the pool and of the owner's quota; a refusal says how much the caller
+    pinned itself and never what other owners pinned (issue 21, finding 5: it told any visitor)."""
     cache = make(slots=100, pin_share=0.1)  # 10 slots of pins
     put(cache, list(range(8)), 1)  # 9 slots
     cache.pin(list(range(8)))
     put(cache, [50, 51, 52], 2)
-    with pytest.raises(ValueError, match="pin budget has 10 of 100 bytes left"):
+    with pytest.raises(ValueError, match="your pins hold 90 of your 100 bytes"):
         cache.pin([50, 51, 52])
-    per_ns = make(slots=100, pin_share=0.5, namespace_quota=0.2)  # a namespace may pin 10 of its 20 slots
-    put(per_ns, list(range(12)), 1, namespace="a")
-    with pytest.raises(ValueError, match="this namespace's pin budget"):
-        per_ns.pin(list(range(12)), namespace="a")
+    shared = make(slots=100, pin_share=0.5, namespace_quota=0.4)  # 50 slots of pins, 20 per owner
+    for owner in ("alice", "bob"):
+        put(shared, list(range(18)), 1, namespace=owner)
+        shared.pin(list(range(18)), namespace=owner)  # 19 slots each: 38 of 50
+    put(shared, list(range(12)) + [99], 1, namespace="carol")
+    with pytest.raises(ValueError) as refused:
+        shared.pin(list(range(12)) + [99], namespace="carol")  # 14 slots: carol's own budget has room, the cache's not
+    assert "pins are full for now" in str(refused.value) and "your pins hold 0 of your 200 bytes" in str(refused.value)
+    assert "380" not in str(refused.value) and "120" not in str(refused.value)  # nothing of alice's and bob's pins
+    per_owner = make(slots=100, pin_share=0.5, namespace_quota=0.2)  # an owner may pin 10 of its 20 slots
+    put(per_owner, list(range(6)), 1, namespace="a")
+    per_owner.pin(list(range(6)), namespace="a")
+    put(per_owner, [7, 7, 7, 7], 1, namespace="a/salt-1")  # a salted namespace of the same owner
+    with pytest.raises(ValueError, match="your pins hold 70 of your 100 bytes"):
+        per_owner.pin([7, 7, 7, 7], namespace="a/salt-1")
 
 
 def test_pin_needs_a_cached_sequence_and_clearing_drops_pins():
@@ -651,3 +670,16 @@ def test_pin_needs_a_cached_sequence_and_clearing_drops_pins():
     cache.clear("a")
     assert cache.stats()["pins"] == 0 and cache.pool.num_free == 100
     cache.check_invariants()
+
+
+def test_an_insert_ending_inside_a_pinned_path_cannot_push_pins_over_their_budget():
+    """Issue 24 defect 1: logits added to a pinned node by a later insert were not charged to the pin budget
+    (a 20-slot budget held 28). Such logits are now stored only when the budget has room."""
+    cache = make(slots=100, pin_share=0.2)
+    seq = list(range(16))
+    assert put(cache, seq, "x") == 16  # 17 slots
+    cache.pin(seq)  # 17 of the 20-slot budget
+    for end in (4, 8, 12, 14):  # prefixes ending inside the pinned path, each with logits: a split and one slot
+        put(cache, seq[:end], f"at {end}")
+        cache.check_invariants()
+    assert cache.stats()["pinned_bytes"] <= 20 * SLOT_BYTES

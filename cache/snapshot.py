@@ -5,8 +5,8 @@ A snapshot is two files in one directory:
 - ``kv-<id>.safetensors``: one ``uint8`` tensor ``slots`` of shape ``[rows, slot_bytes]``, every saved
   node's token slots and then its logits slots, in the manifest's node order;
 - ``prefix-cache.json`` (the manifest): the caller's stamp, the tree (per node: namespace, parent,
-  token ids, its rows, recency, hits, pin and its remaining TTL), the stats, and the KV file's name and
-  sha256.
+  token ids, its rows, recency, hits, pin, its TTL and the time it has left), the stats, and the KV
+  file's name and sha256.
 
 Writes are atomic: each file is written under a temporary name in the same directory, fsynced,
 renamed, and the directory fsynced. The manifest is replaced last and names its KV file, and older KV
@@ -14,8 +14,10 @@ files are removed only after that, so a process killed at any point leaves the p
 the new one whole, never a mix.
 
 Restoring goes through the cache's own ``insert`` and ``pin``: slots come from the pool's allocator
-and the budget, the namespace quota and the pin budget hold as for any request. A snapshot larger
-than what fits keeps the most useful part: unpinned before pinned, deepest then oldest dropped first.
+and the budget, the owner's quota and the pin budget hold as for any request, and only what the
+cache actually holds afterwards counts as restored. A snapshot larger than what fits keeps the most
+useful part: unpinned before pinned, deepest then oldest dropped first. A restored pin keeps its
+TTL and the time it had left, so restarts do not shorten it.
 
 Knows nothing about models: the caller hands in a ``stamp`` (a JSON-able dict; a snapshot saved under
 another one is refused) and a :class:`SlotBytes` that reads and writes the pool's slots.
@@ -36,6 +38,7 @@ from typing import Any, Callable, Protocol, Sequence
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from cache.ledger import owner_of
 from cache.prefix_cache import ExportedNode, PrefixCache
 from cache.slots import Slot
 
@@ -157,12 +160,14 @@ def load(directory: str | Path, stamp: dict[str, Any]) -> Snapshot | None:
 def restore(cache: PrefixCache, slot_bytes: SlotBytes, snapshot: Snapshot) -> dict[str, Any]:
     """Insert the snapshot's entries into ``cache`` (empty or not) through its allocator, then its pins.
 
-    What does not fit the free slots, or a namespace's quota, is dropped first: unpinned before
+    What does not fit the free slots, or an owner's quota, is dropped first: unpinned before
     pinned, then the deepest, then the oldest (a node's descendants always go before it).
     Entries are inserted oldest first, so the restored cache evicts in the order the saved one would.
+    An entry the cache did not store (shorter than its ``min_tokens``, or refused for room) counts
+    as dropped, and its pin is not tried.
 
     Returns:
-        ``entries`` (restored nodes), ``dropped`` (nodes that did not fit), ``pins``, ``pins_refused``,
+        ``entries`` (restored nodes), ``dropped`` (nodes not restored), ``pins``, ``pins_refused``,
         ``sequences``: ``(namespace, token ids, has logits)`` per restored node, most recent first.
     """
     if snapshot.manifest["slot_bytes"] != slot_bytes.slot_bytes:
@@ -170,30 +175,38 @@ def restore(cache: PrefixCache, slot_bytes: SlotBytes, snapshot: Snapshot) -> di
     nodes = snapshot.nodes
     paths = _paths(nodes)
     kept = _fitting(nodes, paths, free=cache.pool.num_free, quota=int(cache.namespace_quota * cache.pool.capacity))
-    restored = []
-    for i in sorted(kept, key=lambda i: nodes[i]["recency"]):  # a parent is used whenever a child is: it comes after, re-touching the path
+    order = sorted(kept, key=lambda i: nodes[i]["recency"])  # a parent is used whenever a child is: it comes after, re-touching the path
+    for i in order:
         tokens, rows = paths[i]
         logits = nodes[i]["logits_rows"]
         source = _Rows(slot_bytes, snapshot.rows, rows, list(range(logits[0], logits[0] + logits[1])) if logits else [])
         cache.insert(tokens, source, nodes[i]["namespace"])
-        restored.append(i)
-    pins = refused = 0
-    for i in restored:
-        if nodes[i]["pin_ends_here"]:
-            try:
-                cache.pin(paths[i][0], nodes[i]["namespace"], nodes[i]["pin_expires_in_s"])
-                pins += 1
-            except ValueError as exc:
-                refused += 1
-                log.warning("snapshot: a pin was not restored: %s", exc)
-    dropped = len(nodes) - len(kept)
+    restored = [i for i in order if cache.holds(paths[i][0], nodes[i]["namespace"], logits=bool(nodes[i]["logits_rows"]))]  # the insert's count says only what was new
+    pins, refused = _restore_pins(cache, nodes, paths, restored)
+    dropped = len(nodes) - len(restored)
     if dropped:
-        log.warning("snapshot: %d of %d entries did not fit the cache budget and were dropped (deepest and oldest first)", dropped, len(nodes))
+        log.warning("snapshot: %d of %d entries were not restored (over the budget, deepest and oldest first, or refused by the cache)", dropped, len(nodes))
     sequences = [(nodes[i]["namespace"], paths[i][0], bool(nodes[i]["logits_rows"])) for i in reversed(restored)]
     return {"entries": len(restored), "dropped": dropped, "pins": pins, "pins_refused": refused, "sequences": sequences}
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _restore_pins(cache: PrefixCache, nodes: list[dict[str, Any]], paths: list, restored: list[int]) -> tuple[int, int]:
+    """Pin again what was pinned: with its TTL as made and the time it had left. Returns (pins, refused)."""
+    pins = refused = 0
+    for i in restored:
+        node = nodes[i]
+        if node["pin_ends_here"]:
+            left = node["pin_expires_in_s"]
+            try:
+                cache.pin(paths[i][0], node["namespace"], ttl_s=node.get("pin_ttl_s", left), expires_in_s=left)  # older manifests: no TTL of their own
+                pins += 1
+            except ValueError as exc:
+                refused += 1
+                log.warning("snapshot: a pin was not restored: %s", exc)
+    return pins, refused
 
 
 class _Rows:
@@ -233,6 +246,7 @@ def _node_records(exported: list[ExportedNode]) -> list[dict[str, Any]]:
                 "pinned": node.pinned,
                 "pin_ends_here": node.pin_ends_here,
                 "pin_expires_in_s": node.pin_expires_in_s,
+                "pin_ttl_s": node.pin_ttl_s,
             }
         )
         row += n + m
@@ -254,7 +268,7 @@ def _check_nodes(manifest: dict[str, Any], num_rows: int) -> None:
                 and 0 <= first and first + n <= num_rows
                 and (logits is None or (0 <= logits[0] and logits[0] + logits[1] <= num_rows))
                 and isinstance(node["recency"], int) and isinstance(node["pin_ends_here"], bool)
-                and (node["pin_expires_in_s"] is None or node["pin_expires_in_s"] > 0)
+                and all(node.get(k) is None or (isinstance(node[k], (int, float)) and node[k] > 0) for k in ("pin_expires_in_s", "pin_ttl_s"))
             )
         except (KeyError, TypeError, ValueError):
             ok = False
@@ -273,7 +287,7 @@ def _paths(nodes: list[dict[str, Any]]) -> list[tuple[list[int], list[int]]]:
 
 
 def _fitting(nodes: list[dict[str, Any]], paths: list, free: int, quota: int) -> set[int]:
-    """The nodes to restore: drop (unpinned first, deepest, oldest) until each namespace fits ``quota`` slots and all fit ``free``.
+    """The nodes to restore: drop (unpinned first, deepest, oldest) until each owner's namespaces fit ``quota`` slots and all fit ``free``.
 
     A node's descendants are deeper, and pinned only if it is: they are always dropped before it,
     so what is kept is closed under parents.
@@ -281,14 +295,15 @@ def _fitting(nodes: list[dict[str, Any]], paths: list, free: int, quota: int) ->
     size = [len(n["token_ids"]) + (n["logits_rows"][1] if n["logits_rows"] else 0) for n in nodes]
     order = sorted(range(len(nodes)), key=lambda i: (nodes[i]["pinned"], -len(paths[i][0]), nodes[i]["recency"]))
     kept = set(range(len(nodes)))
-    per_ns: dict[str, int] = {}
+    per_owner: dict[str, int] = {}
     for i in kept:
-        per_ns[nodes[i]["namespace"]] = per_ns.get(nodes[i]["namespace"], 0) + size[i]
-    for i in order:  # each namespace within its quota
-        ns = nodes[i]["namespace"]
-        if per_ns[ns] > quota:
+        owner = owner_of(nodes[i]["namespace"])
+        per_owner[owner] = per_owner.get(owner, 0) + size[i]
+    for i in order:  # each owner within its quota
+        owner = owner_of(nodes[i]["namespace"])
+        if per_owner[owner] > quota:
             kept.discard(i)
-            per_ns[ns] -= size[i]
+            per_owner[owner] -= size[i]
     total = sum(size[i] for i in kept)
     for i in order:  # then everything within the free slots
         if total <= free:

@@ -144,3 +144,67 @@ def test_a_stranger_stops_seeing_a_visitors_requests_once_the_visitor_holds_its_
     reserved = attack(make(slots=4096, namespace_quota=0.25, reserve_share=0.05), SIZES, 4096)
     assert all(loss > 0 for loss in plain) and sum(plain) >= sum(SIZES) - 121 - 32  # every request shows (121 slots were free)
     assert reserved[:3] == plain[:3] and reserved[3:] == [0, 0, 0, 0]  # until the visitor holds its reserve, then nothing
+
+
+def test_a_closed_scenario_run_drops_its_namespace_again_once_its_request_has_ended():
+    """Defect 4's other half: the run dropped its scratch namespace in ``finally`` while its cancelled request
+    could still be starting (looking up after the drop, then storing). It now drops again when the request ends."""
+    import asyncio
+    import threading
+
+    from ui.scenarios import Scenario, run_scenario
+
+    class FakeJob:
+        def __init__(self) -> None:
+            self.started, self.finish = threading.Event(), threading.Event()
+
+        def result(self):
+            self.started.set()
+            self.finish.wait(10)  # the worker still runs the cancelled request
+            raise RuntimeError("cancelled")
+
+        async def aresult(self):  # as ui.service.Job's: a thread the cancelled task leaves running
+            import anyio
+
+            return await anyio.to_thread.run_sync(self.result, abandon_on_cancel=True)
+
+        def cancel(self) -> None:
+            pass
+
+    class FakeService:
+        def __init__(self) -> None:
+            self.job, self.drops = FakeJob(), []
+
+        def namespace_for(self, session):
+            return "s"
+
+        def scratch_namespace(self, namespace):
+            return f"{namespace}/scenario-1"
+
+        def stream(self, session, namespace, **kwargs):
+            return self.job
+
+        def drop_namespace(self, namespace):
+            self.drops.append(namespace)
+
+    async def close_mid_request(service):
+        run = run_scenario(service, Scenario("s", "", None, "", ("hi",), False, 4), session=None)
+        step = asyncio.ensure_future(run.__anext__())
+        for _ in range(500):
+            if service.job.started.is_set():
+                break
+            await asyncio.sleep(0.01)
+        step.cancel()  # the page went away
+        with pytest.raises(asyncio.CancelledError):
+            await step
+        await run.aclose()
+
+    service = FakeService()
+    asyncio.run(close_mid_request(service))
+    assert service.drops == ["s/scenario-1"]  # at once
+    service.job.finish.set()  # the request ends (having stored what it stored)
+    for _ in range(200):
+        if len(service.drops) == 2:
+            break
+        threading.Event().wait(0.01)
+    assert service.drops == ["s/scenario-1", "s/scenario-1"]

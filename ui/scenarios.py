@@ -2,23 +2,29 @@
 
 Each run uses a cold namespace of its own (under the session's), dropped at the end, so the "on"
 phase starts from an empty cache and runs are comparable. The KV cache is on in both phases: the
-comparison isolates what cross-request prefix caching adds.
+comparison isolates what cross-request prefix caching adds. A run closed while a request still runs
+drops the namespace at once and again when that request has ended, so nothing the request stores
+late brings the namespace back.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator
 
+import anyio
+
 from engine import GenerationResult
-from ui.service import EngineService
+from ui.service import EngineService, Job
 from ui.sessions import Session
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 SCENARIOS_PATH = ASSETS / "scenarios.json"
 EXAMPLES_PATH = ASSETS / "examples.json"
+LATE_DROP_WAIT_S = 600.0  # how long a closed run waits for its cancelled request to end before it stops waiting
 
 
 @dataclass(frozen=True)
@@ -77,12 +83,15 @@ async def run_scenario(service: EngineService, scenario: Scenario, session: Sess
         verify: Verify every request (each also runs with no cache at all: ``result.verification``).
     """
     scratch = service.scratch_namespace(service.namespace_for(session))
+    ended = threading.Event()  # set once the request in flight has ended (its inserts done or abandoned)
+    ended.set()
     try:
         for phase, prefix_cache in (("off", False), ("on", True)):
             history: list[dict[str, str]] = []
             for index, prompt in enumerate(scenario.prompts):
                 message = scenario.message(prompt)
-                result = await service.stream(
+                ended = threading.Event()
+                job = service.stream(
                     session,
                     scratch,
                     prompt=message,
@@ -92,9 +101,32 @@ async def run_scenario(service: EngineService, scenario: Scenario, session: Sess
                     use_cache=True,
                     use_prefix_cache=prefix_cache,
                     **({"verify": True} if verify else {}),
-                ).aresult()
+                )
+                result = await _result(job, ended)
                 yield ScenarioStep(phase, index, result)
                 if scenario.conversation:
                     history += [{"role": "user", "content": message}, {"role": "assistant", "content": result.text}]
     finally:
-        service.drop_namespace(scratch)
+        service.drop_namespace(scratch)  # now; the cache refuses the inserts of a request that looked up before this
+        if not ended.is_set():  # the cancelled request may not have looked up yet: drop again once it has ended
+            threading.Thread(target=_drop_when_ended, args=(service, scratch, ended), daemon=True, name="scenario-drop").start()
+
+
+async def _result(job: Job, ended: threading.Event) -> GenerationResult:
+    """``job.aresult()``, setting ``ended`` when the job has ended, even after the awaiting task was cancelled."""
+
+    def wait() -> GenerationResult:
+        try:
+            return job.result()
+        finally:
+            ended.set()
+
+    try:
+        return await anyio.to_thread.run_sync(wait, abandon_on_cancel=True)
+    finally:
+        job.cancel()
+
+
+def _drop_when_ended(service: EngineService, namespace: str, ended: threading.Event) -> None:
+    if ended.wait(LATE_DROP_WAIT_S):
+        service.drop_namespace(namespace)

@@ -96,14 +96,20 @@ def test_recency_survives_so_eviction_order_does(tmp_path):
     assert hit_of(back, [1, 1, 1])[0] == "hit" and hit_of(back, [2, 2, 2])[0] == "miss"
 
 
-def test_pins_and_their_remaining_ttl_survive(tmp_path):
-    """A pin comes back pinned, with the TTL it had left (not a fresh one), and keeps the entry through a flood."""
+def saved_with_a_pin(tmp_path, ttl_s, saved_at):
+    """A cache with [9 9 9 9] pinned for ``ttl_s`` at t=0, saved at ``saved_at``; returns its fake clock."""
     now = [0.0]
     cache = make(clock=lambda: now[0])
     put(cache, [9, 9, 9, 9], "pinned")
-    cache.pin([9, 9, 9, 9], ttl_s=100)
-    now[0] = 40.0
+    cache.pin([9, 9, 9, 9], ttl_s=ttl_s)
+    now[0] = saved_at
     saved(tmp_path, cache)
+    return now
+
+
+def test_pins_and_their_remaining_ttl_survive(tmp_path):
+    """A pin comes back pinned, with the TTL it had left (not a fresh one), and keeps the entry through a flood."""
+    saved_with_a_pin(tmp_path, ttl_s=100, saved_at=40.0)
     manifest = json.loads((tmp_path / disk.MANIFEST).read_text())
     assert [n["pin_expires_in_s"] for n in manifest["nodes"] if n["pin_ends_here"]] == [60.0]
     back, done = restored(tmp_path, slots=40)
@@ -116,12 +122,7 @@ def test_pins_and_their_remaining_ttl_survive(tmp_path):
 def test_a_restored_pin_keeps_its_ttl_through_restarts(tmp_path):
     """Issue 24 defect 2: a restored pin got its time left as its TTL, so every hit renewed it to the
     shortened value and each restart shortened it again. It comes back with its time left, renewed to the whole TTL."""
-    now = [0.0]
-    cache = make(clock=lambda: now[0])
-    put(cache, [9, 9, 9, 9], "pinned")
-    cache.pin([9, 9, 9, 9], ttl_s=100)
-    now[0] = 90.0
-    saved(tmp_path, cache)
+    now = saved_with_a_pin(tmp_path, ttl_s=100, saved_at=90.0)
     back, done = restored(tmp_path, clock=lambda: now[0])
     with back.exported() as nodes:
         assert [(n.pin_expires_in_s, n.pin_ttl_s) for n in nodes if n.pin_ends_here] == [(10.0, 100)]

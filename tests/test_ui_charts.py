@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 
+from cache.replay import ReplayRow
 from ui import charts
 from ui.scenarios import load_examples, load_scenarios, run_scenario
 from ui.service import EngineService
@@ -13,7 +14,10 @@ from ui.sessions import Session
 from ui.settings import AppSettings
 
 OWNER = Session(key="owner", client="session:owner", anonymous=False)
-SYSTEM = "You are a terse assistant for a library. Reply with one short sentence."
+SYSTEM = (  # over two of the prefill's 32-token chunks: a partial hit reuses whole chunks
+    "You are a terse assistant for the public library of a small seaside town. You know its opening hours, "
+    "its maps, its reading rooms and its catalogue. Reply with one short sentence, and never more."
+)
 
 
 @pytest.fixture
@@ -33,36 +37,65 @@ def three_requests(service: EngineService) -> charts.SessionHistory:
 
 
 def test_history_records_and_figures_tell_hit_partial_and_miss_apart(service):
-    """The latency chart has one TTFT trace per status plus decode; the hit chart labels every request."""
+    """TTFT (log axis) and decode per token sit in two panels, one trace per status in each; the hit is
+    annotated with its ratio to the miss; the hit chart has bars above and the running hit rate below."""
     history = three_requests(service)
     assert [r.cache_status for r in history.records] == ["miss", "hit", "partial"]
     assert history.records[1].reused_tokens == history.records[1].prompt_tokens  # an exact hit reuses it all
     latency = charts.latency_figure(history.records)
-    names = [trace.name for trace in latency.data]
-    assert names == ["TTFT (hit)", "TTFT (partial)", "TTFT (miss)", "decode"]
-    assert {trace.marker.color for trace in latency.data[:3]} == {charts.STATUS_COLORS[s] for s in ("hit", "partial", "miss")}
-    assert "prefix cache on" in latency.data[0].customdata[0][1]  # cache settings in the hover
+    ttft = [t for t in latency.data if t.yaxis == "y"]
+    decode = [t for t in latency.data if t.yaxis == "y2"]
+    assert [t.name for t in ttft] == ["hit", "partial", "miss"] and len(decode) == 3
+    assert {t.marker.color for t in ttft} == {charts.STATUS_COLORS[s] for s in ("hit", "partial", "miss")}
+    assert latency.layout.yaxis.type == "log" and latency.layout.yaxis2.type != "log"
+    assert "prefix cache on" in ttft[0].customdata[0][1]  # cache settings in the hover
+    note = [a.text for a in latency.layout.annotations if "below #1" in a.text]
+    assert note and note[0].startswith("partial")  # the newest request that reused a prefix, against the miss
     hits = charts.hit_history_figure(history.records)
-    assert list(hits.data[0].text) == ["miss", "hit", "partial"]
-    assert list(hits.data[1].y) == [0.0, 50.0, pytest.approx(200 / 3)]  # running hit rate, %
+    assert list(hits.data[0].text) == ["miss", "hit", "partial"] and hits.data[0].yaxis == "y"
+    assert hits.data[1].yaxis == "y2" and list(hits.data[1].y) == [0.0, 50.0, pytest.approx(200 / 3)]  # running hit rate, %
+
+
+def test_verdict_says_what_each_request_saved(service):
+    """The line under the charts: a miss's first-token time, a hit's reuse and ratio to the miss, no KV cache's cost per token."""
+    history = three_requests(service)
+    first, second = history.records[:2]
+    assert charts.verdict(history.records[:1]) == f"This request reused none of its {first.prompt_tokens} prompt tokens (nothing reusable was cached): its first token took {first.ttft_ms:,.0f} ms."
+    hit = charts.verdict(history.records[:2])
+    assert hit.startswith(f"This request reused {second.prompt_tokens} of {second.prompt_tokens} prompt tokens: first token ") and "sooner than #1" in hit
+    history.add(service.generate(OWNER, prompt="When do you open?", system_prompt=SYSTEM, max_new_tokens=4, use_cache=False, use_prefix_cache=False))
+    assert history.records[-1].status == "no-kv"
+    assert charts.verdict(history.records).startswith("No KV cache: every one of the 3 decode steps re-ran the whole sequence, ")
+    assert "slower per token than #" in charts.verdict(history.records)
+    assert charts.verdict([]) == "" and charts.verdict_html([]) == ""
 
 
 def test_empty_history_draws_placeholders(service):
     """Before any request the charts say what to do instead of drawing empty axes."""
     for figure in (charts.latency_figure([]), charts.hit_history_figure([])):
-        assert figure.layout.annotations and "Generate" in figure.layout.annotations[0].text
+        assert any("Generate" in a.text for a in figure.layout.annotations)
 
 
 def test_token_highlights_mark_the_cached_prefix(service):
     """Cached tokens come first and number prefix_tokens_saved; the rest are computed."""
     three_requests(service)
-    result = service.generate(OWNER, prompt="Where are the maps kept?", system_prompt=SYSTEM, max_new_tokens=2)
-    spans = charts.token_highlights(result, service.engine.decode)
+    result = service.generate(OWNER, prompt="Where are the reading rooms?", system_prompt=SYSTEM, max_new_tokens=2)
+    spans = charts.token_highlights(result, service.engine.decode, keep=1000)
     labels = [label for _, label in spans]
     saved = result.timings["prefix_tokens_saved"]
     assert result.cache_status == "partial" and 0 < saved < len(labels)
     assert labels == ["cached"] * saved + ["computed"] * (len(labels) - saved)
-    assert "".join(text for text, _ in spans).count("maps") == 1
+    assert "".join(text for text, _ in spans).count("reading rooms?") == 1
+
+
+def test_token_highlights_fold_a_long_cached_run_and_keep_every_computed_token(service):
+    """A long cached prefix shows its ends around one "… N more cached tokens …" span, so the computed tokens stay in view."""
+    three_requests(service)
+    result = service.generate(OWNER, prompt="Where are the reading rooms?", system_prompt=SYSTEM, max_new_tokens=2)
+    saved, total = result.timings["prefix_tokens_saved"], result.timings["prompt_tokens"]
+    spans = charts.token_highlights(result, service.engine.decode, keep=4)
+    assert [label for _, label in spans] == ["cached"] * 9 + ["computed"] * (total - saved)
+    assert spans[4][0] == f" … {saved - 8:,} more cached tokens … "
 
 
 def test_inspector_frame_and_stats_text(service):
@@ -117,7 +150,33 @@ def test_tree_figure_draws_the_rows_shape_and_only_their_previews():
     assert list(trace.marker.line.color)[2:] == [charts._LOCKED, charts._PINNED]
     shown = repr(trace.labels) + repr(trace.customdata)
     assert "another session" in trace.customdata[3][0] and "When do you open?" in shown
-    assert charts.tree_figure([]).layout.annotations  # empty: a placeholder, not an empty chart
+    assert "the whole namespace: 3 nodes, 32 tokens" in trace.hovertemplate[0]  # the root sums the namespace, no empty fields
+
+
+@pytest.mark.parametrize("rows", [[], [_row(0, None, 20, "You are terse.")]], ids=["empty", "one node"])
+def test_tree_figure_is_an_icicle_in_every_state(rows):
+    """An empty cache and a one-node tree draw an icicle too: Plotly throws when a figure changes kind in place, and the page froze."""
+    trace = charts.tree_figure(rows).data[0]
+    assert trace.type == "icicle" and list(trace.ids) == ["root"] + [f"n{r['id']}" for r in rows]
+    assert (trace.labels[0] == "The cache is empty: press Generate") == (not rows)
+    assert not charts.tree_figure(rows).layout.annotations
+
+
+def _plan_row(policy: str, budget_mib: float | None, rate: float, knee: bool = False) -> ReplayRow:
+    size = None if budget_mib is None else int(budget_mib * 2**20)
+    return ReplayRow(policy, "inf" if size is None else f"{budget_mib:g}MiB", size, 10, rate, rate, 1000, int(1000 * rate), 3 * 2**20, 0, 0.5, knee)
+
+
+def test_plan_figure_fits_its_units_and_marks_the_knee():
+    """MiB-scale budgets are charted in MiB (not "0.001" GiB); each knee is starred and named; the table gives the peak in MiB."""
+    rows = [_plan_row("lru", 1, 0.2), _plan_row("lru", 4, 0.6, knee=True), _plan_row("lru", 16, 0.62), _plan_row("lru", None, 0.62)]
+    fig = charts.plan_figure(rows, "plan")
+    assert fig.layout.xaxis.title.text == "memory budget (MiB, log scale)" and list(fig.data[0].x) == [1, 4, 16]
+    assert fig.data[1].marker.symbol == "star" and list(fig.data[1].x) == [4]
+    assert any(a.text == "lru knee: 4MiB" for a in fig.layout.annotations)
+    assert charts.plan_table(rows)[0][7] == "3 MiB" and charts.plan_table(rows)[1][-1] == "knee"
+    assert charts.plan_figure([_plan_row("lru", 2048, 0.5)], "plan").layout.xaxis.title.text.startswith("memory budget (GiB")
+    assert any("Replay" in a.text for a in charts.plan_figure([], "").layout.annotations)  # before a first plan: a hint
 
 
 def test_tree_figure_colours_by_recency_and_keeps_the_marks():
@@ -133,7 +192,7 @@ def test_tree_figure_colours_by_recency_and_keeps_the_marks():
     assert list(trace.marker.colors) == [7200, 5, 300, 7200, 7200]  # the root and a never-used node: as old as the oldest
     assert trace.marker.reversescale and trace.marker.cmax == 7200
     assert [c[8] for c in trace.customdata[1:]] == ["5 s ago", "5 min ago", "2.0 h ago", "never"]
-    assert "customdata[8]" in trace.hovertemplate and "recency" not in trace.hovertemplate
+    assert "customdata[8]" in trace.hovertemplate[1] and not any("recency" in h for h in trace.hovertemplate)
     assert trace.labels[2].startswith("🔒") and trace.labels[3].startswith("📌")
     assert list(trace.marker.line.color)[2:4] == [charts._LOCKED, charts._PINNED]
     hits = charts.tree_figure(rows, "hits", now=now).data[0]

@@ -1,30 +1,40 @@
 """What the page draws from results: per-request history rows, plotly figures, token highlights, tables.
 
 Pure functions of engine results and cache rows; they build no Gradio components and run no model
-(``decode`` is passed in). Hit, partial and miss always have the same colours.
+(``decode`` is passed in). Hit, partial, miss and "no KV cache" always have the same colours. Every
+figure renders from every state (no records, an empty or one-node tree) with the same kind of
+traces and axes as when it is full: Plotly's in-place update throws when a figure switches between
+a cartesian placeholder and an icicle, and a throw there stops the page from updating.
 """
 
 from __future__ import annotations
 
 import html
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
 import pandas as pd
 import plotly.graph_objects as go
+from plotly.subplots import make_subplots
 
+from cache.replay import ReplayRow, format_bytes
 from engine import GenerationResult
 from ui.limits import MAX_CHART_RECORDS
 
-STATUS_COLORS = {"hit": "#16a34a", "partial": "#f59e0b", "miss": "#dc2626", "skipped": "#a8a29e", "off": "#6366f1"}
+# "no-kv" is the page's own status for a request run without a KV cache (the engine reports "off",
+# as for the prefix cache off): it costs every decode step, not the prefill, and gets its own colour.
+STATUS_COLORS = {"hit": "#16a34a", "partial": "#f59e0b", "miss": "#dc2626", "skipped": "#a8a29e", "off": "#6366f1", "no-kv": "#db2777"}
 STATUS_TEXT = {
     "hit": "hit: the whole prompt came from the cache",
     "partial": "partial hit: a prefix came from the cache",
     "miss": "miss: nothing reusable was cached",
     "skipped": "skipped: the prompt is too short to cache",
-    "off": "prefix cache off",
+    "off": "prefix cache off: the whole prompt was prefilled",
+    "no-kv": "no KV cache: every decode step re-ran the whole sequence (and nothing was reused)",
 }
+STATUS_BADGE = {"no-kv": "no KV cache", "off": "prefix off"}  # the badge's words where they are not the status itself
 TOKEN_COLORS = {"cached": "#bbf7d0", "computed": "#fed7aa"}
 MAX_HIGHLIGHTED_TOKENS = 1200  # a longer prompt shows its start; the page stays light
 _DECODE_COLOR = "#cbd5e1"
@@ -67,6 +77,17 @@ class RequestRecord:
             reused_tokens=reused_tokens(result),
             new_tokens=int(t["new_tokens"]),
         )
+
+    @property
+    def status(self) -> str:
+        """The status the page shows: ``no-kv`` for a run without a KV cache, else the engine's."""
+        return cache_status_of(self.use_cache, self.cache_status)
+
+    @property
+    def decode_ms_per_token(self) -> float:
+        """Decode time per step after the first token (0 when only one token was made)."""
+        steps = self.new_tokens - 1
+        return self.decode_ms / steps if steps > 0 else 0.0
 
     @property
     def settings_text(self) -> str:
@@ -116,62 +137,118 @@ def reused_tokens(result: GenerationResult) -> int:
     return int(result.timings["prefix_tokens_saved"])
 
 
+def cache_status_of(use_cache: bool, cache_status: str) -> str:
+    """The page's status of a request: ``no-kv`` without a KV cache, else the engine's ``cache_status``."""
+    return cache_status if use_cache else "no-kv"
+
+
 def latency_figure(records: Sequence[RequestRecord]) -> go.Figure:
-    """Per-request stacked bars: TTFT (coloured by cache status) under decode time."""
-    fig = go.Figure()
+    """Two panels per request: time to first token (log scale, coloured by status) above decode time per token.
+
+    They get their own panels because they answer different questions: the prefix cache changes the
+    first (often by 100x or more, hence the log scale), the KV cache the second. The newest request
+    that reused a prefix is annotated with its ratio to the miss it is compared with (:func:`baseline`).
+    """
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.14, row_heights=[0.6, 0.4],
+                        subplot_titles=("Time to first token (ms, log scale)", "Decode: ms per new token"))
     for status, color in STATUS_COLORS.items():
-        rows = [r for r in records if r.cache_status == status]
+        rows = [r for r in records if r.status == status]
         if not rows:
             continue
+        x = [_x(r) for r in rows]
         fig.add_bar(
-            x=[_x(r) for r in rows],
-            y=[r.ttft_ms for r in rows],
-            name=f"TTFT ({status})",
-            marker_color=color,
+            x=x, y=[max(r.ttft_ms, 0.01) for r in rows], name=STATUS_BADGE.get(status, status), legendgroup=status, marker_color=color,
             customdata=[[r.label, r.settings_text, r.wall_ttft_ms, r.prompt_tokens, r.reused_tokens] for r in rows],
             hovertemplate="%{x} %{customdata[0]}<br>TTFT %{y:.1f} ms (wall %{customdata[2]:.1f} ms)"
             "<br>%{customdata[1]}<br>prompt %{customdata[3]} tokens, %{customdata[4]} from cache<extra>" + status + "</extra>",
+            row=1, col=1,
         )
-    if records:
         fig.add_bar(
-            x=[_x(r) for r in records],
-            y=[r.decode_ms for r in records],
-            name="decode",
-            marker_color=_DECODE_COLOR,
-            customdata=[[r.new_tokens, r.settings_text] for r in records],
-            hovertemplate="%{x}: decode %{y:.1f} ms for %{customdata[0]} tokens<br>%{customdata[1]}<extra>decode</extra>",
+            x=x, y=[r.decode_ms_per_token for r in rows], name=status, legendgroup=status, showlegend=False, marker_color=color,
+            customdata=[[r.new_tokens, r.decode_ms, r.settings_text] for r in rows],
+            hovertemplate="%{x}: %{y:.1f} ms per token (%{customdata[0]} tokens, decode %{customdata[1]:.0f} ms)<br>%{customdata[2]}<extra>" + status + "</extra>",
+            row=2, col=1,
         )
-    fig.update_layout(title="Time to first token vs decode, per request", barmode="stack", yaxis_title="milliseconds", **_LAYOUT)
-    fig.update_xaxes(categoryorder="array", categoryarray=[_x(r) for r in records])  # request order, not trace order
+    fig.update_yaxes(type="log", title_text="ms", row=1, col=1)
+    fig.update_yaxes(title_text="ms / token", rangemode="tozero", row=2, col=1)
+    _annotate_saving(fig, records)
+    fig.update_layout(barmode="group", bargap=0.25, **{**_LAYOUT, "height": 420, "margin": dict(l=55, r=15, t=40, b=40)})
+    fig.update_xaxes(type="category", categoryorder="array", categoryarray=[_x(r) for r in records])  # request order
     return _placeholder(_narrow_bars(fig, len(records)), records)
 
 
 def hit_history_figure(records: Sequence[RequestRecord]) -> go.Figure:
-    """Per request: share of the prompt reused (coloured hit/partial/miss), and the running hit rate."""
-    fig = go.Figure()
-    if records:
-        fig.add_bar(
-            x=[_x(r) for r in records],
-            y=[100 * r.reused_tokens / r.prompt_tokens if r.prompt_tokens else 0 for r in records],
-            marker_color=[STATUS_COLORS.get(r.cache_status, _DECODE_COLOR) for r in records],
-            text=[r.cache_status for r in records],
-            textposition="outside",
-            name="prompt reused",
-            showlegend=False,  # each bar is labelled with its status; a single legend colour would mislead
-            customdata=[[r.reused_tokens, r.prompt_tokens, r.settings_text] for r in records],
-            hovertemplate="%{x}: %{text}, %{customdata[0]} of %{customdata[1]} prompt tokens reused<br>%{customdata[2]}<extra></extra>",
-        )
-        looked_up = hits = 0
-        rate_x, rate_y = [], []
-        for r in records:
-            if r.cache_status in ("hit", "partial", "miss"):  # the ones the cache counts
-                looked_up += 1
-                hits += r.cache_status != "miss"
-            rate_x.append(_x(r))
-            rate_y.append(100 * hits / looked_up if looked_up else None)
-        fig.add_scatter(x=rate_x, y=rate_y, mode="lines+markers", name="running hit rate", line=dict(color="#2563eb", width=2), connectgaps=True, hovertemplate="%{x}: hit rate %{y:.0f}%<extra></extra>")
-    fig.update_layout(title="Prefix-cache hits, per request", yaxis=dict(title="% of prompt from cache", range=[0, 115]), **_LAYOUT)
+    """Two panels: each request's share of the prompt reused (bars by status) above the running hit rate.
+
+    The running rate counts the requests the cache looked up (hit, partial, miss); a partial is a hit.
+    """
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.14, row_heights=[0.6, 0.4],
+                        subplot_titles=("% of the prompt from the cache", "Running hit rate (%)"))
+    x = [_x(r) for r in records]
+    fig.add_bar(
+        x=x, y=[100 * r.reused_tokens / r.prompt_tokens if r.prompt_tokens else 0 for r in records],
+        marker_color=[STATUS_COLORS.get(r.status, _DECODE_COLOR) for r in records],
+        text=[STATUS_BADGE.get(r.status, r.status) for r in records], textposition="outside", cliponaxis=False,
+        name="prompt reused", showlegend=False,  # each bar is labelled with its status
+        customdata=[[r.reused_tokens, r.prompt_tokens, r.settings_text] for r in records],
+        hovertemplate="%{x}: %{text}, %{customdata[0]} of %{customdata[1]} prompt tokens reused<br>%{customdata[2]}<extra></extra>",
+        row=1, col=1,
+    )
+    fig.add_scatter(
+        x=x, y=running_hit_rate(records), mode="lines+markers", name="running hit rate", showlegend=False,
+        line=dict(color="#2563eb", width=2), connectgaps=True, hovertemplate="%{x}: hit rate %{y:.0f}%<extra></extra>", row=2, col=1,
+    )
+    fig.update_yaxes(range=[0, 118], title_text="%", row=1, col=1)
+    fig.update_yaxes(range=[0, 105], title_text="%", row=2, col=1)
+    fig.update_layout(**{**_LAYOUT, "height": 420, "margin": dict(l=55, r=15, t=40, b=40)})
+    fig.update_xaxes(type="category", categoryorder="array", categoryarray=x)
     return _placeholder(_narrow_bars(fig, len(records)), records)
+
+
+def running_hit_rate(records: Sequence[RequestRecord]) -> list[float | None]:
+    """After each request: % of the looked-up requests so far that reused a prefix (None before the first lookup)."""
+    looked_up = hits = 0
+    rates: list[float | None] = []
+    for r in records:
+        if r.status in ("hit", "partial", "miss"):  # the ones the cache counts
+            looked_up += 1
+            hits += r.status != "miss"
+        rates.append(100 * hits / looked_up if looked_up else None)
+    return rates
+
+
+def baseline(records: Sequence[RequestRecord], record: RequestRecord) -> RequestRecord | None:
+    """The earlier request ``record`` is compared with: the one that reused nothing (a miss, or the
+    prefix cache off) with the KV cache on and the prompt length nearest to ``record``'s, newest
+    first among equals. None when there is none: then the page claims no ratio."""
+    earlier = [r for r in records if r.index < record.index and r.use_cache and r.reused_tokens == 0 and r.status in ("miss", "off", "skipped")]
+    return min(reversed(earlier), key=lambda r: abs(r.prompt_tokens - record.prompt_tokens), default=None)
+
+
+def verdict(records: Sequence[RequestRecord]) -> str:
+    """One line about the newest request: what it reused and how much sooner its first token came, or
+    what running without a KV cache cost per token. Empty before the first request."""
+    if not records:
+        return ""
+    last = records[-1]
+    if last.status == "no-kv":
+        kv = next((r for r in reversed(records[:-1]) if r.use_cache and r.decode_ms_per_token > 0), None)
+        steps = max(last.new_tokens - 1, 0)
+        slower = f", {last.decode_ms_per_token / kv.decode_ms_per_token:,.1f}× slower per token than {_x(kv)} with the KV cache" if kv and last.decode_ms_per_token else ""
+        return f"No KV cache: every one of the {steps} decode steps re-ran the whole sequence{slower}."
+    if last.reused_tokens == 0:
+        why = {"off": "the prefix cache was off", "skipped": "the prompt is too short to cache"}.get(last.status, "nothing reusable was cached")
+        return f"This request reused none of its {last.prompt_tokens} prompt tokens ({why}): its first token took {last.ttft_ms:,.0f} ms."
+    line = f"This request reused {last.reused_tokens} of {last.prompt_tokens} prompt tokens"
+    base = baseline(records, last)
+    if base is None or last.ttft_ms <= 0:
+        return line + f": first token in {last.ttft_ms:,.1f} ms (no earlier miss to compare with)."
+    return line + f": first token {_ratio(base.ttft_ms, last.ttft_ms)} sooner than {_x(base)}, a {base.prompt_tokens}-token miss ({last.ttft_ms:,.1f} ms vs {base.ttft_ms:,.0f} ms)."
+
+
+def verdict_html(records: Sequence[RequestRecord]) -> str:
+    text = verdict(records)
+    return f'<div class="kv-verdict">{html.escape(text)}</div>' if text else ""
 
 
 def scenario_figure(off: Sequence[RequestRecord], on: Sequence[RequestRecord], title: str) -> go.Figure:
@@ -208,9 +285,9 @@ def scenario_summary(off: Sequence[RequestRecord], on: Sequence[RequestRecord]) 
 
 
 def figures_html(result: GenerationResult) -> str:
-    """The request's figures as a row of cards."""
+    """The request's figures as a row of cards, and its status badge with one line of what it means."""
     t = result.timings
-    status = result.cache_status
+    status = cache_status_of(result.use_cache, result.cache_status)
     cards = [
         ("TTFT (model)", f"{t['ttft_ms']:,.1f} ms", "tokenize + prefill"),
         ("TTFT (wall)", f"{t['wall_ttft_ms']:,.1f} ms", "as a user waits"),
@@ -223,7 +300,8 @@ def figures_html(result: GenerationResult) -> str:
         f'<div class="kv-card-value">{html.escape(value)}</div><div class="kv-card-note">{html.escape(note)}</div></div>'
         for label, value, note in cards
     )
-    badge = f'<span class="kv-badge" style="background:{STATUS_COLORS.get(status, _DECODE_COLOR)}">{html.escape(status)}</span>'
+    words = STATUS_BADGE.get(status, status)
+    badge = f'<span class="kv-badge kv-badge-{html.escape(status)}" style="background:{STATUS_COLORS.get(status, _DECODE_COLOR)}">{html.escape(words)}</span>'
     return f'<div class="kv-figures">{body}</div><div class="kv-status">{badge} {html.escape(STATUS_TEXT.get(status, status))}</div>'
 
 
@@ -231,23 +309,35 @@ def empty_figures_html() -> str:
     return '<div class="kv-status kv-muted">Generate to see this request\'s timings and cache status.</div>'
 
 
-def token_highlights(result: GenerationResult, decode: Callable[[Sequence[int]], str]) -> list[tuple[str, str | None]]:
-    """The prompt's tokens, each labelled ``cached`` or ``computed`` (special tokens show as ◇)."""
+def token_highlights(result: GenerationResult, decode: Callable[[Sequence[int]], str], keep: int = 12) -> list[tuple[str, str | None]]:
+    """The prompt's tokens, each labelled ``cached`` or ``computed`` (special tokens show as ◇).
+
+    A long cached run shows its first and last ``keep`` tokens around one "… N more cached tokens …"
+    span (labelled cached), so the computed tokens, which come last, stay in view.
+    """
     cached = reused_tokens(result)
     ids = result.prompt_token_ids
-    spans: list[tuple[str, str | None]] = [
-        (decode([token]) or "◇", "cached" if i < cached else "computed") for i, token in enumerate(ids[:MAX_HIGHLIGHTED_TOKENS])
-    ]
-    if len(ids) > MAX_HIGHLIGHTED_TOKENS:
-        spans.append((f" … and {len(ids) - MAX_HIGHLIGHTED_TOKENS:,} more tokens", None))
-    return spans
+
+    def spans(start: int, stop: int) -> list[tuple[str, str | None]]:
+        return [(decode([ids[i]]) or "◇", "cached" if i < cached else "computed") for i in range(start, min(stop, len(ids)))]
+
+    if cached > 3 * keep:
+        shown = spans(0, keep) + [(f" … {cached - 2 * keep:,} more cached tokens … ", "cached")] + spans(cached - keep, cached)
+        start = cached
+    else:
+        shown, start = [], 0
+    shown += spans(start, start + MAX_HIGHLIGHTED_TOKENS)
+    if len(ids) > start + MAX_HIGHLIGHTED_TOKENS:
+        shown.append((f" … and {len(ids) - start - MAX_HIGHLIGHTED_TOKENS:,} more tokens", None))
+    return shown
 
 
-def explanation_html(result: GenerationResult) -> str:
+def explanation_html(result: GenerationResult, hidden_note: str = "(not shown: the shared cache holds others' prompts)") -> str:
     """Why the prefix cache reused what it did (``cache_explanation``), under the token highlights.
 
     Every piece of text is escaped: the decoded context is the user's own prompt (and, in their own
-    namespace, their own cached tokens), which may hold anything.
+    namespace, their own cached tokens), which may hold anything. ``hidden_note`` stands in for the
+    cached side where the service withholds it (the page words it for its own cache mode).
     """
     e = result.cache_explanation
     if not e:
@@ -259,7 +349,7 @@ def explanation_html(result: GenerationResult) -> str:
         lines.insert(0, f'<b class="kv-verify-{"ok" if v["identical"] else "bad"}">{mark}</b> · {html.escape(v["message"])}')
     if "diverged_at" in e:
         cached = e.get("cached_after")
-        cached_text = "(not shown: the shared cache holds others' prompts)" if cached is None else f"<mark>{html.escape(cached)}</mark>"
+        cached_text = html.escape(hidden_note) if cached is None else f"<mark>{html.escape(cached)}</mark>"
         lines.append(
             f'…{html.escape(e["before"])}<span class="kv-diverge">⟂</span> your prompt: <mark>{html.escape(e["prompt_after"])}</mark>'
             f" · cached: {cached_text}"
@@ -304,66 +394,70 @@ def tree_figure(rows: Sequence[dict[str, Any]], colour: str = "hits", now: float
     violet (a locked outline wins), and both are marked in the label, whatever the colour. The
     hover text is the row's ``preview``, so it follows the table's rule exactly: another
     session's tokens show as the placeholder, never as text; it also gives the last use's age.
-    Clicking a node zooms into its subtree; clicking the top bar zooms back out.
+    The root's hover sums the namespace. An empty cache is an icicle of the root alone, so the
+    figure keeps its kind from every state to every other. Clicking a node zooms into its subtree.
 
     Raises:
         ValueError: ``colour`` is not one of ``TREE_COLOURS``.
     """
     if colour not in TREE_COLOURS:
         raise ValueError(f"colour: pick one of {', '.join(TREE_COLOURS)}")
-    fig = go.Figure()
-    if not rows:
-        return _placeholder(fig, rows, "The cache is empty: press Generate").update_layout(template="plotly_white", height=220)
     now = time.time() if now is None else now
     ages = [max(now - r["last_used"], 0.0) if r["last_used"] else None for r in rows]
     oldest = max((a for a in ages if a is not None), default=0.0)
-    total = ["the whole namespace", sum(r["tokens"] for r in rows), round(sum(r["bytes"] for r in rows) / 1024, 1), "", "", "", "", "", ""]
-    ids, parents, labels, values, outline, width, custom = ["root"], [""], ["cache"], [0], ["#ffffff"], [1], [total]
-    colours = [0.0 if colour == "hits" else oldest]  # the root bar: no hits, as old as the oldest node
-    for r, age in zip(rows, ages):
-        marks = ("🔒 " if r["locked"] else "") + ("📌 " if r.get("pinned") else "")
-        ids.append(f"n{r['id']}")
-        parents.append("root" if r["parent"] is None else f"n{r['parent']}")
-        labels.append(f"{marks}{_short(r['preview'])}")
-        values.append(r["tokens"])
-        colours.append(r["hits"] if colour == "hits" else oldest if age is None else round(age, 1))
-        outline.append(_LOCKED if r["locked"] else _PINNED if r.get("pinned") else "#ffffff")
-        width.append(3 if r["locked"] or r.get("pinned") else 1)
-        custom.append([
-            html.escape(r["preview"]),
-            r["tokens"],
-            round(r["bytes"] / 1024, 1),
-            r["hits"],
-            _clock_time(r["last_used"]),
-            "yes" if r["logits"] else "no",
-            "yes" if r["locked"] else "no",
-            "yes" if r.get("pinned") else "no",
-            _age(age),
-        ])
+    points = _tree_points(rows, ages, colour, oldest)
     scale = dict(colorscale="Blues", cmin=0, colorbar=dict(title="hits")) if colour == "hits" else dict(
         colorscale="Blues", reversescale=True, cmin=0, cmax=max(oldest, 1.0), colorbar=dict(title="seconds since<br>last use")
     )
-    fig.add_trace(
+    fig = go.Figure(
         go.Icicle(
-            ids=ids,
-            parents=parents,
-            labels=labels,
-            values=values,
+            ids=points["ids"], parents=points["parents"], labels=points["labels"], values=points["values"],
             branchvalues="remainder",  # a node's value is its own edge; its bar also spans its children
-            customdata=custom,
-            marker=dict(colors=colours, showscale=True, line=dict(color=outline, width=width), **scale),
-            hovertemplate=(
-                "%{customdata[0]}<br>%{customdata[1]} tokens · %{customdata[2]} KiB · %{customdata[3]} hits"
-                "<br>last used %{customdata[4]} (%{customdata[8]}) · logits %{customdata[5]} · locked %{customdata[6]} · pinned %{customdata[7]}<extra></extra>"
-            ),
-            tiling=dict(orientation="v"),
-            root=dict(color="#f1f5f9"),
-            maxdepth=6,
+            customdata=points["custom"], hovertemplate=points["hover"],
+            marker=dict(colors=points["colours"], showscale=bool(rows), line=dict(color=points["outline"], width=points["width"]), **scale),
+            tiling=dict(orientation="v"), root=dict(color="#f1f5f9"), maxdepth=6,
         )
     )
     title = {"hits": "colour: hits", "recency": "colour: time since last use, darkest newest"}[colour]
-    fig.update_layout(template="plotly_white", height=420, margin=dict(l=10, r=10, t=40, b=10), title=f"Radix tree (width: tokens, {title}; click to zoom)")
+    fig.update_layout(template="plotly_white", height=420 if rows else 220, margin=dict(l=10, r=10, t=40, b=10), title=f"Radix tree (width: tokens, {title}; click to zoom)")
     return fig
+
+
+def plan_figure(rows: Sequence[ReplayRow], title: str) -> go.Figure:
+    """The planner's chart: token hit rate vs budget, one line per policy, in the unit that fits the
+    budgets (KiB, MiB or GiB, log axis), each policy's knee starred and labelled, an unbounded cache
+    dashed with its peak. No rows: the axes with a hint, as before a first replay."""
+    fig = go.Figure()
+    finite = [r.budget_bytes for r in rows if r.budget_bytes]
+    unit, scale = _byte_unit(max(finite, default=1 << 30))
+    for policy in dict.fromkeys(r.policy for r in rows):
+        mine = [r for r in rows if r.policy == policy and r.budget_bytes is not None]
+        fig.add_scatter(
+            x=[r.budget_bytes / scale for r in mine], y=[100 * r.token_hit_rate for r in mine], mode="lines+markers", name=policy,
+            customdata=[[r.budget, 100 * r.request_hit_rate, r.evictions, format_bytes(r.peak_bytes)] for r in mine],
+            hovertemplate="%{customdata[0]}: %{y:.1f}% of prompt tokens reused, %{customdata[1]:.1f}% of requests hit, "
+            "%{customdata[2]:,} evictions, peak %{customdata[3]}<extra>" + policy + "</extra>",
+        )
+        knee = next((r for r in mine if r.knee), None)
+        if knee is not None:
+            fig.add_scatter(x=[knee.budget_bytes / scale], y=[100 * knee.token_hit_rate], mode="markers", marker=dict(symbol="star", size=16, color="#111827"),
+                            name=f"{policy} knee", hovertemplate=f"{policy}: knee at {knee.budget}<extra></extra>", showlegend=False)
+            fig.add_annotation(x=math.log10(knee.budget_bytes / scale), y=100 * knee.token_hit_rate, text=f"{policy} knee: {knee.budget}", showarrow=True, arrowhead=2, ax=30, ay=30)
+    unbounded = next((r for r in rows if r.budget_bytes is None), None)
+    if unbounded is not None:
+        fig.add_hline(y=100 * unbounded.token_hit_rate, line_dash="dash", annotation_text=f"unbounded (peak {format_bytes(unbounded.peak_bytes)})")
+    fig.update_layout(title=title, xaxis_title=f"memory budget ({unit}, log scale)", yaxis_title="prompt tokens reused (%)", xaxis_type="log",
+                      yaxis_range=[0, 105], legend_title="policy", **{**_LAYOUT, "height": 380})
+    return _placeholder(fig, rows, "No plan yet: pick a sample trace or upload one, then press Replay")
+
+
+def plan_table(rows: Sequence[ReplayRow]) -> list[list[Any]]:
+    """The planner's table rows: rates as percentages, the peak in the unit that fits it."""
+    return [
+        [r.policy, r.budget, r.requests, f"{r.request_hit_rate:.1%}", f"{r.token_hit_rate:.1%}", r.prompt_tokens, r.reused_tokens,
+         format_bytes(r.peak_bytes), r.evictions, round(r.prefill_s_saved, 2), "knee" if r.knee else ""]
+        for r in rows
+    ]
 
 
 def stats_markdown(stats: dict[str, Any]) -> str:
@@ -379,6 +473,45 @@ def stats_markdown(stats: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+_NODE_HOVER = (
+    "%{customdata[0]}<br>%{customdata[1]} tokens · %{customdata[2]} KiB · %{customdata[3]} hits"
+    "<br>last used %{customdata[4]} (%{customdata[8]}) · logits %{customdata[5]} · locked %{customdata[6]} · pinned %{customdata[7]}<extra></extra>"
+)
+
+
+def _tree_points(rows: Sequence[dict[str, Any]], ages: Sequence[float | None], colour: str, oldest: float) -> dict[str, list]:
+    """The icicle's per-point lists: the root (the whole namespace), then one point per row."""
+    tokens, kib = sum(r["tokens"] for r in rows), round(sum(r["bytes"] for r in rows) / 1024, 1)
+    root_label = "cache" if rows else "The cache is empty: press Generate"
+    root_hover = f"the whole namespace: {len(rows)} nodes, {tokens:,} tokens, {kib:,} KiB<extra></extra>" if rows else "nothing cached yet<extra></extra>"
+    points: dict[str, list] = dict(
+        ids=["root"], parents=[""], labels=[root_label], values=[0 if rows else 1], outline=["#ffffff"], width=[1], custom=[[""] * 9], hover=[root_hover],
+        colours=[0.0 if colour == "hits" else oldest],  # the root bar: no hits, as old as the oldest node
+    )
+    for r, age in zip(rows, ages):
+        points["ids"].append(f"n{r['id']}")
+        points["parents"].append("root" if r["parent"] is None else f"n{r['parent']}")
+        points["labels"].append(("🔒 " if r["locked"] else "") + ("📌 " if r.get("pinned") else "") + _short(r["preview"]))
+        points["values"].append(r["tokens"])
+        points["colours"].append(r["hits"] if colour == "hits" else oldest if age is None else round(age, 1))
+        points["outline"].append(_LOCKED if r["locked"] else _PINNED if r.get("pinned") else "#ffffff")
+        points["width"].append(3 if r["locked"] or r.get("pinned") else 1)
+        points["hover"].append(_NODE_HOVER)
+        points["custom"].append([
+            html.escape(r["preview"]), r["tokens"], round(r["bytes"] / 1024, 1), r["hits"], _clock_time(r["last_used"]),
+            "yes" if r["logits"] else "no", "yes" if r["locked"] else "no", "yes" if r.get("pinned") else "no", _age(age),
+        ])
+    return points
+
+
+def _byte_unit(largest: int) -> tuple[str, int]:
+    """The unit a chart of sizes up to ``largest`` bytes reads best in, and its size in bytes."""
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20)):
+        if largest >= scale:
+            return unit, scale
+    return "KiB", 1 << 10
 
 
 def _x(record: RequestRecord) -> str:
@@ -402,6 +535,25 @@ def _age(seconds: float | None) -> str:
 def _short(preview: str, limit: int = 24) -> str:
     """A node's label: the start of its preview (the hover shows all of it)."""
     return html.escape(preview if len(preview) <= limit else preview[: limit - 1] + "…")
+
+
+def _ratio(before: float, after: float) -> str:
+    """How many times ``after`` is below ``before``: "770×", "2.4×"."""
+    times = before / after
+    return f"{times:,.0f}×" if times >= 10 else f"{times:.1f}×"
+
+
+def _annotate_saving(fig: go.Figure, records: Sequence[RequestRecord]) -> None:
+    """Mark the newest request that reused a prefix with its first-token ratio to its baseline miss."""
+    last = next((r for r in reversed(records) if r.reused_tokens > 0 and r.use_cache), None)
+    base = baseline(records, last) if last else None
+    if last is None or base is None or last.ttft_ms <= 0:
+        return
+    fig.add_annotation(
+        x=_x(last), y=math.log10(max(last.ttft_ms, 0.01)), row=1, col=1,  # a log axis places annotations by log10
+        text=f"{STATUS_BADGE.get(last.status, last.status)}: {last.ttft_ms:,.1f} ms,<br>{_ratio(base.ttft_ms, last.ttft_ms)} below {_x(base)}",
+        showarrow=True, arrowhead=2, ax=0, ay=-38, font=dict(size=11), bgcolor="rgba(255,255,255,0.85)",
+    )
 
 
 def _change(before: float, after: float) -> str:

@@ -1,9 +1,9 @@
-"""The "Plan your workload" tab and its service: replay an uploaded trace across memory budgets and eviction policies.
+"""The workload planner's service: replay a trace across memory budgets and eviction policies.
 
 Three doors, one validation (:func:`parse_plan`) and one bounded runner (:class:`Planner`):
 
-- the page tab: upload a JSONL file, pick a model config, budgets and policies; a progress bar,
-  then a chart, a table and CSV / JSON downloads;
+- the page tab (``ui/tabs_planner.py``): a bundled sample or an uploaded JSONL file, a model
+  config, budgets and policies; a progress bar, then a chart, a table and CSV / JSON downloads;
 - gradio_client ``/plan``: the trace as text (the ``/gradio_api`` body cap, 256 KiB, applies);
 - REST ``POST /plan``: JSON ``{"trace": "<jsonl text>", "model": ..., ...}`` up to
   ``PLAN_MAX_BODY_BYTES`` (the request guard gives this path its own cap).
@@ -20,14 +20,9 @@ engine's tokenizer, as its requests are. No business logic here beyond wiring: i
 
 from __future__ import annotations
 
-import atexit
-import json
-import shutil
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import gradio as gr
@@ -44,7 +39,6 @@ from cache.replay import (
     ReplayTimeout,
     TextTokenizer,
     TraceLimits,
-    hit_rate_figure,
     knee_sentence,
     load_model_size,
     load_trace,
@@ -52,7 +46,6 @@ from cache.replay import (
     parse_budgets,
     parse_policies,
     plan,
-    rows_csv,
 )
 from ui.limits import PLAN_MAX_BUDGETS, PLAN_MAX_REQUESTS, PLAN_MAX_TRACE_BYTES, PLAN_MAX_UNITS, PLAN_TIME_LIMIT_S, PLAN_TURN_KEPT_S
 from ui.schemas import parse_body
@@ -229,70 +222,7 @@ class Planner:
                 self._running = False
 
 
-# ---------------------------------------------------------------------- the page tab
-
-
-def build_plan_tab(planner: Planner, address_of: Callable[[Any], str]) -> None:
-    """The "Plan your workload" tab; call inside ``gr.Tabs()``. Its event is private: scripts use ``/plan``.
-
-    ``address_of``: the caller's address from its request (``SessionIssuer.request_address``), for the planner's turns.
-    """
-    with gr.Tab("Plan your workload"):
-        gr.Markdown(
-            "Should prefix caching be on, and how much memory should it get? Upload a workload as JSON Lines "
-            "(OpenAI chat requests `{\"messages\": [...], \"output\": \"...\"}`, prompts `{\"prompt\": \"...\"}`, "
-            "token ids, or a [Mooncake](https://github.com/kvcache-ai/Mooncake) block trace) and replay it through "
-            "the prefix cache for the model you serve, at each budget and eviction policy. "
-            f"Limits: {PLAN_MAX_TRACE_BYTES // (1024 * 1024)} MiB, {PLAN_MAX_REQUESTS:,} requests, {PLAN_TIME_LIMIT_S:g} s. "
-            "Examples: `assets/traces/` in the repository."
-        )
-        with gr.Row():
-            trace_file = gr.File(label="Trace (.jsonl)", file_types=[".jsonl", ".json", ".txt"], type="binary", scale=2, elem_id="kv-plan-trace")
-            with gr.Column(scale=3):
-                with gr.Row():
-                    model = gr.Dropdown(model_config_names(), value=DEFAULT_MODEL_CONFIG, label="Model config")
-                    kv_dtype = gr.Dropdown(list(KV_DTYPE_BYTES), value="bf16", label="KV dtype")
-                    block_size = gr.Number(DEFAULT_BLOCK_SIZE, precision=0, label="Block size (block traces)")
-                with gr.Row():
-                    budgets = gr.Textbox("auto", label="Budgets", info="e.g. 256MiB,1GiB,4GiB,inf, or auto")
-                    policies = gr.CheckboxGroup(["lru", "lfu", "fifo", "mru"], value=["lru", "lfu"], label="Eviction policies")
-                run_button = gr.Button("Replay", variant="primary")
-        summary = gr.Markdown()
-        chart = gr.Plot(show_label=False)
-        table = gr.DataFrame(headers=TABLE_COLUMNS, interactive=False, label="One row per policy × budget")
-        with gr.Row():
-            csv_file = gr.File(label="Download CSV", interactive=False, elem_id="kv-plan-csv")
-            json_file = gr.File(label="Download JSON", interactive=False)
-
-        files = Path(tempfile.mkdtemp(prefix="kvci-plans-"))  # this page's CSV and JSON, the newest plan's only
-        atexit.register(shutil.rmtree, files, ignore_errors=True)  # a clean exit (SIGTERM, Ctrl-C) leaves no folder behind
-
-        def on_plan(data: Any, model_name: Any, dtype: Any, budget_text: Any, chosen: Any, block: Any, request: gr.Request, progress=gr.Progress()):
-            def fields() -> dict:
-                if not isinstance(data, bytes):
-                    raise ValueError("upload a JSONL trace first")
-                policies = ",".join(chosen) if isinstance(chosen, list) and all(isinstance(c, str) for c in chosen) else chosen
-                block_size = int(block) if isinstance(block, float) and block.is_integer() else block  # the page's number box
-                # UnicodeDecodeError is a ValueError: a trace that is not UTF-8 text is refused with the reason
-                return dict(trace=data.decode("utf-8"), model=model_name, kv_dtype=dtype, budgets=budget_text, policies=policies, block_size=block_size)
-
-            progress(0, desc="reading the trace")
-            result = _gradio_call(planner, fields, address_of(request), lambda done, total: progress(done / total, desc=f"replay {done} of {total}"))
-            for earlier in files.iterdir():  # Gradio copied the last plan's files to its cache (swept in time) as that event ended
-                shutil.rmtree(earlier, ignore_errors=True)
-            folder = Path(tempfile.mkdtemp(dir=files))
-            (folder / "plan.csv").write_text(rows_csv(result.rows))
-            (folder / "plan.json").write_text(json.dumps(result.to_dict(), indent=2))
-            frame = [[getattr(r, f) for f in ("policy", "budget", "requests")] + [f"{r.request_hit_rate:.1%}", f"{r.token_hit_rate:.1%}", r.prompt_tokens, r.reused_tokens, r.peak_bytes, r.evictions, round(r.prefill_s_saved, 2), "knee" if r.knee else ""] for r in result.rows]
-            return result.summary(), hit_rate_figure(result.rows, f"{result.model.name}: prompt tokens reused vs budget"), frame, str(folder / "plan.csv"), str(folder / "plan.json")
-
-        run_button.click(
-            on_plan,
-            inputs=[trace_file, model, kv_dtype, budgets, policies, block_size],
-            outputs=[summary, chart, table, csv_file, json_file],
-            api_visibility="private",
-            concurrency_limit=1,
-        )
+# ---------------------------------------------------------------------- gradio_client (the page's tab: ui/tabs_planner.py)
 
 
 def plan_api(planner: Planner, address_of: Callable[[Any], str]) -> Callable[..., dict]:
@@ -308,14 +238,26 @@ def plan_api(planner: Planner, address_of: Callable[[Any], str]) -> Callable[...
         prefill_tokens_per_s: float = DEFAULT_PREFILL_TOKENS_PER_S,
         request: gr.Request = None,
     ) -> dict:
-        """Replay a JSONL trace (text) through the prefix cache; returns the rows per policy × budget and each policy's knee."""
+        """Replay a JSONL trace (text) through the prefix cache at each memory budget and eviction policy.
+
+        Args:
+            trace: the JSONL trace, one request per line (chat messages, prompts, token ids or a Mooncake block trace).
+            model: a shipped model config, whose KV bytes per token size the cache.
+            kv_dtype: the KV storage dtype (bf16, fp16, fp32, ...).
+            budgets: comma-separated sizes (512MiB,4GiB,inf) or "auto".
+            policies: comma-separated eviction policies (lru,lfu,fifo,mru).
+            block_size: tokens per hash id of a block trace.
+            prefill_tokens_per_s: the prefill speed that turns reused tokens into seconds saved.
+        Returns:
+            dict with model, kv_dtype, kv_bytes_per_token, trace_kind, requests, seconds, knee (the smallest budget within reach of an unbounded cache, per policy) and rows (one per policy and budget: hit rates, reused tokens, peak bytes, evictions, prefill seconds saved).
+        """
         raw = dict(trace=trace, model=model, kv_dtype=kv_dtype, budgets=budgets, policies=policies, block_size=block_size, prefill_tokens_per_s=prefill_tokens_per_s)
-        return _gradio_call(planner, lambda: raw, address_of(request)).to_dict()
+        return gradio_call(planner, lambda: raw, address_of(request)).to_dict()
 
     return plan_endpoint
 
 
-def _gradio_call(planner: Planner, fields: Callable[[], dict], caller: str, progress: Callable[[int, int], None] | None = None) -> PlanResult:
+def gradio_call(planner: Planner, fields: Callable[[], dict], caller: str, progress: Callable[[int, int], None] | None = None) -> PlanResult:
     """A page or gradio_client plan: bad input, a busy server or a loading model become a gr.Error with the message."""
     try:
         return planner.run(parse_plan(fields()), progress, caller)

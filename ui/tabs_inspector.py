@@ -1,0 +1,75 @@
+"""The "Inspector" tab (the cache inspector): the cache's stats, its entries as a table and as a radix-tree icicle, Refresh and Clear.
+
+Builds its components and wires its own events; it also refreshes after the playground's events
+that change the cache (``Playground.cache_changed``) and whenever the tab is opened (a plot drawn
+while its tab was hidden has no width to measure, and would render at half width).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gradio as gr
+
+from engine.snapshot import status_line as snapshot_line
+from ui import backend_view, charts
+from ui.page_context import QUICK, PageContext, ui_errors
+from ui.playground import Playground
+
+
+def build_inspector_tab(ctx: PageContext, demo: gr.Blocks, play: Playground) -> None:
+    """The tab; call inside ``gr.Tabs()``."""
+    with gr.Tab("Inspector", elem_id="kv-inspector-tab") as tab:
+        cache_stats = gr.Markdown(elem_id="kv-cache-stats")
+        with gr.Row():
+            refresh_button = gr.Button("Refresh", size="sm", elem_id="kv-refresh")
+            clear_button = gr.Button("Clear cache", size="sm", variant="stop", elem_id="kv-clear")
+        tree_colour = gr.Radio(list(charts.TREE_COLOURS), value="hits", label="Tree colour", info="hits, or time since last use", elem_id="kv-tree-colour")
+        cache_tree = gr.Plot(charts.tree_figure([]), show_label=False, elem_id="kv-tree-plot")
+        cache_table = gr.DataFrame(
+            label="Cached entries (radix-tree nodes), newest first",
+            interactive=False,
+            wrap=True,
+            max_height=420,
+            elem_id="kv-cache-table",
+        )
+    inspect = _inspector(ctx)
+
+    def on_clear(state: charts.SessionHistory, colour: Any, request: gr.Request) -> tuple:
+        _check_colour(colour)  # before any work
+        with ui_errors():
+            outcome = ctx.service.clear(ctx.session_of(request))
+        gr.Info(outcome["message"])
+        return inspect(state, colour, request)
+
+    inputs, outputs = [play.history, tree_colour], [cache_stats, cache_table, cache_tree]
+    demo.load(inspect, inputs=inputs, outputs=outputs, **QUICK)
+    for trigger in (refresh_button.click, tab.select, tree_colour.change):
+        trigger(inspect, inputs=inputs, outputs=outputs, **QUICK)
+    clear_button.click(on_clear, inputs=inputs, outputs=outputs, **QUICK)
+    for event in play.cache_changed:
+        event.then(inspect, inputs=inputs, outputs=outputs, **QUICK)
+
+
+def _inspector(ctx: PageContext):
+    service = ctx.service
+
+    def on_inspect(state: charts.SessionHistory, colour: Any, request: gr.Request) -> tuple[str, Any, Any]:
+        _check_colour(colour)
+        if not service.ready:
+            reason = service.not_ready_reason()
+            return reason[:1].upper() + reason[1:] + ".", charts.inspector_frame([]), charts.tree_figure([], colour)
+        session = ctx.session_of(request)
+        rows = service.entries(session, state.owned_by(session.key).sequences)
+        stats = service.stats(session)
+        markdown = charts.stats_markdown(stats) if stats.get("budget_bytes") is not None else backend_view.remote_stats_markdown(stats)
+        markdown += f"\n\n{snapshot_line(stats['snapshot'])}" if stats.get("snapshot") else ""
+        return markdown, charts.inspector_frame(rows), charts.tree_figure(rows, colour)
+
+    return on_inspect
+
+
+def _check_colour(colour: Any) -> None:
+    """The tree view's colour control, as any caller of an inspector event may send it."""
+    if colour not in charts.TREE_COLOURS:
+        raise gr.Error(f"tree colour: pick one of {', '.join(charts.TREE_COLOURS)}")

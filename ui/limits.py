@@ -34,7 +34,8 @@ PLAN_TURN_KEPT_S = 30.0  # a caller refused while another's plan ran keeps its p
 UPLOAD_BUDGET_MB = 512  # trace uploads (/gradio_api/upload) all addresses may have on disk: Gradio keeps each until its sweep
 UPLOAD_KEPT_MIN = 15  # an upload is deleted this long after it was written (gr.Blocks delete_cache), checked every third of it
 UPLOAD_ADDRESS_SHARE = 1 / 16  # of that budget, what one address may fill (at least one whole trace)
-UPLOAD_MIN_CHARGE_BYTES = 4096  # an upload counts at least this much (its folder and file take a block anyway)
+UPLOAD_MIN_CHARGE_BYTES = 4096  # an upload counts at least this much
+UPLOAD_FILE_CHARGE_BYTES = 8192  # and each file in it this much beside its bytes: Gradio writes a folder and a file, a block each
 # Gradio's page sessions and events (ui/security.Guard): each new session_hash costs Gradio a page state
 # (16,000 cheap joins with fresh hashes grew the process by 1.7 GiB, ~110 KiB each), so they are rate limited per address.
 NEW_PAGE_SESSIONS_PER_S = 2.0  # new Gradio session hashes one address may open, a second, after ...

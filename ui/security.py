@@ -67,12 +67,14 @@ from ui.limits import (
     HEADER_READ_TIMEOUT_S,
     MAX_BODY_BYTES,
     MAX_BOUND_KEYS,
+    MAX_FILES_PER_UPLOAD,
     NEW_PAGE_SESSION_BURST,
     NEW_PAGE_SESSIONS_PER_S,
     PLAN_MAX_BODY_BYTES,
     RETRY_AFTER,
     SESSION_STATE_TTL_S,
     UPLOAD_ADDRESS_SHARE,
+    UPLOAD_FILE_CHARGE_BYTES,
     UPLOAD_MIN_CHARGE_BYTES,
 )
 from ui.sessions import COOKIE_NAME, BadSession, SessionIssuer
@@ -126,13 +128,20 @@ class Guard:
         try:
             self._check_head(scope["method"], scope["path"], path, headers)
             if scope["method"] not in STATE_CHANGING:
-                if path.startswith(GRADIO_PREFIX):
-                    self._check_stream(path, scope.get("query_string", b""), owner, address)
+                session_hash = self._check_stream(path, scope.get("query_string", b""), owner, address) if path.startswith(GRADIO_PREFIX) else None
                 new_cookie = self.issuer.new_cookie() if scope["method"] == "GET" and scope["path"] == PAGE_PATH and self.issuer.cookie_id(_cookie(headers)) is None else None
-                await self.app(scope, receive, _filtered(send, new_cookie))
-                return
+                if session_hash is None:
+                    await self.app(scope, receive, _filtered(send, new_cookie))
+                    return
         except _Refused as refusal:
             await _refuse(send, scope, refusal)
+            return
+        if scope["method"] not in STATE_CHANGING:  # a queue/data stream: its reader leaving ends its session's running events
+            watched, pump = _watched(receive, lambda: _cancel_gradio_tasks(session_hash))
+            try:
+                await self.app(scope, watched, _filtered(send, None))
+            finally:
+                pump.cancel()
             return
         held = 0
 
@@ -147,7 +156,7 @@ class Guard:
             body = await _read_capped(receive, headers, cap, hold)
             answered: Callable[[int, bytes], None] | None = None
             if path == UPLOAD_PATH:
-                refused = self.uploads.admit(address, len(body))
+                refused = self.uploads.admit(address, len(body), _multipart_files(body, headers.get("content-type", "")))
                 if refused is not None:
                     raise _Refused(*refused)
                 scope = {**scope, "query_string": b""}  # no upload_id: Gradio would track its progress for ever
@@ -188,8 +197,9 @@ class Guard:
             if content_type != "application/json":
                 raise _Refused(415, f"send the body as application/json, not {content_type[:60] or 'no content type'!r}", {})
 
-    def _check_stream(self, path: str, query_string: bytes, owner: str | None, address: str) -> None:
-        """A GET under /gradio_api naming a session hash or an event id: only the session that owns it may read it."""
+    def _check_stream(self, path: str, query_string: bytes, owner: str | None, address: str) -> str | None:
+        """A GET under /gradio_api naming a session hash or an event id: only the session that owns it may read it.
+        Returns the session hash of a ``queue/data`` stream, else None."""
         query = parse_qs(query_string.decode("latin-1"))
         parts = path.split("/")  # ["", "gradio_api", route, ...]
         route = parts[2] if len(parts) > 2 else ""
@@ -199,12 +209,14 @@ class Guard:
                 raise _Refused(404, "no event was queued for this session hash; join the queue first", {})
             if not self.page_sessions.owned_by(session_hash, owner):
                 raise _Refused(403, _STRANGER, {})
+            return session_hash
         elif route == "heartbeat" and len(parts) > 3:
             self._claim(parts[3], owner, address)
         elif route == "stream" and len(parts) > 3 and not self.page_sessions.owned_by(parts[3], owner):
             raise _Refused(403, _STRANGER, {})
         elif route == "call" and len(parts) > 4 and self.events.owner(parts[-1]) not in (None, owner):
             raise _Refused(403, _STRANGER, {})
+        return None
 
     def _check_gradio_body(self, path: str, body: bytes, owner: str | None, address: str) -> None:
         """A POST under /gradio_api: its files must be this session's uploads, its session hash and event id its own."""
@@ -379,12 +391,18 @@ class UploadBudget:
         """Gradio's ``delete_cache``: (how often to sweep, how old a file must be to go), in seconds."""
         return self.sweep_s, self.kept_s
 
-    def admit(self, address: str, size: int) -> tuple[int, str, dict[str, str]] | None:
-        """Count an upload of ``size`` bytes from ``address``; or (status, reason, headers) refusing it, counting nothing."""
+    def admit(self, address: str, size: int, files: int = 0) -> tuple[int, str, dict[str, str]] | None:
+        """Count an upload of ``size`` bytes in ``files`` files from ``address``; or (status, reason, headers) refusing it, counting nothing.
+
+        Each file costs Gradio a folder and a file (two inodes, a block each at least), so each is
+        charged ``UPLOAD_FILE_CHARGE_BYTES`` beside its bytes: 1,000 one-byte files took 7.9 MiB of disk.
+        """
+        if files > MAX_FILES_PER_UPLOAD:
+            return 413, f"at most {MAX_FILES_PER_UPLOAD} files per upload, not {files}", {}
         now = self._clock()
         while self._admitted and self._admitted[0][0] <= now - self.window_s:
             self._forget(*self._admitted.popleft())
-        charge = max(size, UPLOAD_MIN_CHARGE_BYTES)
+        charge = max(size + files * UPLOAD_FILE_CHARGE_BYTES, UPLOAD_MIN_CHARGE_BYTES)
         window = f"{self.window_s // 60} minutes" if self.window_s >= 120 else f"{self.window_s} s"
         if self._bytes.get(address, 0) + charge > self.per_address:
             wait = self._wait(now, self._by_address[address][0][0] if address in self._by_address else now)
@@ -452,6 +470,37 @@ def _count_down(counts: dict[str, int], key: str, amount: int) -> None:
         del counts[key]
 
 
+def _watched(receive: Receive, on_leave: Callable[[], None]) -> tuple[Receive, asyncio.Task]:
+    """A receive fed by a task that reads the client's messages at once, and calls ``on_leave`` the moment it
+    disconnects (Gradio's stream notices a disconnect only when it next looks, up to 10 s later)."""
+    inbox: asyncio.Queue[Message] = asyncio.Queue()
+
+    async def pump() -> None:
+        while True:
+            message = await receive()
+            inbox.put_nowait(message)
+            if message["type"] == "http.disconnect":
+                on_leave()
+                return
+
+    return inbox.get, asyncio.ensure_future(pump())
+
+
+def _cancel_gradio_tasks(session_hash: str) -> None:
+    """Cancel the running Gradio events of a session hash whose stream reader left.
+
+    Gradio stops a page's generator events then, but not a coroutine event (gradio_client's
+    ``/generate``): it ran to its end, holding its slot 10 s. Gradio names each event's task
+    ``<session_hash>_<fn_index><gradio-sep><event_id>`` (what its own /cancel matches); cancelling
+    the task cancels the awaiting handler, and with it the generation.
+    """
+    prefix = f"{session_hash}_"
+    for task in asyncio.all_tasks():
+        name = task.get_name()
+        if "<gradio-sep>" in name and name.startswith(prefix):
+            task.cancel()
+
+
 def _netloc(url: str) -> str | None:
     """The host and port an Origin names, lowercased; None for one that does not parse (``http://[``)."""
     try:
@@ -471,6 +520,15 @@ def _file_paths(data: Any) -> Iterator[Any]:
             stack.extend(item.values())
         elif isinstance(item, list):
             stack.extend(item)
+
+
+def _multipart_files(body: bytes, content_type: str) -> int:
+    """How many file parts (a ``filename=`` in their headers) a multipart body holds; 0 for any other body."""
+    boundary = next((p.strip()[9:].strip('"') for p in content_type.split(";") if p.strip().lower().startswith("boundary=")), "")
+    if not boundary:
+        return 0
+    parts = body.split(b"--" + boundary.encode("latin-1", "replace"))
+    return sum(1 for part in parts[1:] if b"filename=" in part.split(b"\r\n\r\n", 1)[0].lower())
 
 
 def _json_or_none(body: bytes) -> Any:

@@ -3,11 +3,12 @@
 The backend (``backends``: our engine, or a remote serving engine) is picked once at start-up;
 nothing here depends on which. The engine is thread-safe, but the machine has few cores: every generation, whichever door it came
 in by (the Gradio queue, gradio_client or plain REST), becomes a :class:`Job` run by one of
-``concurrency`` worker threads. Waiting jobs are served round robin across clients (one queue per
-session, not one FIFO), a client may have ``max_inflight_per_session`` jobs queued or running, all
+``concurrency`` worker threads. Waiting jobs are served fairly across addresses, then across the
+sessions of each (not one FIFO), a client may have ``max_inflight_per_session`` jobs queued or running, all
 the sessions of one address ``max_inflight_per_address`` (public servers: ids are free to mint), and
 at most ``concurrency + max_queue`` exist at once; beyond that :class:`Busy` (503 with Retry-After).
-A job's clock starts when the work starts (queueing is not counted as TTFT). Cancelling a job (a
+The engine's clock starts when the work starts; the wait for a worker is reported as ``queue_ms``
+and counted in ``wall_ttft_ms`` (what the caller waited). Cancelling a job (a
 client that disconnected, or abandoned the stream) stops it within one decode step.
 
 This module also owns cache isolation: which prefix-cache namespace a session uses (a ``cache_salt``
@@ -25,8 +26,9 @@ import json
 import logging
 import queue
 import threading
+import time
 import uuid
-from collections import OrderedDict, deque
+from collections import deque
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Sequence
@@ -73,6 +75,7 @@ class Job:
         self.namespace = namespace
         self.kwargs = kwargs
         self.cancelled = threading.Event()
+        self.queued_at = time.monotonic()  # the wait for a worker is part of what the caller waited (queue_ms)
         self._items: queue.SimpleQueue = queue.SimpleQueue()
         self._on_cancel = on_cancel
         self._on_end = on_end
@@ -133,11 +136,15 @@ class Job:
         try:
             if self.cancelled.is_set():
                 return
+            queue_ms = (time.monotonic() - self.queued_at) * 1000
             stream = backend.stream(self.namespace, **self.kwargs)
             try:
                 for item in stream:
                     if self.cancelled.is_set():
                         return
+                    if isinstance(item, GenerationResult):  # the engine's clock starts with the work: add the wait before it
+                        item.timings["queue_ms"] = queue_ms
+                        item.timings["wall_ttft_ms"] = item.timings.get("wall_ttft_ms", 0.0) + queue_ms
                     self._items.put(("item", item))
             finally:
                 stream.close()  # runs the backend's own cleanup: the matched cache path is unlocked, a remote request closed
@@ -151,41 +158,59 @@ class Job:
 
 
 class FairQueue:
-    """Jobs waiting for a worker, served round robin across clients rather than first come first served.
+    """Jobs waiting for a worker, served fairly across addresses, then across the sessions of each address.
 
-    One client sending forty requests waits behind itself: each other client's next job is taken
-    before that client's second. An OrderedDict of per-client deques gives O(1) rotation.
+    The next job is the oldest one of the session served least recently, within the address served
+    least recently: an address that sends forty requests from eight sessions (ids are free to mint)
+    waits behind itself, and a newcomer from another address goes next, whatever the others queued.
+    A map from address to a map from client to a deque; a pick scans the addresses and clients that
+    have jobs waiting, at most ``concurrency + max_queue`` of them.
     """
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
-        self._waiting: OrderedDict[str, deque[Job]] = OrderedDict()
+        self._waiting: dict[str, dict[str, deque[Job]]] = {}  # address -> client -> its jobs, oldest first
+        self._served: dict[str, int] = {}  # address or client -> the pick that last served it (absent: never, or long ago)
+        self._picks = 0
 
     def put(self, job: Job) -> None:
         with self._cond:
-            self._waiting.setdefault(job.client, deque()).append(job)
+            self._waiting.setdefault(job.session.address, {}).setdefault(job.client, deque()).append(job)
             self._cond.notify()
 
     def get(self) -> Job:
         with self._cond:
             while not self._waiting:
                 self._cond.wait()
-            client, jobs = self._waiting.popitem(last=False)
-            job = jobs.popleft()
-            if jobs:
-                self._waiting[client] = jobs  # back of the rotation
+            address = min(self._waiting, key=lambda a: self._served.get(a, -1))
+            clients = self._waiting[address]
+            client = min(clients, key=lambda c: self._served.get(c, -1))
+            job = clients[client].popleft()
+            self._picks += 1
+            self._served[address] = self._served[client] = self._picks
+            self._drop_empty(address, client)
             return job
 
     def remove(self, job: Job) -> bool:
         """Take a waiting job out; False when a worker already has it."""
         with self._cond:
-            jobs = self._waiting.get(job.client)
+            jobs = self._waiting.get(job.session.address, {}).get(job.client)
             if jobs is None or job not in jobs:
                 return False
             jobs.remove(job)
-            if not jobs:
-                del self._waiting[job.client]
+            self._drop_empty(job.session.address, job.client)
             return True
+
+    def _drop_empty(self, address: str, client: str) -> None:
+        """Forget an emptied client and address; keep the service record only of those still waiting (bounded)."""
+        clients = self._waiting[address]
+        if not clients[client]:
+            del clients[client]
+        if not clients:
+            del self._waiting[address]
+        if len(self._served) > 4096:
+            waiting = set(self._waiting) | {c for cs in self._waiting.values() for c in cs}
+            self._served = {k: v for k, v in self._served.items() if k in waiting or v > self._picks - 256}
 
 
 class EngineService:

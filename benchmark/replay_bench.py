@@ -26,7 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cache.replay import ReplaySettings, Trace, TraceRequest, format_bytes, load_model_size, load_trace, replay  # noqa: E402
+from cache.budget_plan import ReplaySettings, format_bytes, load_model_size, replay  # noqa: E402
+from cache.traces import Trace, TraceRequest, load_trace  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "replay_bench.json"
 MOONCAKE_REQUESTS, MOONCAKE_BLOCKS, BLOCK = 12_031, 288_500, 512

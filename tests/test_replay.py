@@ -1,4 +1,4 @@
-"""The workload replay (cache/replay.py): engine semantics on the real tree, formats, errors, the CLI."""
+"""The workload replay (cache/traces.py, cache/budget_plan.py, cache/replay.py): engine semantics on the real tree, formats, errors, the CLI."""
 
 from __future__ import annotations
 
@@ -10,20 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from cache.replay import (
-    ReplaySettings,
-    ReplayTimeout,
-    Trace,
-    TraceError,
-    TraceLimits,
-    TraceRequest,
-    load_model_size,
-    load_trace,
-    model_size_from_dict,
-    parse_budgets,
-    plan,
-    replay,
-)
+from cache.budget_plan import ReplaySettings, ReplayTimeout, load_model_size, model_size_from_dict, parse_budgets, plan, replay
+from cache.traces import Trace, TraceError, TraceLimits, TraceRequest, load_trace
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BLOCK = 16

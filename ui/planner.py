@@ -28,8 +28,7 @@ from typing import Any, Callable
 import gradio as gr
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from cache.replay import (
-    DEFAULT_BLOCK_SIZE,
+from cache.budget_plan import (
     DEFAULT_MODEL_CONFIG,
     DEFAULT_PREFILL_TOKENS_PER_S,
     KV_DTYPE_BYTES,
@@ -37,16 +36,14 @@ from cache.replay import (
     ReplayRow,
     ReplaySettings,
     ReplayTimeout,
-    TextTokenizer,
-    TraceLimits,
-    knee_sentence,
     load_model_size,
-    load_trace,
     model_config_names,
     parse_budgets,
     parse_policies,
     plan,
 )
+from cache.replay import knee_sentence
+from cache.traces import DEFAULT_BLOCK_SIZE, TextTokenizer, TraceLimits, load_trace
 from ui.limits import PLAN_MAX_BUDGETS, PLAN_MAX_REQUESTS, PLAN_MAX_TRACE_BYTES, PLAN_MAX_UNITS, PLAN_TIME_LIMIT_S, PLAN_TURN_KEPT_S
 from ui.schemas import parse_body
 from ui.service import Busy, NotReady

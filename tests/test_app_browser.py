@@ -333,3 +333,20 @@ def test_generate_waits_for_the_model_and_the_compile_with_the_reason_shown(page
     page.locator("#kv-generate:not([disabled])").wait_for()
     assert not reason.is_visible() or not reason.inner_text().strip()
     assert generate(page, "Hello there.") in ("miss", "hit", "partial", "skipped")
+
+
+def test_a_model_that_cannot_load_is_named_and_generate_stays_off(page, tmp_path):
+    """No usable model (bundled one missing, hub unreachable, or a broken folder): the page says so and nothing can be pressed in vain."""
+    from tests.conftest import launch_app, stop_app
+
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "no-such-architecture"}')
+    server = launch_app(tmp_path, "--model", str(broken), expect_load_error=True)
+    try:
+        page.goto(server.url)
+        page.locator("#kv-model-status").get_by_text("The model could not be loaded").wait_for()
+        page.locator("#kv-run-reason").get_by_text("nothing can run").wait_for()
+        assert page.locator("#kv-generate").is_disabled() and page.locator("#kv-verify").is_disabled()
+    finally:
+        stop_app(server)

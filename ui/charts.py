@@ -169,7 +169,7 @@ def latency_figure(records: Sequence[RequestRecord]) -> go.Figure:
             hovertemplate="%{x}: %{y:.1f} ms per token (%{customdata[0]} tokens, decode %{customdata[1]:.0f} ms)<br>%{customdata[2]}<extra>" + status + "</extra>",
             row=2, col=1,
         )
-    fig.update_yaxes(type="log", title_text="ms", row=1, col=1)
+    fig.update_yaxes(type="log", dtick=1, title_text="ms", row=1, col=1)  # ticks at powers of ten only
     fig.update_yaxes(title_text="ms / token", rangemode="tozero", row=2, col=1)
     _annotate_saving(fig, records)
     fig.update_layout(barmode="group", bargap=0.25, **{**_LAYOUT, "height": 420, "margin": dict(l=55, r=15, t=40, b=40)})

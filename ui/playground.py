@@ -21,7 +21,7 @@ from ui.components import RawSlider, RawTextbox
 from ui.limits import MAX_NEW_TOKENS, PAGE_MAX_NEW_TOKENS, PAGE_NO_REPEAT_NGRAM_SIZE, PAGE_REPETITION_PENALTY, SESSION_STATE_TTL_S
 from ui.page_context import PRIVATE, QUICK, PageContext, ui_errors
 from ui.scenarios import load_examples
-from ui.schemas import UnpinBody, WarmBody, parse_body
+from ui.schemas import parse_body
 from ui.service import EngineService
 
 PREFIX_INFO = "reuse KV across requests"
@@ -34,11 +34,13 @@ class Playground:
 
     history: gr.State
     system_prompt: gr.Textbox
+    pin_button: gr.Button  # pins the system prompt; the inspector wires it, as its answer is the inspector's
+    unpin_button: gr.Button
     run_buttons: list[gr.Button]  # enabled only while requests can run (ui/page.py)
     run_reason: gr.Markdown  # why they are not, beside them
     toggles: list[gr.Checkbox]  # KV cache, prefix cache
     timing_note: gr.Markdown
-    cache_changed: list[Any]  # events (Generate, Verify, Pin, Unpin) after which the inspector refreshes
+    cache_changed: list[Any]  # events (Generate, Verify) after which the inspector refreshes
 
 
 @dataclass
@@ -83,10 +85,9 @@ def build_playground(ctx: PageContext) -> Playground:
 
     results = [output, figures, tokens, explanation, latency_plot, hits_plot, verdict, history]
     events = _wire_runs(ctx, inputs, history, generate_button, verify_button, results)
-    events += _wire_pins(ctx, system_prompt, pin_button, unpin_button)
     reset_button.click(_reset_charts(ctx), inputs=history, outputs=[latency_plot, hits_plot, figures, tokens, explanation, verdict, history], **QUICK)
     inputs.use_cache.change(lambda kv: prefix_update(ctx.service.backend_info(), kv), inputs=inputs.use_cache, outputs=inputs.use_prefix_cache, **QUICK)
-    return Playground(history, system_prompt, [generate_button, verify_button, pin_button, unpin_button], run_reason, [inputs.use_cache, inputs.use_prefix_cache], timing_note, events)
+    return Playground(history, system_prompt, pin_button, unpin_button, [generate_button, verify_button, pin_button, unpin_button], run_reason, [inputs.use_cache, inputs.use_prefix_cache], timing_note, events)
 
 
 def toggle_updates(service: EngineService, info: BackendInfo) -> tuple[Any, Any]:
@@ -144,7 +145,7 @@ def _wire_runs(ctx: PageContext, inputs: _Inputs, history: gr.State, generate_bu
     )
 
     def run(verify: bool):
-        async def handler(system: Any, text: Any, kv: Any, prefix: Any, max_tokens: Any, temp: Any, penalty: Any, ngram: Any, state: charts.SessionHistory, request: gr.Request):
+        async def on_generate(system: Any, text: Any, kv: Any, prefix: Any, max_tokens: Any, temp: Any, penalty: Any, ngram: Any, state: charts.SessionHistory, request: gr.Request):
             session = ctx.session_of(request)
             state = state.owned_by(session.key)
             with ui_errors():
@@ -164,36 +165,13 @@ def _wire_runs(ctx: PageContext, inputs: _Inputs, history: gr.State, generate_bu
                 charts.explanation_html(result, hidden_note), *_charts(state), charts.verdict_html(state.records), state,
             )
 
-        return handler
+        on_generate.__name__ = "on_verify" if verify else "on_generate"  # the event's name in the page's config
+        return on_generate
 
     run_inputs = [inputs.system_prompt, inputs.prompt, inputs.use_cache, inputs.use_prefix_cache, *inputs.sliders, history]
     return [
         button.click(run(verify), inputs=run_inputs, outputs=results, show_progress_on=results[0], trigger_mode="once", **PRIVATE)
         for button, verify in ((generate_button, False), (verify_button, True))
-    ]
-
-
-def _wire_pins(ctx: PageContext, system_prompt: gr.Textbox, pin_button: gr.Button, unpin_button: gr.Button) -> list:
-    """Pin and Unpin the system prompt in this session's namespace; the message says what happened."""
-    service = ctx.service
-
-    def on_pin(system: Any, request: gr.Request) -> None:
-        session = ctx.session_of(request)
-        with ui_errors():
-            body = parse_body({"system_prompt": None if system in (None, "") else system, "pin": True}, WarmBody)
-            done = service.warm(session, body.message_dicts(), pin=True, ttl_s=body.ttl_s)
-        gr.Info(_warm_message(done))
-
-    def on_unpin(system: Any, request: gr.Request) -> None:
-        session = ctx.session_of(request)
-        with ui_errors():
-            body = parse_body({"system_prompt": None if system in (None, "") else system}, UnpinBody)
-            done = service.unpin(session, body.message_dicts())
-        (gr.Info if done["unpinned"] else gr.Warning)(done["message"])
-
-    return [
-        pin_button.click(on_pin, inputs=system_prompt, outputs=None, trigger_mode="once", **PRIVATE),
-        unpin_button.click(on_unpin, inputs=system_prompt, outputs=None, trigger_mode="once", **PRIVATE),
     ]
 
 
@@ -231,8 +209,3 @@ def _page_fields(prompt: Any, system_prompt: Any, max_new_tokens: Any, use_cache
 def _slider_int(value: Any) -> Any:
     """A whole slider value sent as a float (48.0) as the int it is; anything else as sent, for the validation to judge."""
     return int(value) if isinstance(value, float) and value.is_integer() else value
-
-
-def _warm_message(done: dict[str, Any]) -> str:
-    pinned = f", pinned ({done['pinned_bytes'] / 2**10:,.0f} KiB" + (f", {done['expires_in_s']:,.0f} s without a hit)" if done.get("expires_in_s") else ")") if done["pinned"] else ""
-    return f"Warmed {done['tokens']} tokens ({done['prefilled']} prefilled, {done['reused']} already cached){pinned}."

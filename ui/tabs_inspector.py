@@ -1,5 +1,7 @@
 """The "Inspector" tab (the cache inspector): the cache's stats, its entries as a table and as a radix-tree icicle, Refresh and Clear.
 
+It also answers the playground's Pin and Unpin buttons, whose outcome is what the inspector shows.
+
 Builds its components and wires its own events; it also refreshes after the playground's events
 that change the cache (``Playground.cache_changed``) and whenever the tab is opened (a plot drawn
 while its tab was hidden has no width to measure, and would render at half width).
@@ -13,8 +15,9 @@ import gradio as gr
 
 from engine.snapshot import status_line as snapshot_line
 from ui import backend_view, charts
-from ui.page_context import QUICK, PageContext, ui_errors
+from ui.page_context import PRIVATE, QUICK, PageContext, ui_errors
 from ui.playground import Playground
+from ui.schemas import UnpinBody, WarmBody, parse_body
 
 
 def build_inspector_tab(ctx: PageContext, demo: gr.Blocks, play: Playground) -> None:
@@ -43,6 +46,9 @@ def build_inspector_tab(ctx: PageContext, demo: gr.Blocks, play: Playground) -> 
         return inspect(state, colour, request)
 
     inputs, outputs = [play.history, tree_colour], [cache_stats, cache_table, cache_tree]
+    on_pin, on_unpin = _pins(ctx, inspect)
+    play.pin_button.click(on_pin, inputs=[play.system_prompt, *inputs], outputs=outputs, trigger_mode="once", **PRIVATE)
+    play.unpin_button.click(on_unpin, inputs=[play.system_prompt, *inputs], outputs=outputs, trigger_mode="once", **PRIVATE)
     demo.load(inspect, inputs=inputs, outputs=outputs, **QUICK)
     for trigger in (refresh_button.click, tab.select, tree_colour.change):
         trigger(inspect, inputs=inputs, outputs=outputs, **QUICK)
@@ -67,6 +73,36 @@ def _inspector(ctx: PageContext):
         return markdown, charts.inspector_frame(rows), charts.tree_figure(rows, colour)
 
     return on_inspect
+
+
+def _pins(ctx: PageContext, inspect):
+    """Pin and Unpin the playground's system prompt in this session's namespace; a message says what happened, the inspector shows it."""
+    service = ctx.service
+
+    def on_pin(system: Any, state: charts.SessionHistory, colour: Any, request: gr.Request) -> tuple:
+        _check_colour(colour)  # before any work
+        session = ctx.session_of(request)
+        with ui_errors():
+            body = parse_body({"system_prompt": None if system in (None, "") else system, "pin": True}, WarmBody)
+            done = service.warm(session, body.message_dicts(), pin=True, ttl_s=body.ttl_s)
+        gr.Info(_warm_message(done))
+        return inspect(state, colour, request)
+
+    def on_unpin(system: Any, state: charts.SessionHistory, colour: Any, request: gr.Request) -> tuple:
+        _check_colour(colour)  # before any work
+        session = ctx.session_of(request)
+        with ui_errors():
+            body = parse_body({"system_prompt": None if system in (None, "") else system}, UnpinBody)
+            done = service.unpin(session, body.message_dicts())
+        (gr.Info if done["unpinned"] else gr.Warning)(done["message"])
+        return inspect(state, colour, request)
+
+    return on_pin, on_unpin
+
+
+def _warm_message(done: dict[str, Any]) -> str:
+    pinned = f", pinned ({done['pinned_bytes'] / 2**10:,.0f} KiB" + (f", {done['expires_in_s']:,.0f} s without a hit)" if done.get("expires_in_s") else ")") if done["pinned"] else ""
+    return f"Warmed {done['tokens']} tokens ({done['prefilled']} prefilled, {done['reused']} already cached){pinned}."
 
 
 def _check_colour(colour: Any) -> None:

@@ -463,3 +463,31 @@ def test_sixteen_thousand_cheap_joins_with_fresh_hashes_stay_within_300_mib(tmp_
         assert httpx.get(server.url + "/health").json()["ready"]
     finally:
         stop_app(server)
+
+
+# ---------------------------------------------------------------------- finding 5: pins per session, refusals of one's own bytes
+
+
+def test_pins_are_shared_per_session_and_a_refusal_names_only_the_callers_bytes(app_server_public):
+    """Attack (finding 5): a few sessions could take the whole pin budget for 24 h, and the refusal told any visitor
+    the exact bytes other sessions pinned. Now each session pins within its own share (so a second session still
+    pins after the first is refused), and the refusal speaks only of the caller's pins."""
+    url = app_server_public.url
+    other, greedy, late = bearer_client(url), bearer_client(url), bearer_client(url)
+
+    def pin(client: httpx.Client, words: int) -> httpx.Response:
+        return client.post("/cache/warm", json={"system_prompt": f"Pinned {uuid.uuid4().hex}: " + "keep this context " * words, "pin": True})
+
+    theirs = pin(other, 60)
+    assert theirs.status_code == 200 and theirs.json()["pinned"], theirs.text
+    their_bytes = theirs.json()["pinned_bytes"]
+    refused = None
+    for _ in range(40):
+        answer = pin(greedy, 5)
+        if answer.status_code != 200:
+            refused = answer
+            break
+    assert refused is not None and refused.status_code in (400, 403, 409), "one session pinned without limit"
+    detail = refused.json()["detail"]
+    assert "your" in detail and f"{their_bytes:,}" not in detail and str(their_bytes) not in detail, detail
+    assert pin(late, 5).status_code == 200, "one session's pins took everyone's budget"

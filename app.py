@@ -15,6 +15,7 @@ session_hash) and its request through ``ui.schemas.parse_body``: private events 
 from __future__ import annotations
 
 import asyncio
+import signal
 import sys
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -123,6 +124,7 @@ def build_rest(service: EngineService, issuer: SessionIssuer, planner: Planner, 
 
 def main() -> None:
     sys.stderr = LineCappedStream(sys.stderr)  # no library prints a client's whole value into the log
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # uvicorn re-raises SIGTERM after its clean shutdown: exit 0, running atexit cleanups (the plans folder)
     settings = parse_settings()
     if not settings.is_local and not settings.per_session:
         print(f"WARNING: {SHARED_PUBLIC_WARNING}", flush=True)

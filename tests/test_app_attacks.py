@@ -491,3 +491,15 @@ def test_pins_are_shared_per_session_and_a_refusal_names_only_the_callers_bytes(
     detail = refused.json()["detail"]
     assert "your" in detail and f"{their_bytes:,}" not in detail and str(their_bytes) not in detail, detail
     assert pin(late, 5).status_code == 200, "one session's pins took everyone's budget"
+
+
+def test_the_plans_folder_goes_at_exit(tmp_path, tiny_model_folder):
+    """Finding 13: every start left an empty ``kvci-plans-*`` folder in the temp directory. Now a clean exit removes it."""
+    from conftest import launch_app, stop_app
+
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    server = launch_app(tmp_path, "--public", "--model", str(tiny_model_folder), env_extra={"TMPDIR": str(temp), "GRADIO_TEMP_DIR": str(temp / "gradio")})
+    assert list(temp.glob("kvci-plans-*")), "the planner made no folder: the test no longer sees what it checks"
+    stop_app(server)
+    assert server.process.returncode == 0 and not list(temp.glob("kvci-plans-*"))

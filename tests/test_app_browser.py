@@ -63,7 +63,7 @@ def browser(chromium):
         browser.close()
 
 
-def _page(browser, viewport: dict):
+def _checked_page(browser, viewport: dict):
     """A fresh page that records console errors and uncaught exceptions; the test fails on any."""
     context = browser.new_context(viewport=viewport)
     page = context.new_page()
@@ -71,31 +71,31 @@ def _page(browser, viewport: dict):
     errors: list[str] = []
     page.on("console", lambda message: errors.append(f"console: {message.text}") if message.type == "error" else None)
     page.on("pageerror", lambda error: errors.append(f"page error: {error}"))
-    return context, page, errors
+    yield page
+    context.close()
+    assert not errors, errors
 
 
 @pytest.fixture
 def page(browser):
-    context, page, errors = _page(browser, DESKTOP)
-    yield page
-    context.close()
-    assert not errors, errors
+    yield from _checked_page(browser, DESKTOP)
 
 
 @pytest.fixture
 def phone(browser):
-    context, page, errors = _page(browser, PHONE)
-    yield page
-    context.close()
-    assert not errors, errors
+    yield from _checked_page(browser, PHONE)
 
 
 # ---------------------------------------------------------------------- steps a visitor takes
 
 
-def open_page(page, url: str) -> None:
+def open_page(page, url: str, max_new_tokens: int = 16) -> None:
+    """Open the page, wait until Generate is enabled (the model is ready), and ask for short answers (a loaded machine stays quick)."""
     page.goto(url)
-    page.locator("#kv-generate:not([disabled])").wait_for()  # the model is ready: the page enabled Generate
+    page.locator("#kv-generate:not([disabled])").wait_for()
+    tokens = page.locator("#kv-max-new-tokens input[type=number]")
+    tokens.fill(str(max_new_tokens))
+    tokens.press("Enter")
 
 
 def generate(page, prompt: str, system: str = "", button: str = "#kv-generate") -> str:
@@ -171,6 +171,12 @@ def test_the_inspector_open_on_an_empty_cache_does_not_freeze_the_page(page, app
     page.locator("#kv-tree-plot").get_by_text("The cache is empty").first.wait_for()  # and back to empty
     page.get_by_text("Write a haiku about caching.").first.click()  # an example fills the prompt
     page.wait_for_function("() => document.querySelector('#kv-prompt textarea').value.includes('haiku')")
+    open_tab(page, "Scenarios")  # a tree drawn while its tab was hidden rendered at half width: opening the tab redraws it
+    generate(page, "Name a colour of snow. One word, please.")
+    open_tab(page, "Inspector")
+    page.locator("#kv-tree-plot g.iciclelayer g.slice").nth(1).wait_for()
+    page.wait_for_function("""() => { const plot = document.querySelector('#kv-tree-plot .js-plotly-plot');
+        const svg = plot && plot.querySelector('.main-svg'); return svg && svg.getBoundingClientRect().width > 0.9 * plot.getBoundingClientRect().width; }""")
 
 
 def test_kv_cache_off_has_its_own_badge_and_turning_it_back_on_hits_again(page, app_server):

@@ -157,6 +157,9 @@ def test_only_the_uploading_session_may_use_its_upload(app_server_public):
     for other in (stranger, Visitor(app_server_public.url, cookie=False)):
         for refused in other.send_file(file_data(path)):
             assert refused.status_code == 403 and "uploaded" in refused.json()["detail"], refused.text
+        served = other.http.get(f"/gradio_api/file={path}")
+        assert served.status_code == 403 and trace not in served.content, served.status_code  # nor served back to another
+    assert owner.http.get(f"/gradio_api/file={path}").content == trace
 
 
 # ---------------------------------------------------------------------- finding 2: page streams bound to the cookie session

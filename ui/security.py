@@ -90,6 +90,7 @@ OPENAI_PREFIX = "/v1/"  # refusals there use OpenAI's error body (ui/openai_api.
 DEEP_LINK_PATH = "/gradio_api/deep_link"  # GET writes the session's page state to disk, once per distinct state
 UPLOAD_PROGRESS_PATH = "/gradio_api/upload_progress"  # GET kept an entry per upload_id asked about, never freed
 GRADIO_PREFIX = "/gradio_api/"
+FILE_PREFIX = "/gradio_api/file="  # Gradio serves files by path here (its own allowed-path rules)
 EVENT_PATHS = ("/gradio_api/queue/join", "/gradio_api/run/", "/gradio_api/api/", "/gradio_api/call/", "/gradio_api/component_server")  # rate limited per address
 DIRECT_EVENT_PATHS = ("/gradio_api/run/", "/gradio_api/api/")  # Gradio answers a gr.Error there with a 500
 JOIN_PATHS = ("/gradio_api/queue/join", "/gradio_api/call/")  # answer {"event_id"}: bound to the caller
@@ -200,6 +201,11 @@ class Guard:
     def _check_stream(self, path: str, query_string: bytes, owner: str | None, address: str) -> str | None:
         """A GET under /gradio_api naming a session hash or an event id: only the session that owns it may read it.
         Returns the session hash of a ``queue/data`` stream, else None."""
+        if path.startswith(FILE_PREFIX):  # an upload is served back only to the session that uploaded it
+            served = path[len(FILE_PREFIX):]
+            if self.files.owner(served) is not None and not self.files.owned_by(served, owner):
+                raise _Refused(403, "this file was uploaded by another session", {})
+            return None
         query = parse_qs(query_string.decode("latin-1"))
         parts = path.split("/")  # ["", "gradio_api", route, ...]
         route = parts[2] if len(parts) > 2 else ""

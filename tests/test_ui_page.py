@@ -41,3 +41,37 @@ def test_prefix_toggle_follows_the_kv_toggle_both_ways():
     assert on.value is True and on.interactive is True
     remote = BackendInfo(kind="vllm", model="m", capabilities={"prefix_cache_off": Capability(False, "vLLM cannot turn it off per request")})
     assert playground.prefix_update(remote, False).info == "vLLM cannot turn it off per request"
+
+
+def test_a_scenario_run_ends_without_an_ellipsis_and_leaves_the_playground_charts_alone(tiny_engine):
+    """The Scenarios tab's run: a warm-up first (not charted), every request off then on, a last line "Ran N of N requests."
+    with no trailing "…", and no record added to the playground's history (32 bars buried the visitor's own)."""
+    import asyncio
+
+    from ui import tabs_scenarios
+    from ui.page_context import PageContext
+    from ui.planner import Planner
+    from ui.scenarios import load_scenarios
+    from ui.security import UploadBudget
+    from ui.service import EngineService
+    from ui.sessions import SessionIssuer
+    from ui.settings import AppSettings
+
+    service = EngineService(AppSettings(), loader=lambda *args, **kwargs: tiny_engine)
+    service.start_loading()
+    assert service.wait_ready(timeout=30)
+    ctx = PageContext(service, SessionIssuer(secure_cookie=False), Planner(lambda: service.engine.chat), UploadBudget(2**20, 60))
+    scenarios = load_scenarios()
+    name = next(iter(scenarios))
+    run = tabs_scenarios._runner(ctx, scenarios)
+
+    async def collect():
+        return [step async for step in run(name, False, None)]
+
+    steps = asyncio.run(collect())
+    total = 2 * len(scenarios[name].prompts)
+    assert steps[0][0].startswith("Warming up") and len(steps) == 1 + total
+    assert all("…" in text for text, _ in steps[1:-1])
+    assert steps[-1][0].startswith(f"Ran {total} of {total} requests.\n\n") and "…" not in steps[-1][0].split("\n")[0]
+    figure = steps[-1][1]
+    assert [len(trace.y) for trace in figure.data] == [total // 2, total // 2]

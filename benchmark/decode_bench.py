@@ -48,7 +48,7 @@ if __package__ in (None, ""):
 from benchmark.common import fmt, fmt_stat, handbook_text, machine_info, markdown_table, print_machine_info, question, summarize, sync, text_of_tokens, write_results
 from engine import Engine, loading, quant
 from engine.engine import _TransformersStep
-from engine.kv import new_model_cache
+from engine.prefill import prefill
 from engine.quality import passes, quality_token_ids, teacher_forced
 
 FORMATS = ["fp32", "bf16", "int8", "int4"]
@@ -164,8 +164,8 @@ def measure_format(engine: Engine, args, bandwidth: float) -> dict:
 @torch.inference_mode()
 def decode_tokens_per_s(engine: Engine, step, prompt: list[int], new_tokens: int) -> float:
     """Prefill ``prompt`` (not timed), then ``new_tokens`` greedy steps of ``step(token, cache)`` timed on the wall clock."""
-    cache = new_model_cache(engine.model.config, len(prompt) + new_tokens + 1)
-    token = int(engine._transformers_forward(prompt, cache, use_cache=True).argmax())  # int(): waits for the device too
+    cache = engine.new_cache(len(prompt) + new_tokens + 1)
+    token = int(prefill(engine.model, prompt, cache, engine.chunk_tokens).argmax())  # int(): waits for the device too
     t0 = time.perf_counter()
     for _ in range(new_tokens):
         token = int(step(token, cache).argmax())
@@ -174,10 +174,10 @@ def decode_tokens_per_s(engine: Engine, step, prompt: list[int], new_tokens: int
 
 @torch.inference_mode()
 def prefill_tokens_per_s(engine: Engine, prompt: list[int]) -> float:
-    cache = new_model_cache(engine.model.config, len(prompt) + 1)
+    cache = engine.new_cache(len(prompt) + 1)
     sync(engine.device)
     t0 = time.perf_counter()
-    engine._transformers_forward(prompt, cache, use_cache=True)
+    prefill(engine.model, prompt, cache, engine.chunk_tokens)  # as the engine prefills: aligned, padded chunks
     sync(engine.device)
     return len(prompt) / (time.perf_counter() - t0)
 

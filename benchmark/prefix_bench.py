@@ -56,7 +56,6 @@ from benchmark.common import (
 from cache import PrefixCache, SizedKV, SlotAllocator
 from engine import Engine
 from engine.kv import kv_bytes_per_token
-from engine.quality import same_tokens
 from engine.quant import QUANTIZED, WEIGHT_FORMATS
 
 
@@ -305,8 +304,8 @@ def bench_shared_prefix(engine: Engine, hf: Transformers, cfg: BenchConfig) -> d
         qa, qb = pairs[0]
         ids_a, ids_b = all_ids[0], all_ids[1]
         ref_a, ref_b = hf.generate(ids_a, cfg.check_tokens), hf.generate(ids_b, cfg.check_tokens)
-        own_a, own_b = (engine.generate(q, system_prompt=system, max_new_tokens=cfg.check_tokens, use_prefix_cache=False).token_ids for q in (qa, qb))
-        same = lambda result, expected: same_tokens(engine, result.prompt_token_ids, result.token_ids, expected)  # noqa: E731
+        own_a, own_b = (engine.generate(q, system_prompt=system, max_new_tokens=cfg.check_tokens, use_prefix_cache=False) for q in (qa, qb))
+        same = lambda result, expected: bit_identical(result, expected)  # noqa: E731
         engine.cache.clear()
         e_miss = engine.generate(qa, system_prompt=system, max_new_tokens=cfg.check_tokens)
         e_hit = engine.generate(qa, system_prompt=system, max_new_tokens=cfg.check_tokens)
@@ -317,7 +316,7 @@ def bench_shared_prefix(engine: Engine, hf: Transformers, cfg: BenchConfig) -> d
             "engine_hit": same(e_hit, own_a),
             "engine_partial": same(e_partial, own_b),
             "recipe_partial": recipe_b == ref_b,
-            "engine_equals_generate": own_a == ref_a and own_b == ref_b if _decodes_own_weights(engine) else None,
+            "engine_equals_generate": own_a.token_ids == ref_a and own_b.token_ids == ref_b if _decodes_own_weights(engine) else None,
         }
         if size == cfg.target_prefix or size == cfg.prefix_sizes[0]:
             # The recipe where the cache already holds the whole prompt: generate() has nothing to prefill.
@@ -451,7 +450,7 @@ def _bench_sequence(engine: Engine, hf: Transformers, requests: list[dict[str, A
                 "model_ttft_off_ms": summarize(models["off"][i]),
                 "generate_wall_ttft_ms": summarize(walls["generate"][i]),
                 # None: an earlier turn parted, so the two modes' histories (their own answers), and prompts, differ
-                "tokens_equal": same_tokens(engine, on.prompt_token_ids, on.token_ids, off.token_ids) if on.prompt_token_ids == off.prompt_token_ids else None,
+                "tokens_equal": bit_identical(on, off) if on.prompt_token_ids == off.prompt_token_ids else None,
             }
         )
         t = turns[-1]
@@ -747,7 +746,7 @@ def render_markdown(results: dict[str, Any]) -> str:
             "\nSame greedy tokens (the warm-up round, "
             f"{results['config']['check_tokens']} new tokens): the engine's miss, hit and partial hit against its own run without the prefix cache; "
             "the recipe against plain `model.generate`; the engine against `model.generate` only where it decodes with the model's own weights "
-            "(`-` for int4/int8, whose step decodes with other weights); `tie`: parting at a bf16 tie, as in the multi-turn table. `recipe_exact` is the recipe when the cache already holds the whole prompt, "
+            "(`-` for int4/int8, whose step decodes with other weights). The engine's checks are bit for bit: the same tokens and first-token logits (`torch.equal`). `recipe_exact` is the recipe when the cache already holds the whole prompt, "
             "which transformers does not support: a mismatch there is the expected failure.\n\n"
             + markdown_table(["prefix tok", *checks], [(r["prefix_tokens"], *[fmt(r["checks"].get(k)) for k in checks]) for r in sp["sizes"]])
             + "\n\nThe recipe's one-off prefix prefill (not in its TTFT above): "
@@ -778,8 +777,7 @@ def render_markdown(results: dict[str, Any]) -> str:
                 ],
             )
             + f"\n\nSum of TTFT medians: {seq['sum_wall_ttft_on_ms']:,.0f} ms on vs {seq['sum_wall_ttft_off_ms']:,.0f} ms off. "
-            "Same tokens: `yes` equal; `tie` parting where the float model's top two logits are within two bf16 steps "
-            "(a step that rounds activations to bf16, int4/int8, may pick either; `engine/quality.py`); `NO` otherwise; "
+            "Same tokens: `yes` the same tokens and first-token logits bit for bit; `NO` otherwise; "
             "`-` where an earlier turn parted, so that each mode's history (its own answers) and prompt differ."
         )
     dec = results.get("decode")
@@ -966,6 +964,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rerender", metavar="JSON", help="measure nothing: rebuild the tables, targets and chart from a results JSON")
     parser.add_argument("--only", nargs="*", choices=["shared_prefix", "conversation", "rag", "decode", "lookup", "memory"], help="run only these workloads")
     return parser.parse_args(argv)
+
+
+def bit_identical(result, expected) -> bool:
+    """The exactness contract (engine/prefill.py): the same tokens and the first token's logits bit for bit."""
+    return result.token_ids == expected.token_ids and torch.equal(result.first_token_logits, expected.first_token_logits)
 
 
 def _decodes_own_weights(engine: Engine) -> bool:

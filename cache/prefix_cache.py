@@ -205,18 +205,21 @@ class PrefixCache:
 
     # ------------------------------------------------------------------ public API
 
-    def match_prefix(self, tokens: Sequence[int], namespace: str = DEFAULT_NAMESPACE) -> PrefixMatch:
+    def match_prefix(self, tokens: Sequence[int], namespace: str = DEFAULT_NAMESPACE, align: int = 1) -> PrefixMatch:
         """Find the longest cached prefix of ``tokens`` and lock its path.
 
         Exact hit: the whole sequence is cached and logits are stored at its end. A shared prefix
         shorter than ``min_tokens`` (a chat template's first few tokens) is not reused: a miss.
         Otherwise at least one token is left to compute (a prompt that is a strict prefix of a
-        cached sequence reuses all but its last token), because the caller needs logits for the
-        last position.
+        cached sequence reuses all before its last token), because the caller needs logits for the
+        last position, and the reuse is rounded down to a multiple of ``align``.
 
         Args:
             tokens: The prompt's token ids.
             namespace: Only entries inserted under this namespace can match.
+            align: A caller that computes in chunks aligned to absolute positions (the engine's
+                prefill, ``engine/prefill.py``) reuses whole chunks only, or all of an exact hit;
+                the counters count what it reuses.
 
         Returns:
             A :class:`PrefixMatch`; pass it to :meth:`release` when its slots have been read.
@@ -236,7 +239,7 @@ class PrefixCache:
                 kind: MatchKind = "hit"
                 usable = matched
             else:
-                usable = min(matched, len(key) - 1)
+                usable = min(matched, len(key) - 1) // align * align
                 if usable < self.min_tokens:  # a few shared template tokens are not worth a reuse
                     usable = 0
                 kind = "partial" if usable > 0 else "miss"

@@ -4,11 +4,17 @@ The step (``engine.fast_llama.FastDecoder.forward``) runs once per generated tok
 size on a CPU much of its time is Python and operator dispatch, which ``torch.compile`` removes
 (inductor's ``cpp_wrapper``: the kernels called from C++, see :func:`inductor_options`).
 Compiling takes tens of seconds, so :class:`StepCompiler` does it in a thread after load while
-requests decode eagerly. The KV buffers' sequence dimension is compiled dynamic
-(``mark_dynamic``): every request's buffer has its own capacity, and one graph serves them all.
+decoding waits (:meth:`StepCompiler.settled`). The step attends over views of the filled KV, whose
+length is compiled dynamic (``mark_dynamic``): one graph serves every position and every request.
+
+Why decoding waits instead of running eagerly meanwhile: the compiled graph fuses and reorders
+float arithmetic, so its logits differ from the eager step's in the last bits, and a greedy token
+can flip at a near-tie. An answer must not depend on when in the process's life it was asked (the
+exactness contract, ``engine/prefill.py``), so one step serves every request: the compiled one
+once it is ready, or the eager one for good when compiling is off or fails. Eager decoding beside
+a compile ran at ~3 tok/s on a 2-core host anyway, and a warm inductor cache compiles in ~10 s.
 When the graph is built it is checked against the eager step on a fixed prompt (the same greedy
-tokens) and swapped in by one attribute assignment, so a running request changes step between two
-tokens. Compiled calls are serialised by a lock: dynamo's guards and caches are not documented as
+tokens; a sanity check, not the contract) before it is put in place. Compiled calls are serialised by a lock: dynamo's guards and caches are not documented as
 safe across threads, and on a CPU two steps at once only share the same cores.
 
 Inductor keeps its cache in ``TORCHINDUCTOR_CACHE_DIR`` (by default the app's model cache folder,
@@ -35,6 +41,7 @@ from engine.fast_llama import FastDecoder
 log = logging.getLogger("kvci.compile")
 
 COMPILE_MODES = ("auto", "off")
+EXPECTED_COMPILE_S = 70.0  # a cold compile on a 2-core host (benchmark/README.md); a warm one takes 8-13 s
 CHECK_PROMPT_TOKENS = 48  # the fixed prompt the compiled step must continue exactly as the eager one does
 CHECK_STEPS = 8
 
@@ -55,6 +62,8 @@ class StepCompiler:
         self.state = "off"
         self.reason = "KVCI_COMPILE=off" if mode == "off" else "not compiled"
         self.seconds: float | None = None
+        self.started_at: float | None = None  # time.monotonic() when compiling started
+        self.expected_s = EXPECTED_COMPILE_S  # the page's countdown: the last compile's time on this machine, once known
         self._done = threading.Event()
         self._lock = threading.Lock()  # one compiled step at a time
 
@@ -65,24 +74,40 @@ class StepCompiler:
             self._fail(reason)
             return
         self.state, self.reason = "compiling", ""
+        self.started_at = time.monotonic()
+        self.expected_s = _last_compile_seconds(self.cache_dir) or EXPECTED_COMPILE_S
         threading.Thread(target=self._run, name="compile-decode-step", daemon=True).start()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until compiling has ended (compiled or failed); False on timeout or when it never started."""
         return self._done.wait(timeout) if self.state != "off" else False
 
+    def settled(self) -> float:
+        """Block while the step is compiling (a request's decode waits here: one step for the process's life); seconds waited."""
+        if self.state != "compiling":
+            return 0.0
+        t0 = time.monotonic()
+        self._done.wait()
+        return time.monotonic() - t0
+
     def describe(self) -> str:
         """The page's words for the state."""
         if self.state == "compiled":
             return f"compiled in {self.seconds:.0f} s"
         if self.state == "compiling":
-            return "compiling in the background, eager until then"
+            left = max(self.expected_s - (time.monotonic() - (self.started_at or time.monotonic())), 0)
+            return f"compiling the decode step (~{left:.0f} s left); decoding waits for it, so every answer comes from one step"
         if self.state == "eager":
             return f"eager (compile failed: {self.reason})"
         return f"eager ({self.reason})"
 
     def status(self) -> dict[str, Any]:
-        return {"state": self.state, "description": self.describe(), "compile_seconds": self.seconds, "reason": self.reason or None, "inductor_cache": os.environ.get("TORCHINDUCTOR_CACHE_DIR") if self.state == "compiled" else None}
+        elapsed = time.monotonic() - self.started_at if self.state == "compiling" and self.started_at is not None else None
+        return {
+            "state": self.state, "description": self.describe(), "compile_seconds": self.seconds, "reason": self.reason or None,
+            "elapsed_s": elapsed, "expected_s": self.expected_s if self.state == "compiling" else None,
+            "inductor_cache": os.environ.get("TORCHINDUCTOR_CACHE_DIR") if self.state == "compiled" else None,
+        }
 
     # ------------------------------------------------------------------ the compile thread
 
@@ -100,7 +125,8 @@ class StepCompiler:
                 self._fail(f"the compiled step gave tokens {got} where the eager one gave {expected} on the check prompt")
                 return
             self.seconds = time.perf_counter() - t0
-            self.decoder.step = compiled  # one assignment: the next step of every request is compiled
+            self.decoder.step = compiled  # before any request decodes: they wait in settled()
+            _remember_compile_seconds(self.cache_dir, self.seconds)
             self.state = "compiled"
             log.info("decode step compiled in %.1f s (inductor cache: %s)", self.seconds, os.environ["TORCHINDUCTOR_CACHE_DIR"])
         except Exception as exc:  # any compiler or inductor failure: keep decoding eagerly
@@ -112,6 +138,21 @@ class StepCompiler:
         self.state, self.reason = "eager", reason
         log.warning("decode step stays eager: %s", reason)
         self._done.set()
+
+
+def _last_compile_seconds(cache_dir: Path) -> float | None:
+    try:
+        return float((cache_dir / "inductor" / "last_compile_s.txt").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _remember_compile_seconds(cache_dir: Path, seconds: float) -> None:
+    try:
+        (cache_dir / "inductor").mkdir(parents=True, exist_ok=True)
+        (cache_dir / "inductor" / "last_compile_s.txt").write_text(f"{seconds:.1f}")
+    except OSError:
+        pass  # only the countdown's estimate
 
 
 def inductor_options() -> dict[str, bool | int]:
@@ -194,25 +235,24 @@ def check_tokens(decoder: Any, step: Any, kv_dtype: torch.dtype) -> list[int]:
         ks, vs = decoder.new_kv(capacity, kv_dtype)
         prompt = (torch.arange(CHECK_PROMPT_TOKENS, device=device) * 7919 % vocab)[None]
         position = CHECK_PROMPT_TOKENS
-        token = int(decoder.forward(prompt, torch.arange(position, device=device), ks, vs).argmax())
+        token = int(decoder.forward(prompt, torch.arange(position, device=device), [k[:, :, :position] for k in ks], [v[:, :, :position] for v in vs]).argmax())
         for _ in range(CHECK_STEPS):
-            logits = step(torch.tensor([[token]], device=device), torch.tensor([position], device=device), ks, vs)
+            end = position + 1
+            logits = step(torch.tensor([[token]], device=device), torch.tensor([position], device=device), [k[:, :, :end] for k in ks], [v[:, :, :end] for v in vs])
             token, position = int(logits.argmax()), position + 1
             tokens.append(token)
     return tokens
 
 
 class _Serialised:
-    """The compiled step behind a lock, with the KV length marked dynamic; buffers of another dtype go to the eager step."""
+    """The compiled step behind a lock, with the KV views' length marked dynamic."""
 
     def __init__(self, graph: Any, eager: Any, lock: threading.Lock, dtype: torch.dtype) -> None:
         self.graph, self.eager, self.lock, self.dtype = graph, eager, lock, dtype
 
-    def __call__(self, tokens: torch.Tensor, pos: torch.Tensor, k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor]) -> torch.Tensor:
-        if k_buffers[0].dtype != self.dtype:  # the graph was built for the engine's KV dtype: another would recompile mid-request
-            return self.eager(tokens, pos, k_buffers, v_buffers)
-        for buffer in (*k_buffers, *v_buffers):
-            if 2 not in getattr(buffer, "_dynamo_dynamic_indices", ()):  # once per buffer: marking 60 took ~170 µs a step
-                torch._dynamo.mark_dynamic(buffer, 2)
+    def __call__(self, tokens: torch.Tensor, pos: torch.Tensor, k_views: list[torch.Tensor], v_views: list[torch.Tensor]) -> torch.Tensor:
+        assert k_views[0].dtype == self.dtype, f"KV in {k_views[0].dtype}, the graph was built for {self.dtype}: every model cache comes from Engine.new_cache"
+        for view in (*k_views, *v_views):  # fresh views at every step (~3 µs each to mark)
+            torch._dynamo.mark_dynamic(view, 2)
         with self.lock:
-            return self.graph(tokens, pos, k_buffers, v_buffers)
+            return self.graph(tokens, pos, k_views, v_views)

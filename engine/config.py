@@ -12,6 +12,7 @@ from typing import Any, get_args, get_type_hints
 
 from cache.policies import get_priority
 from engine.compiled import COMPILE_MODES
+from engine.prefill import CHUNK_TOKENS
 from engine.quant import WEIGHT_FORMATS
 
 ENV_PREFIX = "KVCI_"  # KVCI_MODEL, KVCI_DEVICE, KVCI_DTYPE, KVCI_WEIGHTS, KVCI_KV_DTYPE, KVCI_CACHE_BUDGET_MB, ...
@@ -35,6 +36,7 @@ class EngineConfig:
     compile: str = "auto"  # "auto": from_pretrained compiles that step in the background (engine.compiled); "off": eager
     cache_budget_mb: float = 512.0  # byte budget of the prefix cache
     min_cached_tokens: int = 20  # shorter prompts are neither cached nor counted
+    chunk_tokens: int = CHUNK_TOKENS  # the prefill's aligned chunk (engine/prefill.py): hits reuse whole chunks, exact hits everything
     kv_storage: str = "cpu"  # where cached KV lives: "cpu" (moved to the device on a hit) or "device"
     max_prompt_tokens: int | None = None  # longer prompts are refused; None: the model's context window
     namespace_quota: float = 1.0  # share of the cache budget one prefix-cache namespace may hold, in (0, 1]
@@ -47,6 +49,8 @@ class EngineConfig:
             raise ValueError(f"cache_budget_mb must be >= 0, got {self.cache_budget_mb}")
         if self.min_cached_tokens < 1:
             raise ValueError(f"min_cached_tokens must be >= 1, got {self.min_cached_tokens}")
+        if not 1 <= self.chunk_tokens <= 4096:
+            raise ValueError(f"chunk_tokens must be between 1 and 4096, got {self.chunk_tokens}")
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
             raise ValueError(f"max_prompt_tokens must be >= 1 or None, got {self.max_prompt_tokens}")
         if not 0 < self.namespace_quota <= 1:

@@ -1,13 +1,15 @@
-"""The request flow: tokenize, look up the prefix cache, reuse, prefill, decode, insert, time it all.
+"""The request flow: tokenize, match, reuse, prefill, first token, insert the prompt, decode, insert the history, result.
 
 ``Engine.stream`` is the core: a generator that yields text deltas and finally a
-:class:`GenerationResult`; ``Engine.generate`` collects it. Every step of the flow is a small
-method, timed in one place. The engine owns the model, the tokenizer and the prefix cache; it
-knows nothing about the UI or HTTP (``app.py`` calls it), and the radix tree itself lives in
-``cache/`` and knows nothing about models.
+:class:`GenerationResult`; ``Engine.generate`` collects it. The steps are small methods named for
+what they do and called in order from :meth:`Engine._generate_tokens`, each timed in one place. The
+engine owns the model, the tokenizer and the prefix cache; it knows nothing about the UI or HTTP
+(``app.py`` calls it), and the radix tree itself lives in ``cache/`` and knows nothing about models.
 
-Decoding is our own loop over ``model(input_ids, cache=...)``: transformers' ``generate`` gives
-wrong output when the cache already holds the whole prompt, which is exactly an exact hit.
+Caching never changes the answer, by construction (``engine/prefill.py``): every KV row the prefix
+cache stores, and every logits vector, is computed by the chunked prefill, whose shapes never depend
+on the path; new tokens come from the one decode step of the process's life; a reply is prefilled
+again before it is stored. ``tests/test_exact.py`` checks it bit for bit.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from engine.explain import explain
 from engine.oracle import compare
 from engine.kv import has_sliding_layers, kv_bytes_per_token, new_model_cache
 from engine.kv_pool import KVPool
+from engine.prefill import capacity as chunk_capacity, prefill, rewind
 from engine.sampling import Sampler, SamplingParams
 
 CacheStatus = str  # "hit" | "partial" | "miss" | "skipped" (prompt under min_cached_tokens) | "off"
@@ -60,7 +63,8 @@ class GenerationResult:
     timings: dict[str, float]
     finish_reason: str  # "eos" or "length"
     cache_explanation: dict[str, Any] | None = None  # why the prefix cache reused what it did (engine/explain.py)
-    verification: dict[str, Any] | None = None  # with verify=True: the same request with no cache, compared (engine/oracle.py)
+    verification: dict[str, Any] | None = None  # with verify=True: the same request reusing nothing, compared (engine/oracle.py)
+    first_token_logits: torch.Tensor | None = field(default=None, repr=False, compare=False)  # float32 [vocab]: for the exactness tests, not sent
 
     @property
     def prefix_cache_hit(self) -> bool:
@@ -107,10 +111,10 @@ class Engine:
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.storage_device = torch.device("cpu") if self.config.kv_storage == "cpu" else self.device
-        # KV storage, the model caches' and the pool's alike; None ("auto"): the dtype the model's layers produce.
-        self.kv_dtype = _resolve_kv_dtype(self.config.kv_dtype, self.dtype, model.config)
+        # KV storage, every model cache's and the pool's alike ("auto": the model's dtype); only new_cache() makes model caches.
+        self.kv_dtype: torch.dtype = _resolve_kv_dtype(self.config.kv_dtype, self.dtype, model.config) or self.dtype
         pin = self.storage_device.type == "cpu" and self.device.type == "cuda"  # pinned host memory: fast copies
-        self.pool = KVPool(model.config, self.kv_dtype or self.dtype, self.config.cache_budget_bytes, self.storage_device, pin_memory=pin)
+        self.pool = KVPool(model.config, self.kv_dtype, self.config.cache_budget_bytes, self.storage_device, pin_memory=pin)
         self.cache = PrefixCache(
             self.pool, self.config.min_cached_tokens, namespace_quota=self.config.namespace_quota, namespace_idle_s=self.config.namespace_idle_s,
             policy=self.config.eviction_policy,
@@ -123,12 +127,14 @@ class Engine:
         self._longest_token_chars = max(len(t) for t in tokenizer.get_vocab())
         self.eos_token_ids = _eos_token_ids(model, tokenizer)
         self.supports_prefix_cache = not has_sliding_layers(model.config)
+        # Prefill chunk (engine/prefill.py); sliding-window layers cannot drop a chunk's pads, and have no prefix cache to be exact with.
+        self.chunk_tokens: int | None = self.config.chunk_tokens if self.supports_prefix_cache else None
         # The one-token decode step, picked once: our own Llama step (engine/fast_llama.py) or transformers' forward.
         use_fast = _uses_fast_step(self.config, model)
         if quant.decode_linears(model) and not use_fast:
             raise ValueError(f"{quant.weight_format(model)} weights decode through engine/fast_llama.py's step, which needs a Llama model and decode=auto; use fp32 or bf16")
         self.decoder: Any = fast_llama.FastDecoder(model) if use_fast else _TransformersStep(self)
-        self.compiler = compiled.StepCompiler(self.decoder, self.config.resolved_model_cache_dir(), self.config.compile, self.kv_dtype or self.dtype)  # from_pretrained starts it
+        self.compiler = compiled.StepCompiler(self.decoder, self.config.resolved_model_cache_dir(), self.config.compile, self.kv_dtype)  # from_pretrained starts it
         self.chat = ChatTokenizer(tokenizer)  # the chat template's rules, shared with the workload replay
         self._tokenizer_lock = self.chat.lock  # one lock for every use of the tokenizer
 
@@ -333,19 +339,24 @@ class Engine:
                 pieces.append(delta)
                 yield delta
                 prefix_offset, read_offset = read_offset, len(run.generated)
-        # 8. Return text, token ids and timings: the text is exactly what was streamed.
+        run.clock.stop()
+        # 9. Return text, token ids and timings: the text is exactly what was streamed.
         pieces.append(self._new_text(run.generated, prefix_offset, read_offset))
         if pieces[-1]:
             yield pieces[-1]
         result = run.result("".join(pieces))
+        result.first_token_logits = run.first_logits
         result.cache_explanation = self._explain(run)
         if run.request.verify:
             result.verification = self._verify(run)
         yield result
 
     def _verify(self, run: "_Run") -> dict[str, Any]:
-        """9. Verify: the same request with no cache at all (the equivalence tests' reference), compared."""
-        baseline = _Run(replace(run.request, use_cache=False, use_prefix_cache=False, verify=False), self.device)
+        """10. Verify: the same request computed afresh, reusing nothing from the prefix cache, compared bit for bit.
+
+        (The suite also checks a run with no KV cache at all, tests/test_exact.py; here it would cost one decode step per earlier token at every step.)
+        """
+        baseline = _Run(replace(run.request, use_prefix_cache=False, verify=False), self.device)
         baseline.prompt_ids = run.prompt_ids
         for _ in self._generate_tokens(baseline):
             pass
@@ -363,109 +374,158 @@ class Engine:
         return self.decode(ids[prefix_offset:])[len(before) :]
 
     def _generate_tokens(self, run: "_Run") -> Iterator[int]:
-        """Steps 2-7 (``stream`` tokenizes, ``_stream_text`` returns). Yields each new token id as soon as it exists."""
-        request, clock = run.request, run.clock
+        """Steps 2-8 (``stream`` tokenizes, ``_stream_text`` returns). Yields each new token id as soon as it exists.
 
-        # 2. Prefix-cache lookup (locks the matched path until the end of the request).
-        match = None
-        if request.use_prefix_cache:
-            with clock.span("cache_lookup_ms"):
-                match = self.cache.match_prefix(run.prompt_ids, request.cache_key)
-            run.match = match
-            run.cache_status = match.kind
-            run.lookup_lock_wait_s = match.lock_wait_s
-        try:
-            # 3-5. Reuse the matched KV and prefill only the rest; an exact hit runs no model at all.
-            logits, model_cache = self._prefill(run, match)
-            run.first_logits = logits
-
-            # 7. Decode: the first token comes from the prefill's logits (TTFT), then one step per token.
-            with clock.span("first_sample_ms"):
-                token = run.sampler(logits)
-            clock.mark_first_token()
-            run.generated.append(token)
+        No lock is held across a yield: the prefix-cache match is released as soon as its KV is read
+        (step 3), so a consumer that stops reading leaves nothing behind.
+        """
+        logits, model_cache = self._prefill_prompt(run)  # 2-4
+        token = self._first_token(run, logits)  # 5
+        yield token
+        self._insert_prompt(run, model_cache, logits)  # 6
+        for token in self._decode_n_tokens(run, token, model_cache):  # 7
             yield token
+        self._insert_history(run, model_cache)  # 8
 
-            # 6a. Insert the prompt's KV and last logits (after the first token: bookkeeping is not
-            # the user's wait), so concurrent and later requests can hit while this one decodes.
-            if match is not None and match.kind != "hit":
-                self._insert(run, model_cache, len(run.prompt_ids), logits)
-            while not self._finished(run, token):
-                if model_cache is None and request.use_cache:  # exact hit: KV moves only now, after TTFT
-                    model_cache = self._reuse(run, match)
-                with clock.span("decode_ms"):
-                    logits = self._decode_one_token(run, token, model_cache)
-                    token = run.sampler(logits)
-                run.generated.append(token)
-                yield token
+    def _prefill_prompt(self, run: "_Run") -> tuple[torch.Tensor, Any]:
+        """Steps 2-4: match the prefix cache, reuse what may be reused, prefill the rest (``engine/prefill.py``).
 
-            # 6b. Insert prompt + generated tokens, so the next turn of a conversation hits the whole history
-            # (not when only one token was generated: its KV is not in the cache, so 6a said it all).
-            if match is not None and model_cache is not None and len(run.generated) > 1:
-                assert model_cache.get_seq_length() == len(run.prompt_ids) + len(run.generated) - 1, "KV length drifted"
-                self._insert(run, model_cache, len(run.prompt_ids) + len(run.generated) - 1, logits)
+        Returns the logits after the prompt and the model cache holding the prompt's KV (None without a
+        KV cache). An exact hit runs no model: the stored logits and every stored row are what a miss computes.
+        """
+        request, clock = run.request, run.clock
+        if not request.use_cache:  # no KV cache: the prompt's logits, nothing kept (step 7 recomputes every step)
+            run.prefill_tokens = len(run.prompt_ids)
+            with clock.span("prefill_ms"):
+                return prefill(self.model, run.prompt_ids, self.new_cache(run.capacity), self.chunk_tokens), None
+        match = self._match(run)  # 2
+        try:
+            logits, model_cache = self._reuse(run, match)  # 3
         finally:
             if match is not None:
                 self.cache.release(match)
-            clock.stop()
-
-    def _prefill(self, run: "_Run", match: PrefixMatch | None) -> tuple[torch.Tensor, Any]:
-        """Logits for the prompt's last position, and the model cache holding the prompt's KV.
-
-        Exact hit: the stored logits, and no model cache yet (it is built after the first token).
-        Partial hit: the matched KV, then only the suffix through the model. Miss or no prefix
-        cache: the whole prompt. Without KV caching: the whole prompt, and no cache.
-        """
-        request, clock, prompt_ids = run.request, run.clock, run.prompt_ids
-        run.reused_tokens = reused = match.length if match is not None else 0
-        if match is not None and match.kind == "hit":
-            run.prefill_tokens = 0
-            with clock.span("transfer_ms"):
-                return self.pool.read_logits(match.logits_slots, self.device), None
-        model_cache = None
-        if request.use_cache:
-            model_cache = self._reuse(run, match) if reused else new_model_cache(self.model.config, run.capacity, self.kv_dtype)
-        suffix = prompt_ids[reused:]
-        run.prefill_tokens = len(suffix)
-        with clock.span("prefill_ms"):
-            logits = self._forward(suffix, model_cache, use_cache=request.use_cache)
+        if logits is None:  # 4
+            suffix = run.prompt_ids[run.reused_tokens :]
+            run.prefill_tokens = len(suffix)
+            with clock.span("prefill_ms"):
+                logits = prefill(self.model, suffix, model_cache, self.chunk_tokens)
         return logits, model_cache
 
-    def _reuse(self, run: "_Run", match: PrefixMatch) -> Any:
-        """Step 3: the matched KV as a fresh model cache on the device (timed as ``transfer_ms``)."""
-        with run.clock.span("transfer_ms"):
-            return self.pool.read_kv(match.slots, self.model.config, self.device, run.capacity)
+    def _match(self, run: "_Run") -> PrefixMatch | None:
+        """2. The prefix-cache lookup (it locks the matched path until :meth:`PrefixCache.release`)."""
+        if not run.request.use_prefix_cache:
+            return None
+        with run.clock.span("cache_lookup_ms"):
+            match = self.cache.match_prefix(run.prompt_ids, run.request.cache_key, align=self.chunk_tokens or 1)
+        run.match, run.lookup_lock_wait_s = match, match.lock_wait_s
+        return match
 
-    def _decode_one_token(self, run: "_Run", token: int, model_cache: Any) -> torch.Tensor:
-        if model_cache is None:
-            # No KV cache: the whole sequence again, every step, nothing kept between steps. The prompt is
-            # prefilled and the tokens generated so far go through the decode step's code, as with a cache,
-            # so both runs compute with the same weights and kernels (int8/int4: prefill fp32, decode quantized).
-            scratch = new_model_cache(self.model.config, len(run.prompt_ids) + len(run.generated))
-            self._forward(run.prompt_ids, scratch, use_cache=True)
-            return self.decoder.decode_tokens(run.generated, scratch)
-        return self._forward([token], model_cache, use_cache=True)
+    def _reuse(self, run: "_Run", match: PrefixMatch | None) -> tuple[torch.Tensor | None, Any]:
+        """3. The model cache with the matched KV (timed as ``transfer_ms``), and the stored logits of an exact hit.
 
-    @torch.inference_mode()
-    def _forward(self, token_ids: list[int], model_cache: Any, use_cache: bool) -> torch.Tensor:
-        """One model call; returns the logits of the last position as a float32 ``[vocab]`` tensor.
-
-        One token on a filled KV cache is a decode step: it goes to the step picked at start-up
-        (``self.decoder``); everything else (prefill, no cache) to transformers.
+        A partial match ends at a chunk boundary (the lookup's ``align``): a prompt that shares part of
+        a chunk with a cached one prefills that chunk again, as a miss does (``engine/prefill.py``).
         """
-        if model_cache is not None and len(token_ids) == 1 and model_cache.get_seq_length() > 0:
-            return self.decoder.decode_one_token(token_ids[0], model_cache)
-        return self._transformers_forward(token_ids, model_cache, use_cache)
+        exact = match is not None and match.kind == "hit"
+        run.reused_tokens = reused = match.length if match is not None else 0
+        if match is not None:
+            run.cache_status = match.kind
+        if not reused:
+            return None, self.new_cache(run.capacity)
+        with run.clock.span("transfer_ms"):
+            model_cache = self.pool.read_kv(match.slots[:reused], self.model.config, self.device, run.capacity)
+            logits = self.pool.read_logits(match.logits_slots, self.device) if exact else None
+        return logits, model_cache
 
-    def _transformers_forward(self, token_ids: list[int], model_cache: Any, use_cache: bool) -> torch.Tensor:
-        if model_cache is None and self.kv_dtype is not None:  # no KV cache: still attend over KV at the storage precision, as cached runs do
-            model_cache, use_cache = new_model_cache(self.model.config, len(token_ids), self.kv_dtype), True
-        input_ids = torch.tensor([token_ids], dtype=torch.long, device=self.device)  # [1, T]
-        out = self.model(input_ids=input_ids, cache=model_cache, use_cache=use_cache, logits_to_keep=1)
-        return out.logits[0, -1].float()
+    def _first_token(self, run: "_Run", logits: torch.Tensor) -> int:
+        """5. The first new token, from the prefill's (or the stored) logits: the time to first token ends here."""
+        run.first_logits = logits
+        with run.clock.span("first_sample_ms"):
+            token = run.sampler(logits)
+        run.clock.mark_first_token()
+        run.generated.append(token)
+        return token
+
+    def _insert_prompt(self, run: "_Run", model_cache: Any, logits: torch.Tensor) -> None:
+        """6. The prompt's KV and the logits after it into the prefix cache (after the first token: not the user's wait),
+        so concurrent and later requests hit while this one decodes. An exact hit has nothing new to store."""
+        if run.match is not None and run.cache_status != "hit":
+            self._insert(run, model_cache, len(run.prompt_ids), logits)
+
+    def _decode_n_tokens(self, run: "_Run", token: int, model_cache: Any) -> Iterator[int]:
+        """7. One decode step per new token until EOS or ``max_new_tokens``.
+
+        Every request of the process's life decodes with the same step: while the compiled step is
+        being built, decoding waits for it (``compile_wait_ms``) rather than run another step whose
+        bits differ (``engine/compiled.py``).
+        """
+        if self._finished(run, token):
+            return
+        with run.clock.span("compile_wait_ms"):
+            self.compiler.settled()
+        while True:
+            with run.clock.span("decode_ms"):
+                logits = self.decoder.decode_one_token(token, model_cache) if model_cache is not None else self._recompute(run)
+                token = run.sampler(logits)
+            run.generated.append(token)
+            yield token
+            if self._finished(run, token):
+                return
+
+    def _recompute(self, run: "_Run") -> torch.Tensor:
+        """Without a KV cache: the logits after the sequence so far, recomputing every earlier position's KV, nothing kept.
+
+        Each position is recomputed by the function that computed it with a KV cache (the prompt by the
+        chunked prefill, each generated token by the decode step, one at a time), so the tokens are the
+        same bits; the price is one decode step per earlier generated token, at every step.
+        """
+        scratch = self.new_cache(run.capacity)
+        prefill(self.model, run.prompt_ids, scratch, self.chunk_tokens)
+        for earlier in run.generated[:-1]:
+            self.decoder.decode_one_token(earlier, scratch)
+        return self.decoder.decode_one_token(run.generated[-1], scratch)
+
+    def _insert_history(self, run: "_Run", model_cache: Any) -> None:
+        """8. Prompt and reply into the prefix cache, so a conversation's next turn hits its whole history.
+
+        The reply's KV came from the decode step, whose kernels differ from the prefill's: it is
+        prefilled again (from the prompt's last chunk boundary, ``history_prefill_ms``, after the
+        last token) so that every stored row is what a miss computes. With one token generated its KV
+        is not in the model cache: step 6 stored all there is.
+        """
+        if run.match is None or model_cache is None or len(run.generated) < 2:
+            return
+        length = len(run.prompt_ids) + len(run.generated) - 1
+        if length < self.cache.min_tokens:
+            return
+        start = len(run.prompt_ids) // self.chunk_tokens * self.chunk_tokens
+        with run.clock.span("history_prefill_ms"):
+            rewind(model_cache, start)
+            logits = prefill(self.model, (run.prompt_ids + run.generated)[start:length], model_cache, self.chunk_tokens)
+        self._insert(run, model_cache, length, logits)
+
+    def new_cache(self, capacity: int) -> Any:
+        """The one way a model cache is made: room for ``capacity`` tokens and their last chunk's pads, KV in the engine's KV dtype."""
+        return new_model_cache(self.model.config, chunk_capacity(capacity, self.chunk_tokens), self.kv_dtype)
+
+    def prefill_sequence(self, token_ids: Sequence[int]) -> tuple[torch.Tensor, Any]:
+        """A fresh prefill of ``token_ids`` (no cache read or written): the logits after them and the model cache with their KV."""
+        model_cache = self.new_cache(len(token_ids))
+        return prefill(self.model, list(token_ids), model_cache, self.chunk_tokens), model_cache
+
+    def store(self, token_ids: Sequence[int], namespace: str) -> dict[str, int]:
+        """Prefill ``token_ids`` into the prefix cache without generating (warming), reusing what is cached.
+
+        Returns ``reused`` (tokens already cached) and ``prefilled`` (computed now).
+        """
+        run = _Run(GenerationRequest(prompt="(stored)", max_new_tokens=1, cache_key=namespace), self.device)
+        run.prompt_ids = list(token_ids)
+        logits, model_cache = self._prefill_prompt(run)
+        self._insert_prompt(run, model_cache, logits)
+        return {"reused": run.reused_tokens, "prefilled": run.prefill_tokens}
 
     def _insert(self, run: "_Run", model_cache: Any, num_tokens: int, logits: torch.Tensor) -> None:
-        """Step 6: the first ``num_tokens`` tokens' KV and the logits after them into the prefix cache.
+        """The first ``num_tokens`` tokens' KV and the logits after them into the prefix cache.
 
         The cache copies them straight from the live model cache into its pool (outside its lock),
         and only the tokens it does not hold yet. Sequences too short to cache copy nothing. A
@@ -500,7 +560,8 @@ class _TransformersStep:
 
     @torch.inference_mode()
     def decode_tokens(self, tokens: list[int], model_cache: Any) -> torch.Tensor:
-        return self.engine._transformers_forward(tokens, model_cache, use_cache=True)
+        input_ids = torch.tensor([tokens], dtype=torch.long, device=self.engine.device)  # [1, T]
+        return self.engine.model(input_ids=input_ids, cache=model_cache, use_cache=True, logits_to_keep=1).logits[0, -1].float()
 
     def bytes_per_step(self) -> int:
         """The model's weights but the embedding table (unless the lm_head reads it too)."""
@@ -584,7 +645,7 @@ class _Run:
 
     @property
     def capacity(self) -> int:
-        """Tokens the model cache will hold at most: the prompt and every new token."""
+        """Tokens the model cache will hold at most: the prompt and every new token (``Engine.new_cache`` adds the pads' room)."""
         return len(self.prompt_ids) + self.request.max_new_tokens
 
     def result(self, text: str) -> GenerationResult:
@@ -603,6 +664,8 @@ class _Run:
             "transfer_ms": c.ms("transfer_ms"),
             "prefill_ms": c.ms("prefill_ms"),
             "insert_ms": c.ms("insert_ms"),
+            "history_prefill_ms": c.ms("history_prefill_ms"),  # step 8: the reply prefilled again before it is stored
+            "compile_wait_ms": c.ms("compile_wait_ms"),  # waiting for the compiled decode step (engine/compiled.py)
             "ttft_ms": ttft,
             "wall_ttft_ms": first * 1000,
             "decode_ms": decode_ms,

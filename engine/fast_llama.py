@@ -11,15 +11,14 @@ the quality measure uses to score the decode path on a whole text in one pass.
 
 KV stays where the prefill put it: the per-layer buffers of the request's model cache
 (``engine.kv.GrowingKVLayer``, ``[1, kv_heads, capacity, head_dim]``, one K and one V buffer per
-layer). The step writes the new token's K and V with ``index_copy_`` at its position. The compiled
-step attends over the whole buffer with a mask row that hides positions after it, so its shapes
-never change during a request and ``torch.compile`` can compile it (``engine.compiled``); the eager
-step attends over views of the filled part only, with no mask (at 512 tokens of context over a
-fifth of an eager step went to attention over the unused capacity, the mask and a bf16 copy of the
-KV; 29 tok/s before, 36 after, in a side run). Attention computes in the
-wider of the query's and the KV's dtypes: float32 for the int4/int8 steps, whose linears return
-bf16, as the float32 prefill does. The prefix cache reads these same buffers, so both decode paths
-share one KV format.
+layer). The step writes the new token's K and V with ``index_copy_`` at its position and attends
+over views of the filled part only, unmasked: the length of attention's reductions is the
+position's, whatever the buffer's capacity (a request with another ``max_new_tokens``), so a token's
+logits are a function of the tokens before it alone (the exactness contract, ``engine/prefill.py``).
+The compiled step takes the same views, their length marked dynamic (``engine.compiled``). Attention
+computes in the wider of the query's and the KV's dtypes: float32 for the int4/int8 steps, whose
+linears return bf16, as the float32 prefill does. The prefix cache never stores this step's KV
+(replies are prefilled again before they are stored).
 
 Knows nothing about requests, sampling or the prefix cache (``engine.engine`` calls
 :meth:`FastDecoder.decode_one_token`).
@@ -80,7 +79,12 @@ class FastDecoder(nn.Module):
 
     @torch.inference_mode()
     def decode_tokens(self, tokens: list[int], model_cache) -> torch.Tensor:
-        """Feed ``tokens`` at the model cache's next positions through this step's code (several at once eagerly); the last one's logits."""
+        """Feed ``tokens`` at the model cache's next positions; the last one's logits.
+
+        One token goes through ``self.step`` (eager, or the compiled graph) and attends over exactly
+        the filled positions, so its arithmetic depends on its position, never on the buffer's
+        capacity. Several tokens at once (the quality measure's teacher forcing) run eagerly, masked.
+        """
         layers: list[GrowingKVLayer] = model_cache.layers
         position = layers[0].get_seq_length()
         for layer in layers:
@@ -88,12 +92,9 @@ class FastDecoder(nn.Module):
         device = self.norm_weight.device
         tokens_t = torch.tensor([tokens], device=device)  # [1, T]
         pos_t = torch.arange(position, position + len(tokens), device=device)  # [T]
-        if self.step == self.forward or len(tokens) > 1:  # eager (the compiled graph is for one token): the filled part only
-            end = position + len(tokens)
-            keys, values = [layer.key_buffer[:, :, :end] for layer in layers], [layer.value_buffer[:, :, :end] for layer in layers]
-            logits = self.forward(tokens_t, pos_t, keys, values, attend_all=len(tokens) == 1)
-        else:
-            logits = self.step(tokens_t, pos_t, [layer.key_buffer for layer in layers], [layer.value_buffer for layer in layers])
+        end = position + len(tokens)
+        keys, values = [layer.key_buffer[:, :, :end] for layer in layers], [layer.value_buffer[:, :, :end] for layer in layers]  # [1, KVH, end, Dh] views
+        logits = self.step(tokens_t, pos_t, keys, values) if len(tokens) == 1 else self.forward(tokens_t, pos_t, keys, values)
         for layer in layers:
             layer.advance(len(tokens))
         return logits[0].float()
@@ -115,18 +116,18 @@ class FastDecoder(nn.Module):
     def lm_head_is_embedding(self) -> bool:
         return getattr(self.lm_head, "weight", None) is self.embed.weight
 
-    def forward(self, tokens: torch.Tensor, pos: torch.Tensor, k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor], attend_all: bool = False) -> torch.Tensor:
-        """tokens: [1, T]; pos: [T]; k_buffers/v_buffers: per layer [1, kv_heads, S, head_dim]. Returns the last token's logits [1, vocab].
+    def forward(self, tokens: torch.Tensor, pos: torch.Tensor, k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor]) -> torch.Tensor:
+        """tokens: [1, T]; pos: [T]; k_buffers/v_buffers: per layer [1, kv_heads, S, head_dim], ending at the last token's position. Returns its logits [1, vocab]."""
+        return self.lm_head(self.hidden(tokens, pos, k_buffers, v_buffers)[:, -1])
 
-        attend_all: no mask, every buffer position is attended (one token, buffers that end at its position).
+    def hidden(self, tokens: torch.Tensor, pos: torch.Tensor, k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor]) -> torch.Tensor:
+        """The final normed hidden states ``[1, T, D]`` of ``tokens`` at positions ``pos``, their KV written into the buffers.
+
+        One token attends over every buffer position, unmasked (the buffers end at it); several, under a causal mask.
         """
-        return self.lm_head(self.hidden(tokens, pos, k_buffers, v_buffers, attend_all)[:, -1])
-
-    def hidden(self, tokens: torch.Tensor, pos: torch.Tensor, k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor], attend_all: bool = False) -> torch.Tensor:
-        """The final normed hidden states ``[1, T, D]`` of ``tokens`` at positions ``pos``, their KV written into the buffers."""
         x = self.embed(tokens)  # [1, T, D]
         cos, sin = self.cos[pos], self.sin[pos]  # [T, head_dim]
-        mask = None if attend_all else (torch.arange(k_buffers[0].shape[2], device=pos.device) <= pos[:, None]).view(1, 1, pos.shape[0], -1)  # [1, 1, T, S]: causal
+        mask = None if tokens.shape[1] == 1 else (torch.arange(k_buffers[0].shape[2], device=pos.device) <= pos[:, None]).view(1, 1, pos.shape[0], -1)  # [1, 1, T, S]: causal
         for layer, k_buffer, v_buffer in zip(self.layers, k_buffers, v_buffers):
             x = layer(x, pos, cos, sin, mask, k_buffer, v_buffer, self.eps)
         return _rms_norm(x, self.norm_weight, self.eps)

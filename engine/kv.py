@@ -71,6 +71,13 @@ class GrowingKVLayer(DynamicLayer):
         self.keys = self._key_buffer[:, :, : self._length, :]
         self.values = self._value_buffer[:, :, : self._length, :]
 
+    def rewind(self, length: int) -> None:
+        """Drop every position from ``length`` on (a padded chunk's pads, see engine/prefill.py); the bytes stay until overwritten."""
+        assert 0 <= length <= self._length, f"cannot rewind to {length}: {self._length} positions are filled"
+        self._length = length
+        self.keys = self._key_buffer[:, :, :length, :]
+        self.values = self._value_buffer[:, :, :length, :]
+
     def crop(self, tokens_to_remove: int) -> None:
         super().crop(tokens_to_remove)
         self._length = self.get_seq_length()

@@ -1,10 +1,12 @@
-"""The correctness oracle: does a cached run give what a run with no cache at all gives?
+"""The correctness oracle: does a cached run give what a run reusing nothing gives, bit for bit?
 
-``Engine`` runs a request with ``verify=True`` twice: as asked (KV cache, prefix cache), then with
-no cache of any kind (every step re-runs the whole sequence, the reference of the equivalence
-tests). :func:`compare` says whether the tokens are identical and how far apart the first token's
-float32 logits are; a corrupted pool slot, a wrong position or a stale entry shows up as a
-different token or a large difference. Knows nothing of the request flow: it compares what it is given.
+``Engine`` runs a request with ``verify=True`` twice: as asked (KV cache, prefix cache), then computed
+afresh, reusing nothing from the prefix cache. The exactness contract (``engine/prefill.py``) says the
+two are the same bits: :func:`compare` says whether the tokens are identical and how far apart the
+first token's float32 logits are (0 when the contract holds); a corrupted pool slot, a wrong position
+or a stale entry shows up as a different token or a nonzero difference. (A run with no KV cache at all
+gives the same bits too, tests/test_exact.py; it costs one decode step per earlier token at every step,
+too slow for a button.) Knows nothing of the request flow: it compares what it is given.
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ def compare(
         "baseline_tokens": len(baseline_tokens),
     }
     if first is None:
-        out["message"] = f"verified identical: {len(cached_tokens)} tokens equal a run with no cache; first-token logits differ by at most {diff:.3g}"
+        same_bits = "bit for bit" if diff == 0 else f"but first-token logits differ by up to {diff:.3g}"
+        out["message"] = f"verified identical: {len(cached_tokens)} tokens equal a run that reused nothing, {same_bits}"
         return out
     ours = cached_tokens[first] if first < len(cached_tokens) else None
     theirs = baseline_tokens[first] if first < len(baseline_tokens) else None
@@ -52,7 +55,7 @@ def compare(
         baseline_token={"id": theirs, "text": decode([theirs]) if theirs is not None else None},
     )
     out["message"] = (
-        f"differs at token {first}: the cached run gave {out['cached_token']['text']!r}, a run with no cache "
+        f"differs at token {first}: the cached run gave {out['cached_token']['text']!r}, a run that reused nothing "
         f"{out['baseline_token']['text']!r}; first-token logits differ by up to {diff:.3g}"
     )
     return out

@@ -9,8 +9,9 @@ adds what needs one:
   transformers. Anything that changes the KV a prompt produces changes the stamp, and a snapshot under
   another stamp is refused;
 - the **check** before any restored entry is used: the most recent restored sequence is prefilled
-  afresh and its first-token logits compared with the stored logits and with one step over the
-  restored KV (see :data:`CHECK_RTOL`);
+  afresh, and its logits and every KV row must equal the restored ones bit for bit. Every stored
+  row and logit was computed by the chunked prefill (``engine/prefill.py``), so on the same weights,
+  kernels and host they are the same bits; anything else (another CPU's kernels, a corrupt slot) is refused;
 - :class:`Snapshots`, the app's directory: restore at start, save on demand, every N minutes and at stop.
 
 A refused snapshot (another stamp, a corrupt file, a failed check) is one log line, and the cache
@@ -34,19 +35,9 @@ import transformers
 
 from cache import Slot
 from cache import snapshot as disk
-from engine import quant
-from engine.kv import new_model_cache
 
 log = logging.getLogger(__name__)
 
-# The check's tolerance, relative to the largest fresh logit. A stored entry's logits may come from a
-# partial-hit prefill or a decode step rather than one whole prefill: the same maths in another order,
-# which in float32 moves logits by about 1e-6 of their scale (measured: benchmark/snapshot_bench.py
-# prints it), and in bf16/fp16 activations by up to about 1e-2. Another model, weight format or a
-# corrupt slot moves them by their own size. 1e-3 (float32) and 5e-2 (half) sit well between the two.
-# An int8/int4 engine prefills in float32 but decodes with bf16 activations, and an entry that holds
-# generated tokens got their KV and its logits from that step: half precision's tolerance.
-CHECK_RTOL = {torch.float32: 1e-3, torch.bfloat16: 5e-2, torch.float16: 5e-2}
 SAVE_DELAY_ENV = "KVCI_SNAPSHOT_SAVE_DELAY_S"  # tests only: seconds a save waits between its KV file and its manifest
 
 
@@ -92,12 +83,6 @@ def stamp(engine: Any, weights_digest: str | None = None) -> dict[str, Any]:
     }
 
 
-def check_tolerance(engine: Any) -> float:
-    """The check's relative tolerance: float32's where every step computes in float32, else half precision's."""
-    decode_dtype = torch.bfloat16 if quant.weight_format(engine.model) in quant.QUANTIZED else engine.dtype
-    return CHECK_RTOL.get(decode_dtype, CHECK_RTOL[torch.bfloat16])
-
-
 def digest_weights(model: torch.nn.Module) -> str:
     """blake2b of every state-dict tensor's name, dtype, shape and bytes (quantized buffers included)."""
     hasher = hashlib.blake2b(digest_size=20)
@@ -122,8 +107,8 @@ def digest_tokenizer(tokenizer: Any) -> str:
 
 
 def check(engine: Any, namespace: str, tokens: Sequence[int]) -> float:
-    """Largest difference, relative to the largest fresh logit, between a fresh prefill of ``tokens`` and
-    (a) the logits stored after them, (b) one step over their restored KV. ``inf``: not cached whole.
+    """The largest difference between a fresh prefill of ``tokens`` and what the cache restored for them:
+    the logits after them and every KV row. 0.0 is the contract (the same bits); ``inf``: not cached whole.
     """
     tokens = list(tokens)
     match = engine.cache.match_prefix(tokens, namespace)
@@ -131,13 +116,14 @@ def check(engine: Any, namespace: str, tokens: Sequence[int]) -> float:
         if match.kind != "hit":
             return float("inf")
         stored = engine.pool.read_logits(match.logits_slots, engine.device)
-        model_cache = engine.pool.read_kv(match.slots[:-1], engine.model.config, engine.device, len(tokens))
-        stepped = engine._forward(tokens[-1:], model_cache, use_cache=True)
+        restored = engine.pool.read_kv(match.slots, engine.model.config, engine.device, len(tokens))
     finally:
         engine.cache.release(match)
-    fresh = engine._forward(tokens, new_model_cache(engine.model.config, len(tokens)), use_cache=True)
-    scale = max(float(fresh.abs().max()), 1.0)
-    return max(float((stored - fresh).abs().max()), float((stepped - fresh).abs().max())) / scale
+    fresh, fresh_cache = engine.prefill_sequence(tokens)
+    diffs = [(stored - fresh).abs().max()]
+    for ours, theirs in zip(restored.layers, fresh_cache.layers):
+        diffs += [(ours.keys.float() - theirs.keys.float()).abs().max(), (ours.values.float() - theirs.values.float()).abs().max()]
+    return float(torch.stack(diffs).max())
 
 
 class Snapshots:
@@ -182,10 +168,9 @@ class Snapshots:
                 checked = next(((ns, tokens) for ns, tokens, has_logits in done["sequences"] if has_logits), None)
                 if checked is not None:
                     error = check(self.engine, *checked)
-                    tolerance = check_tolerance(self.engine)
-                    outcome["check_rel_diff"] = error
-                    if not error <= tolerance:
-                        raise disk.SnapshotRefused(f"a restored entry's logits differ from a fresh prefill's by {error:.3g} of their scale (tolerance {tolerance:g})")
+                    outcome["check_max_diff"] = error
+                    if error != 0:
+                        raise disk.SnapshotRefused(f"a restored entry differs from a fresh prefill of its tokens by up to {error:.3g} (its logits or KV): not the same bits, so it was computed by other kernels or was damaged")
         except Exception as exc:  # a snapshot never stops the app: anything that went wrong means a cold start
             self.engine.cache.clear()
             outcome.update(entries=0, refused=str(exc))
@@ -196,7 +181,7 @@ class Snapshots:
             if snapshot is not None:
                 self._report(
                     f"Restored {outcome['entries']} prefix-cache entries from {self.directory} in {time.perf_counter() - t0:.2f} s "
-                    f"({outcome['dropped']} dropped to fit the budget; checked against a fresh prefill: {outcome.get('check_rel_diff', 0):.2g} of the logits' scale)."
+                    f"({outcome['dropped']} dropped to fit the budget; checked against a fresh prefill: {outcome.get('check_max_diff', 0):.2g}, bit for bit where 0)."
                 )
         outcome["seconds"] = time.perf_counter() - t0
         self.last_restore = outcome

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from engine.kv import new_model_cache
 
 _PROBES = ("A", "z", "1", " ")  # user messages that differ from their first character (a token merge with one is not shared by all)
 
@@ -43,18 +42,8 @@ def warm(engine: Any, messages: Sequence[dict[str, str]], namespace: str, pin: b
     if len(tokens) < engine.cache.min_tokens:
         raise ValueError(f"this warms {len(tokens)} tokens, fewer than the {engine.cache.min_tokens} the prefix cache keeps; send a longer prompt")
     engine.check_prompt_tokens(len(tokens), 1)
-    match = engine.cache.match_prefix(tokens, namespace)
-    try:
-        prefilled = 0
-        if match.kind != "hit":
-            # Reuse the cached part, prefill the rest, store the whole with the logits after it.
-            model_cache = engine.pool.read_kv(match.slots, engine.model.config, engine.device, len(tokens)) if match.length else new_model_cache(engine.model.config, len(tokens), engine.kv_dtype)
-            logits = engine._forward(tokens[match.length :], model_cache, use_cache=True)
-            prefilled = len(tokens) - match.length
-            engine.cache.insert(tokens, engine.pool.source(model_cache, len(tokens), logits), namespace)
-    finally:
-        engine.cache.release(match)
-    result = {"tokens": len(tokens), "reused": match.length, "prefilled": prefilled, "pinned": False}
+    stored = engine.store(tokens, namespace)  # reuses what is cached, prefills the rest, stores the whole with the logits after it
+    result = {"tokens": len(tokens), "reused": stored["reused"], "prefilled": stored["prefilled"], "pinned": False}
     if pin:
         result.update(engine.cache.pin(tokens, namespace, ttl_s), pinned=True)  # ValueError when not stored (over budget) or over the pin budget
     return result

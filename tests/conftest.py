@@ -70,7 +70,7 @@ def tiny_model(tokenizer):
 @pytest.fixture
 def tiny_engine(tiny_model, tokenizer):
     """A fresh engine (empty prefix cache) around the shared tiny model."""
-    return Engine(tiny_model, tokenizer, EngineConfig(min_cached_tokens=4), name="tiny-llama")
+    return Engine(tiny_model, tokenizer, EngineConfig(min_cached_tokens=4, chunk_tokens=4), name="tiny-llama")
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ import torch
 
 from engine import Engine, EngineConfig, compiled, quant
 from tests.conftest import make_tiny_model
-from tests.test_quant import EQUIVALENCE_STATUSES, equivalence_statuses
+from tests.test_exact import walk_every_path
 
 COMPILE_TIMEOUT_S = 1200  # a cold compile on a loaded 2-core machine; the inductor cache makes later runs fast
 
@@ -20,9 +20,9 @@ def test_compiled_step_decodes_the_eager_tokens_and_keeps_the_equivalence(tokeni
     """A real compile (tiny int4 model): checked, swapped in, the same greedy tokens as eager, cached = uncached on every path,
     with the one graph the check built (no request, miss or hit, compiles another: that cost a second compile at the first request)."""
     model = quant.apply_format(make_tiny_model(tokenizer, seed=2, hidden_size=128), "int4")
-    eager = Engine(model, tokenizer, EngineConfig(min_cached_tokens=4), name="tiny-eager")
+    eager = Engine(model, tokenizer, EngineConfig(min_cached_tokens=4, chunk_tokens=8), name="tiny-eager")
     expected = eager.generate("What is machine learning?", max_new_tokens=16, use_prefix_cache=False).token_ids
-    engine = Engine(model, tokenizer, EngineConfig(min_cached_tokens=4), name="tiny-compiled")
+    engine = Engine(model, tokenizer, EngineConfig(min_cached_tokens=4, chunk_tokens=8), name="tiny-compiled")
     engine.compiler.start()
     assert engine.info()["decode_compile"]["state"] in ("compiling", "compiled")
     assert engine.compiler.wait(COMPILE_TIMEOUT_S), "compiling did not end"
@@ -33,7 +33,7 @@ def test_compiled_step_decodes_the_eager_tokens_and_keeps_the_equivalence(tokeni
     assert engine.decoder.step is not engine.decoder.forward
     monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
     assert engine.generate("What is machine learning?", max_new_tokens=16, use_prefix_cache=False).token_ids == expected
-    assert equivalence_statuses(engine) == EQUIVALENCE_STATUSES
+    walk_every_path(engine)
     with ThreadPoolExecutor(3) as pool:  # requests decode from several threads at once: the same tokens each
         runs = list(pool.map(lambda _: engine.generate("What is machine learning?", max_new_tokens=16, use_prefix_cache=False).token_ids, range(3)))
     assert runs == [expected] * 3

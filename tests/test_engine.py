@@ -51,7 +51,8 @@ def test_exact_hit_makes_no_forward_before_first_token(tiny_engine, monkeypatch)
     """An exact hit with max_new_tokens=1 never calls the model."""
     tiny_engine.generate(QUESTIONS[0], system_prompt=SYSTEM, max_new_tokens=1)
     calls = []
-    monkeypatch.setattr(tiny_engine, "_forward", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr("engine.engine.prefill", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(tiny_engine.decoder, "decode_one_token", lambda *a, **k: calls.append(a))
     result = tiny_engine.generate(QUESTIONS[0], system_prompt=SYSTEM, max_new_tokens=1)
     assert result.cache_status == "hit" and calls == []
     assert result.timings["prefix_tokens_saved"] == result.timings["prompt_tokens"] and result.timings["prefill_tokens"] == 0
@@ -67,15 +68,16 @@ def test_partial_hit_computes_only_the_suffix(tiny_engine):
     assert result.token_ids == baseline_tokens(tiny_engine, QUESTIONS[1], system_prompt=SYSTEM)
 
 
-def test_strict_prefix_prompt_recomputes_only_its_last_token(tiny_engine):
-    """A prompt that is a strict prefix of a cached one reuses all but its last token."""
+def test_strict_prefix_prompt_recomputes_only_its_last_chunk(tiny_engine):
+    """A prompt that is a strict prefix of a cached one reuses every whole chunk before its last token (engine/prefill.py)."""
     long_text, short_text = "alpha beta gamma delta epsilon zeta eta theta", "alpha beta gamma delta epsilon"
     tiny_engine.generate(long_text, raw=True, max_new_tokens=N)
     short_ids = tiny_engine.tokenize(tiny_engine.make_request(short_text, raw=True))
     long_ids = tiny_engine.tokenize(tiny_engine.make_request(long_text, raw=True))
     assert long_ids[: len(short_ids)] == short_ids  # precondition of the test
     result = tiny_engine.generate(short_text, raw=True, max_new_tokens=N)
-    assert result.cache_status == "partial" and result.timings["prefill_tokens"] == 1
+    chunk = tiny_engine.chunk_tokens
+    assert result.cache_status == "partial" and result.timings["prefill_tokens"] == len(short_ids) - (len(short_ids) - 1) // chunk * chunk
     assert result.token_ids == baseline_tokens(tiny_engine, short_text, raw=True)
 
 
@@ -93,22 +95,20 @@ def test_three_turn_conversation_reuses_history(tiny_engine):
 
 
 def test_reused_kv_plus_suffix_equals_full_prefill(tiny_engine):
-    """The KV built from cached segments and a suffix prefill matches a full prefill (allclose)."""
-    model = tiny_engine.model
+    """The KV built from cached whole chunks and a chunked suffix prefill is a fresh prefill's, bit for bit; an unchunked suffix's is not."""
     tiny_engine.generate(QUESTIONS[0], system_prompt=SYSTEM, max_new_tokens=1)
     ids = tiny_engine.tokenize(tiny_engine.make_request(QUESTIONS[1], system_prompt=SYSTEM))
+    result = tiny_engine.generate(QUESTIONS[1], system_prompt=SYSTEM, max_new_tokens=1)
+    assert result.cache_status == "partial"
+    _, fresh = tiny_engine.prefill_sequence(ids)
     match = tiny_engine.cache.match_prefix(ids)
     try:
-        assert match.kind == "partial"
-        reused = tiny_engine.pool.read_kv(match.slots, model.config, tiny_engine.device)
-        with torch.inference_mode():
-            model(input_ids=torch.tensor([ids[match.length :]]), cache=reused, use_cache=True)
-            full = model(input_ids=torch.tensor([ids]), use_cache=True).cache
+        assert match.kind == "hit"
+        stored = tiny_engine.pool.read_kv(match.slots, tiny_engine.model.config, tiny_engine.device)
     finally:
         tiny_engine.cache.release(match)
-    for a, b in zip(reused.layers, full.layers):
-        torch.testing.assert_close(a.keys, b.keys, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(a.values, b.values, rtol=1e-4, atol=1e-5)
+    for a, b in zip(stored.layers, fresh.layers):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
 
 
 def test_cached_tensors_are_never_mutated_by_decoding(tiny_engine):
@@ -167,12 +167,13 @@ def test_real_model_kv_hit_and_partial_match_no_cache(smol_engine, smol_baseline
 
 
 def test_real_model_conversation_hits_the_whole_history(smol_engine):
-    """Turn 2 reuses turn 1's prompt and reply: the reply's tokens were inserted after generation."""
-    first = smol_engine.generate(QUESTIONS[0], system_prompt=SYSTEM, max_new_tokens=N)
+    """Turn 2 reuses turn 1's prompt and reply, in whole chunks: the reply was prefilled again and inserted after generation."""
+    first = smol_engine.generate(QUESTIONS[0], system_prompt=SYSTEM, max_new_tokens=48)  # a reply longer than a chunk
     history = [{"role": "user", "content": QUESTIONS[0]}, {"role": "assistant", "content": first.text}]
     second = smol_engine.generate(QUESTIONS[1], system_prompt=SYSTEM, history=history, max_new_tokens=N)
     assert second.cache_status == "partial"
-    assert second.timings["prefix_tokens_saved"] > first.timings["prompt_tokens"]
+    assert second.timings["prefix_tokens_saved"] > first.timings["prompt_tokens"] and second.timings["prefix_tokens_saved"] % smol_engine.chunk_tokens == 0
+    assert first.timings["history_prefill_ms"] > 0
     assert second.token_ids == baseline_tokens(smol_engine, QUESTIONS[1], system_prompt=SYSTEM, history=history)
 
 

@@ -6,50 +6,9 @@ import pytest
 import torch
 
 from engine import Engine, EngineConfig, loading, quant
-from engine.quality import MAX_NLL_RATIO, MIN_TOP1_AGREEMENT, quality_token_ids, same_tokens, teacher_forced
+from engine.quality import MAX_NLL_RATIO, MIN_TOP1_AGREEMENT, quality_token_ids, teacher_forced
 from tests.conftest import TEST_DEVICE, make_tiny_model
-
-SYSTEM = "You are a careful assistant. Answer briefly and precisely, in plain words. " * 3
-N = 8
-
-
-EQUIVALENCE_STATUSES = ["miss", "hit", "partial", "partial", "miss", "partial"]  # what equivalence_statuses walks through
-
-
-def equivalence_statuses(engine: Engine, bf16_ties: bool = False) -> list[str]:
-    """Miss, exact hit, partial hit, a conversation's next turn and strict-prefix hit each give the tokens of a run with no cache at all.
-
-    ``bf16_ties``: bf16 logits (8 bits of mantissa) of the real model often tie within a step of
-    rounding, and a different order of the same sums (one query vs a whole sequence in attention)
-    may then pick the other token. Allowed only there: where the tokens part, the no-cache run's top
-    two logits must be within two bf16 steps of each other.
-    """
-    def same(prompt: str, **kwargs):
-        expected = engine.generate(prompt, use_cache=False, use_prefix_cache=False, max_new_tokens=N, **kwargs).token_ids
-        result = engine.generate(prompt, max_new_tokens=N, **kwargs)
-        assert same_tokens(engine, result.prompt_token_ids, result.token_ids, expected) in ((True, "tie") if bf16_ties else (True,)), (result.cache_status, prompt)
-        return result
-
-    first_turn = "What is machine learning?"
-    long_text, short_text = "alpha beta gamma delta epsilon zeta eta theta iota kappa", "alpha beta gamma delta epsilon"
-    results = [same(first_turn, system_prompt=SYSTEM), same(first_turn, system_prompt=SYSTEM), same("Name three prime numbers.", system_prompt=SYSTEM)]
-    # The next turn: the cache holds turn one's prompt, and its answer only where the step computed
-    # the answer's KV as a prefill would (int4/int8 steps decode with other weights than the prefill).
-    history = [{"role": "user", "content": first_turn}, {"role": "assistant", "content": results[1].text}]
-    results.append(same("Give one example.", system_prompt=SYSTEM, history=history))
-    results += [same(long_text, raw=True), same(short_text, raw=True)]
-    return [result.cache_status for result in results]
-
-
-@pytest.mark.parametrize("fmt", ["bf16", "int8", "int4"])
-def test_cached_equals_uncached_within_each_format_tiny(tokenizer, fmt):
-    """Within one weight format, every prefix-cache path reproduces the uncached greedy tokens (tiny model)."""
-    model = quant.apply_format(make_tiny_model(tokenizer), fmt)
-    engine = Engine(model, tokenizer, EngineConfig(min_cached_tokens=4), name=f"tiny-{fmt}")
-    assert equivalence_statuses(engine) == EQUIVALENCE_STATUSES
-    assert engine.info()["weights"] == fmt
-    assert engine.dtype == (torch.bfloat16 if fmt == "bf16" else torch.float32)  # int8/int4 prefill in fp32: KV in fp32
-
+from tests.test_exact import walk_every_path
 
 @pytest.fixture(scope="module")
 def quality_reference(bundled_folder, tokenizer):
@@ -61,11 +20,11 @@ def quality_reference(bundled_folder, tokenizer):
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])  # fp32: tests/test_engine.py
 def test_bundled_model_equivalence_and_quality_per_format(quality_reference, fmt):
-    """The bundled model in each format: cached = uncached greedy (up to bf16 ties), and quality within the bar against fp32."""
+    """The bundled model in each format: every cache path gives the fresh run's bits, and quality within the bar against fp32."""
     ids, reference = quality_reference
     engine = Engine.from_pretrained(device=TEST_DEVICE, weights=fmt, cache_budget_mb=8, min_cached_tokens=4)
     assert engine.info()["weights"] == fmt
-    assert equivalence_statuses(engine, bf16_ties=True) == EQUIVALENCE_STATUSES
+    walk_every_path(engine, new=4)
     scores = teacher_forced(engine, ids).against(reference)
     assert scores["top1_agreement"] >= MIN_TOP1_AGREEMENT and scores["nll_ratio"] <= MAX_NLL_RATIO, scores
 

@@ -24,19 +24,24 @@ def assert_cache_consistent(engine: Engine) -> None:
 def test_model_failure_mid_generation(tiny_engine, monkeypatch, fail_at_call):
     """The model raises: the caller gets the error, the cache holds nothing half-written, the next request works."""
     expected = tiny_engine.generate(QUESTION, system_prompt=SYSTEM, max_new_tokens=6, use_prefix_cache=False).token_ids
-    real_forward, calls = tiny_engine._forward, []
+    import engine.engine as flow
 
-    def flaky_forward(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == fail_at_call:
-            raise RuntimeError("injected fault")
-        return real_forward(*args, **kwargs)
+    calls = []
 
-    monkeypatch.setattr(tiny_engine, "_forward", flaky_forward)
-    with pytest.raises(RuntimeError, match="injected fault"):
-        tiny_engine.generate(QUESTION, system_prompt=SYSTEM, max_new_tokens=6)
+    def flaky(real):
+        def call(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == fail_at_call:
+                raise RuntimeError("injected fault")
+            return real(*args, **kwargs)
+        return call
+
+    with monkeypatch.context() as patch:  # the model's two doors: the prefill, and the decode step
+        patch.setattr(flow, "prefill", flaky(flow.prefill))
+        patch.setattr(tiny_engine.decoder, "decode_one_token", flaky(tiny_engine.decoder.decode_one_token))
+        with pytest.raises(RuntimeError, match="injected fault"):
+            tiny_engine.generate(QUESTION, system_prompt=SYSTEM, max_new_tokens=6)
     assert_cache_consistent(tiny_engine)
-    monkeypatch.setattr(tiny_engine, "_forward", real_forward)
     again = tiny_engine.generate(QUESTION, system_prompt=SYSTEM, max_new_tokens=6)
     assert again.token_ids == expected
     # A prefill fault stored nothing; a decode fault had already stored the (complete) prompt.

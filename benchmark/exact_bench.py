@@ -1,0 +1,101 @@
+"""The cost of the exactness contract (engine/prefill.py), side by side in one run on the bundled model.
+
+    python -m benchmark.exact_bench            # ~3 min on 2 cores
+    python -m benchmark.exact_bench --quick
+
+Measured, alternating the variants in every round (medians):
+
+- **partial-hit TTFT** at 512 prompt tokens whose first ``--shared`` are cached: the engine as it runs
+  (reuse down to a chunk boundary, the rest in padded chunks of C) for C = 16, 32 and 64, against the
+  previous design (reuse every matched token, the suffix in one unpadded call), which was not exact;
+- **miss TTFT** at 512 tokens: the chunked prefill against one unpadded call;
+- **the reply's second prefill** (step 8, after the last token, off the user's wait): 64 generated tokens;
+- **decode tok/s** of the step the engine serves with (compiled when ``--compile auto``), at 512
+  tokens of context, and the same with the step's KV views made the way they were before (whole buffer):
+  not run here, see the table's note.
+
+Writes ``benchmark/results/exact_bench.{json,md}``; the machine line names the CPU and the load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from benchmark.common import machine_info, markdown_table, print_machine_info, summarize, write_results
+from engine import Engine
+from engine.prefill import prefill
+
+CHUNKS = (16, 32, 64)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompt-tokens", type=int, default=512)
+    parser.add_argument("--shared", type=int, default=500, help="cached tokens of the partial hit")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--compile", default="off", choices=["auto", "off"])
+    parser.add_argument("--quick", action="store_true", help="3 rounds")
+    args = parser.parse_args(argv)
+    rounds = 3 if args.quick else args.rounds
+
+    engine = Engine.from_pretrained(compile=args.compile)
+    engine.compiler.settled()
+    info = machine_info(engine.device, {"weights": engine.info()["weights_detail"], "decode_step": engine.compiler.describe()})
+    print_machine_info(info)
+    vocab = engine.pool.vocab_size
+    ids = [(i * 7919 + 13) % (vocab - 100) + 50 for i in range(args.prompt_tokens)]
+    times: dict[str, list[float]] = {}
+
+    def timed(name: str, fn) -> None:
+        t0 = time.perf_counter()
+        fn()
+        times.setdefault(name, []).append((time.perf_counter() - t0) * 1000)
+
+    _, full_cache = engine.prefill_sequence(ids)  # the cached prefix's rows
+    rows = {i: (layer.keys.clone(), layer.values.clone()) for i, layer in enumerate(full_cache.layers)}
+
+    def reused_cache(n: int):
+        cache = engine.new_cache(len(ids) + args.new_tokens)
+        for i, layer in enumerate(cache.layers):
+            if n:
+                layer.update(rows[i][0][:, :, :n], rows[i][1][:, :, :n])
+        return cache
+
+    @torch.inference_mode()
+    def unpadded(start: int) -> None:
+        cache = reused_cache(start)
+        engine.model(input_ids=torch.tensor([ids[start:]]), cache=cache, use_cache=True, logits_to_keep=1)
+
+    def chunked(start: int, chunk: int) -> None:
+        aligned = start // chunk * chunk
+        prefill(engine.model, ids[aligned:], reused_cache(aligned), chunk)
+
+    def reply_prefill(chunk: int) -> None:
+        cache = reused_cache(len(ids) // chunk * chunk)
+        prefill(engine.model, (ids + ids[: args.new_tokens])[len(ids) // chunk * chunk : len(ids) + args.new_tokens - 1], cache, chunk)
+
+    for _ in range(rounds):
+        timed("partial, previous (not exact)", lambda: unpadded(args.shared))
+        timed("miss, previous (not exact)", lambda: unpadded(0))
+        for chunk in CHUNKS:
+            timed(f"partial, C={chunk}", lambda: chunked(args.shared, chunk))
+            timed(f"miss, C={chunk}", lambda: chunked(0, chunk))
+            timed(f"reply prefill, C={chunk}", lambda: reply_prefill(chunk))
+
+    result = {name: summarize(values) for name, values in times.items()}
+    decode = [engine.generate("Tell me a long story about a lighthouse keeper.", max_new_tokens=args.new_tokens, use_prefix_cache=False).timings["decode_tokens_per_sec"] for _ in range(3)]
+    result["decode_tok_s"] = summarize(decode)
+    table = markdown_table(["what", "median ms", "min", "max"], [(k, f"{v['median']:.1f}", f"{v['min']:.1f}", f"{v['max']:.1f}") for k, v in result.items() if k != "decode_tok_s"])
+    machine = " | ".join(f"{k}={info[k]}" for k in ("cpu", "cpu_count", "torch_threads", "weights", "decode_step", "loadavg_start", "git_commit") if k in info)
+    text = (f"machine: {machine}\n\n{rounds} rounds, alternated; prompt {args.prompt_tokens} tokens, {args.shared} cached for the partial hit\n\n{table}\n\n"
+            f"Decode (served step, {args.new_tokens} tokens, no prefix cache): {result['decode_tok_s']['median']:.1f} tok/s, median of 3\n")
+    print(text)
+    write_results("exact_bench", {"machine": info, "results": result}, text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,200 @@
+"""The exactness contract (engine/prefill.py): every cache path gives the bits of a run that reuses nothing.
+
+``torch.equal`` on the first token's logits and equal token lists, never closeness and never a "tie"
+allowance: where two paths part, they computed different numbers. The tiny model covers every weight
+format and KV dtype in a scripted walk through the paths; the bundled model, in the app's default
+configuration (int4 decode step, compiled), gets a property test over prompts drawn from the
+scenarios' text and random words, with conversations, cut points, ``max_new_tokens`` and concurrency.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from engine import Engine, EngineConfig, quant
+from tests.conftest import TEST_DEVICE, make_tiny_model
+from ui.scenarios import SCENARIOS_PATH
+
+SYSTEM = "You are a careful assistant. Answer briefly and precisely, in plain words. " * 3
+RAW = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau upsilon phi chi psi omega"
+
+
+def same(result, reference, why: str = "") -> None:
+    """The contract, for one result: the first token's logits bit for bit, and every token."""
+    assert torch.equal(result.first_token_logits, reference.first_token_logits), (
+        f"{why}: first-token logits differ by {float((result.first_token_logits - reference.first_token_logits).abs().max()):.3g} ({result.cache_status})"
+    )
+    assert result.token_ids == reference.token_ids, f"{why}: tokens {result.token_ids} vs {reference.token_ids} ({result.cache_status})"
+
+
+def fresh(engine: Engine, prompt: str, **kwargs):
+    """The reference: the same request reusing nothing from the prefix cache."""
+    return engine.generate(prompt, use_prefix_cache=False, **kwargs)
+
+
+def walk_every_path(engine: Engine, new: int = 8) -> list[str]:
+    """Miss, exact hit, partial hits (other question, one-token suffix, strict prefix), turns 2-5, no KV cache,
+    another max_new_tokens and 8 at once, each against its fresh run. Returns the statuses seen."""
+    statuses = []
+
+    def check(prompt: str, why: str, **kwargs):
+        reference = fresh(engine, prompt, max_new_tokens=new, **kwargs)
+        result = engine.generate(prompt, max_new_tokens=new, **kwargs)
+        same(result, reference, why)
+        statuses.append(result.cache_status)
+        return result
+
+    check("What is machine learning?", "miss", system_prompt=SYSTEM)
+    first = check("What is machine learning?", "exact hit", system_prompt=SYSTEM)
+    check("Name three prime numbers.", "partial hit", system_prompt=SYSTEM)
+    check(RAW, "raw miss", raw=True)
+    check(RAW + " z", "one-token suffix", raw=True)
+    check(RAW[: len(RAW) // 2], "strict prefix of a cached prompt", raw=True)
+    history = [{"role": "user", "content": "What is machine learning?"}, {"role": "assistant", "content": first.text}]
+    for turn in range(2, 6):  # turns 2-5: each hits the previous turn's whole history, the reply prefilled again before it was stored
+        reply = check(f"Tell me more, part {turn}.", f"turn {turn}", system_prompt=SYSTEM, history=history)
+        history += [{"role": "user", "content": f"Tell me more, part {turn}."}, {"role": "assistant", "content": reply.text}]
+    no_kv = engine.generate("What is machine learning?", system_prompt=SYSTEM, max_new_tokens=new, use_cache=False, use_prefix_cache=False)
+    same(no_kv, first, "no KV cache at all")
+    shorter = engine.generate("What is machine learning?", system_prompt=SYSTEM, max_new_tokens=3)  # another buffer capacity
+    assert torch.equal(shorter.first_token_logits, first.first_token_logits) and shorter.token_ids == first.token_ids[:3]
+    prompts = [f"Question {i}: what is {i} plus {i}?" for i in range(8)]
+    alone = [fresh(engine, p, system_prompt=SYSTEM, max_new_tokens=new) for p in prompts]
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(lambda p: engine.generate(p, system_prompt=SYSTEM, max_new_tokens=new), prompts))
+    for i, (a, b) in enumerate(zip(together, alone)):
+        same(a, b, f"concurrent request {i}")
+    return statuses
+
+
+@pytest.mark.parametrize("kv_dtype", ["auto", "bf16"])
+@pytest.mark.parametrize("fmt", ["fp32", "bf16", "int8", "int4"])
+def test_every_cache_path_is_bit_identical_tiny(tokenizer, fmt, kv_dtype):
+    """The contract holds for every weight format and KV dtype: no path may part, not even at a near-tie."""
+    model = quant.apply_format(make_tiny_model(tokenizer), fmt) if fmt != "fp32" else make_tiny_model(tokenizer)
+    engine = Engine(model, tokenizer, EngineConfig(min_cached_tokens=4, chunk_tokens=8, kv_dtype=kv_dtype), name=f"tiny-{fmt}")
+    statuses = walk_every_path(engine)
+    assert statuses[:6] == ["miss", "hit", "partial", "miss", "partial", "partial"], statuses
+    assert statuses[6:10] == ["partial"] * 4, statuses  # turns 2-5 reuse the history
+
+
+@pytest.mark.parametrize("cached, prompt, align, kind, reused", [
+    (40, 40, 32, "hit", 40),  # an exact hit reuses everything
+    (40, 50, 32, "partial", 32),  # a partial hit stops at a chunk boundary
+    (31, 50, 32, "miss", 0),
+    (64, 60, 32, "partial", 32),  # a strict prefix of a cached sequence: its last chunk again, for the logits
+    (64, 65, 32, "partial", 64),
+    (40, 50, 1, "partial", 40),  # unaligned (a caller without chunks)
+])
+def test_reuse_stops_at_chunk_boundaries(cached, prompt, align, kind, reused):
+    """Only whole chunks are reused, so the suffix is computed in the same chunks as a miss computes it; the counters count what is reused."""
+    from cache import PrefixCache
+
+    cache = PrefixCache.simulated(1024, min_tokens=4)
+    cache.insert(list(range(cached)), cache.pool.source(list(range(cached)), logits="logits"))
+    match = cache.match_prefix(list(range(cached))[:prompt] + list(range(1000, 1000 + max(prompt - cached, 0))), align=align)
+    cache.release(match)
+    assert (match.kind, match.length) == (kind, reused)
+    assert cache.stats()["tokens_saved"] == reused
+
+
+# ====================================================================== the bundled model, default configuration
+
+
+@pytest.fixture(scope="module")
+def default_engine():
+    """SmolLM2 as the app serves it: weights=auto (int4 decode step on a CPU), compile on, started in the background."""
+    engine = Engine.from_pretrained(device=TEST_DEVICE, compile="auto", cache_budget_mb=256)
+    yield engine
+
+
+def _scenario_text() -> list[str]:
+    pieces = []
+    for scenario in json.loads(SCENARIOS_PATH.read_text())["scenarios"]:
+        pieces.append(scenario.get("system_prompt") or "")
+        pieces += [(scenario.get("prompt_prefix") or "") + p for p in scenario.get("prompts", [])]
+    return [p for p in pieces if p.strip()]
+
+
+TEXTS = _scenario_text()
+WORDS = sorted({w for text in TEXTS for w in text.split()})[:400] + ["zebra", "quantum", "kettle", "42", "ñandú", "東京"]
+
+
+def test_requests_during_the_compile_wait_for_it_and_match_those_after(default_engine):
+    """Before and after the compiled step is ready: requests wait for it, so one step computes every answer of the process's life."""
+    engine = default_engine
+    prompts = [f"{TEXTS[i % len(TEXTS)][:200]} Question {i}?" for i in range(4)]
+    during: list = [None] * len(prompts)
+    compiling = engine.compiler.state == "compiling"
+
+    def ask(i: int) -> None:
+        during[i] = engine.generate(prompts[i], max_new_tokens=6)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=900)
+    assert engine.compiler.wait(0) and engine.compiler.state == "compiled", engine.compiler.status()
+    if compiling:
+        assert any(r.timings["compile_wait_ms"] > 0 for r in during), "requests sent while compiling should have waited for it"
+    for i, prompt in enumerate(prompts):
+        same(during[i], fresh(engine, prompt, max_new_tokens=6), f"request {i} sent while compiling")
+
+
+@st.composite
+def requests(draw):
+    """A request drawn from the scenarios' text and random words: raw text cut anywhere, a chat turn, a conversation's next turn, no KV cache.
+
+    The engine and its prefix cache live across examples, so later ones hit, partially hit or
+    strictly prefix what earlier ones stored.
+    """
+    kind = draw(st.sampled_from(["raw", "raw", "chat", "chat", "conversation", "no_kv"]))
+    system = draw(st.one_of(st.none(), st.sampled_from(TEXTS), st.lists(st.sampled_from(WORDS), min_size=5, max_size=60).map(" ".join)))
+    question = draw(st.one_of(st.sampled_from(TEXTS), st.lists(st.sampled_from(WORDS), min_size=1, max_size=25).map(" ".join)))
+    raw_text = draw(st.sampled_from(TEXTS))
+    cut = draw(st.integers(1, len(raw_text)))
+    raw = raw_text[:cut] if raw_text[:cut].strip() else raw_text
+    return {"kind": kind, "system": system, "question": question, "raw": raw, "new": draw(st.integers(1, 6))}
+
+
+@settings(max_examples=int(os.environ.get("KVCI_EXACT_EXAMPLES", "200")), deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture, HealthCheck.data_too_large])
+@given(case=requests())
+def test_every_cache_path_is_bit_identical_on_the_bundled_model(default_engine, case):
+    """Property: whatever the prompt, the cut and the history, a cached run is the fresh run, bit for bit (int4 step, compiled)."""
+    engine, new, kind = default_engine, case["new"], case["kind"]
+    engine.compiler.settled()
+    if kind in ("raw", "no_kv"):  # a hit, a partial hit, a strict prefix or a miss of text cut anywhere
+        reference = fresh(engine, case["raw"], raw=True, max_new_tokens=new)
+        result = engine.generate(case["raw"], raw=True, max_new_tokens=new, **({"use_cache": False, "use_prefix_cache": False} if kind == "no_kv" else {}))
+        same(result, reference, kind)
+        return
+    history: list[dict[str, str]] = []
+    for turn in range(2 if kind == "conversation" else 1):  # turn 2 hits turn 1's history, its reply prefilled again before it was stored
+        question = case["question"] if turn == 0 else "And then?"
+        result = engine.generate(question, system_prompt=case["system"], history=history, max_new_tokens=new)
+        same(result, fresh(engine, question, system_prompt=case["system"], history=history, max_new_tokens=new), f"{kind} turn {turn + 1}")
+        history += [{"role": "user", "content": question}, {"role": "assistant", "content": result.text}]
+
+
+def test_eight_concurrent_requests_equal_each_alone_on_the_bundled_model(default_engine):
+    """The same request alone and among 8 concurrent ones (the compiled step is shared behind its lock)."""
+    engine = default_engine
+    engine.compiler.settled()
+    prompts = [TEXTS[i % len(TEXTS)] + f" ({i})" for i in range(8)]
+    alone = [fresh(engine, p, max_new_tokens=8) for p in prompts]
+    for p in prompts:  # warm the cache so the concurrent ones hit
+        engine.generate(p, max_new_tokens=2)
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(lambda p: engine.generate(p, max_new_tokens=8), prompts))
+    for i, (a, b) in enumerate(zip(together, alone)):
+        same(a, b, f"concurrent request {i}")

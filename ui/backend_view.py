@@ -51,9 +51,10 @@ def remote_stats_markdown(stats: dict[str, Any]) -> str:
 
 
 def toggle_updates(info: BackendInfo) -> tuple[Any, Any]:
-    """The KV cache and prefix cache checkboxes: disabled, with the reason, where the backend cannot turn them off."""
+    """The KV cache and prefix cache checkboxes for the page's status poll: disabled, with the reason, where the
+    backend cannot turn them off; otherwise left as the visitor set them (the poll runs while they may be clicking)."""
     updates = []
     for name in ("kv_cache_off", "prefix_cache_off"):
         reason = info.reason_unavailable(name)
-        updates.append(gr.Checkbox(value=True, interactive=False, info=reason) if reason else gr.Checkbox(interactive=True))
+        updates.append(gr.Checkbox(value=True, interactive=False, info=reason) if reason else gr.skip())
     return tuple(updates)

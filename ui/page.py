@@ -95,7 +95,7 @@ def wire_header(ctx: PageContext, demo: gr.Blocks, header: Header, play: playgro
             backend_view.timing_note(info),
             gr.Markdown(f"⏳ {reason}" if reason else "", visible=bool(reason)),
             *[gr.Button(interactive=not reason) for _ in run_buttons],
-            *playground.toggle_updates(service, info),
+            *backend_view.toggle_updates(info),
         )
 
     outputs = [header.status, header.timer, header.backend_note, play.timing_note, play.run_reason, *run_buttons, *play.toggles]

@@ -22,7 +22,6 @@ from ui.limits import MAX_NEW_TOKENS, PAGE_MAX_NEW_TOKENS, PAGE_NO_REPEAT_NGRAM_
 from ui.page_context import PRIVATE, QUICK, PageContext, ui_errors
 from ui.scenarios import load_examples
 from ui.schemas import parse_body
-from ui.service import EngineService
 
 PREFIX_INFO = "reuse KV across requests"
 PREFIX_NEEDS_KV = "off: with no KV cache there is nothing to reuse"
@@ -88,16 +87,6 @@ def build_playground(ctx: PageContext) -> Playground:
     reset_button.click(_reset_charts(ctx), inputs=history, outputs=[latency_plot, hits_plot, figures, tokens, explanation, verdict, history], **QUICK)
     inputs.use_cache.change(lambda kv: prefix_update(ctx.service.backend_info(), kv), inputs=inputs.use_cache, outputs=inputs.use_prefix_cache, **QUICK)
     return Playground(history, system_prompt, pin_button, unpin_button, [generate_button, verify_button, pin_button, unpin_button], run_reason, [inputs.use_cache, inputs.use_prefix_cache], timing_note, events)
-
-
-def toggle_updates(service: EngineService, info: BackendInfo) -> tuple[Any, Any]:
-    """The KV and prefix checkboxes for the header's poll: disabled with the reason where the backend
-    cannot turn them off, else left as the visitor set them."""
-    updates = []
-    for name in ("kv_cache_off", "prefix_cache_off"):
-        reason = info.reason_unavailable(name)
-        updates.append(gr.Checkbox(value=True, interactive=False, info=reason) if reason else gr.skip())
-    return tuple(updates)
 
 
 def prefix_update(info: BackendInfo, use_cache: Any) -> Any:

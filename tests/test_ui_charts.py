@@ -174,6 +174,8 @@ def test_plan_figure_fits_its_units_and_marks_the_knee():
     assert fig.layout.xaxis.title.text == "memory budget (MiB, log scale)" and list(fig.data[0].x) == [1, 4, 16]
     assert fig.data[1].marker.symbol == "star" and list(fig.data[1].x) == [4]
     assert any(a.text == "lru knee: 4MiB" for a in fig.layout.annotations)
+    both = charts.plan_figure(rows + [_plan_row("lfu", 4, 0.6, knee=True)], "plan")
+    assert [a.text for a in both.layout.annotations if "knee" in a.text] == ["lru, lfu knee: 4MiB"]  # one label where two knees meet
     assert charts.plan_table(rows)[0][7] == "3 MiB" and charts.plan_table(rows)[1][-1] == "knee"
     assert charts.plan_figure([_plan_row("lru", 2048, 0.5)], "plan").layout.xaxis.title.text.startswith("memory budget (GiB")
     assert any("Replay" in a.text for a in charts.plan_figure([], "").layout.annotations)  # before a first plan: a hint

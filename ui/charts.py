@@ -406,8 +406,9 @@ def tree_figure(rows: Sequence[dict[str, Any]], colour: str = "hits", now: float
     ages = [max(now - r["last_used"], 0.0) if r["last_used"] else None for r in rows]
     oldest = max((a for a in ages if a is not None), default=0.0)
     points = _tree_points(rows, ages, colour, oldest)
-    scale = dict(colorscale="Blues", cmin=0, colorbar=dict(title="hits")) if colour == "hits" else dict(
-        colorscale="Blues", reversescale=True, cmin=0, cmax=max(oldest, 1.0), colorbar=dict(title="seconds since<br>last use")
+    most_hits = max((r["hits"] for r in rows), default=0)
+    scale = dict(colorscale="Blues", cmin=0, cmax=max(most_hits, 1), colorbar=dict(title="hits", thickness=14)) if colour == "hits" else dict(
+        colorscale="Blues", reversescale=True, cmin=0, cmax=max(oldest, 1.0), colorbar=dict(title="seconds since<br>last use", thickness=14)
     )
     fig = go.Figure(
         go.Icicle(
@@ -438,17 +439,26 @@ def plan_figure(rows: Sequence[ReplayRow], title: str) -> go.Figure:
             hovertemplate="%{customdata[0]}: %{y:.1f}% of prompt tokens reused, %{customdata[1]:.1f}% of requests hit, "
             "%{customdata[2]:,} evictions, peak %{customdata[3]}<extra>" + policy + "</extra>",
         )
-        knee = next((r for r in mine if r.knee), None)
-        if knee is not None:
-            fig.add_scatter(x=[knee.budget_bytes / scale], y=[100 * knee.token_hit_rate], mode="markers", marker=dict(symbol="star", size=16, color="#111827"),
-                            name=f"{policy} knee", hovertemplate=f"{policy}: knee at {knee.budget}<extra></extra>", showlegend=False)
-            fig.add_annotation(x=math.log10(knee.budget_bytes / scale), y=100 * knee.token_hit_rate, text=f"{policy} knee: {knee.budget}", showarrow=True, arrowhead=2, ax=30, ay=30)
+    _mark_knees(fig, rows, scale)
     unbounded = next((r for r in rows if r.budget_bytes is None), None)
     if unbounded is not None:
         fig.add_hline(y=100 * unbounded.token_hit_rate, line_dash="dash", annotation_text=f"unbounded (peak {format_bytes(unbounded.peak_bytes)})")
     fig.update_layout(title=title, xaxis_title=f"memory budget ({unit}, log scale)", yaxis_title="prompt tokens reused (%)", xaxis_type="log",
                       yaxis_range=[0, 105], legend_title="policy", **{**_LAYOUT, "height": 380})
     return _placeholder(fig, rows, "No plan yet: pick a sample trace or upload one, then press Replay")
+
+
+def _mark_knees(fig: go.Figure, rows: Sequence[ReplayRow], scale: int) -> None:
+    """Star each policy's knee; policies whose knees fall on one point share one label ("lru, lfu knee: 3 MiB")."""
+    points: dict[tuple[int, float], list[ReplayRow]] = {}
+    for r in rows:
+        if r.knee and r.budget_bytes is not None:
+            points.setdefault((r.budget_bytes, r.token_hit_rate), []).append(r)
+    for (size, rate), knees in points.items():
+        names = ", ".join(k.policy for k in knees)
+        fig.add_scatter(x=[size / scale], y=[100 * rate], mode="markers", marker=dict(symbol="star", size=16, color="#111827"),
+                        name=f"{names} knee", hovertemplate=f"{names}: knee at {knees[0].budget}<extra></extra>", showlegend=False)
+        fig.add_annotation(x=math.log10(size / scale), y=100 * rate, text=f"{names} knee: {knees[0].budget}", showarrow=True, arrowhead=2, ax=30, ay=30)
 
 
 def plan_table(rows: Sequence[ReplayRow]) -> list[list[Any]]:

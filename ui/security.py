@@ -729,6 +729,10 @@ class LineCappedStream(io.TextIOBase):
         self.stream.write("".join(out))
         return len(text)
 
+    @property
+    def encoding(self) -> str:  # type: ignore[override]  # what progress bars and loggers ask of stderr
+        return getattr(self.stream, "encoding", None) or "utf-8"
+
     def flush(self) -> None:
         self.stream.flush()
 

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from cache.replay import ReplayRow
+from cache.budget_plan import ReplayRow
 from ui import charts
 from ui.scenarios import load_examples, load_scenarios, run_scenario
 from ui.service import EngineService

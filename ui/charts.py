@@ -19,7 +19,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from cache.replay import ReplayRow, format_bytes
+from cache.budget_plan import ReplayRow, format_bytes
 from engine import GenerationResult
 from ui.limits import MAX_CHART_RECORDS
 

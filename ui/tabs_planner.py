@@ -17,7 +17,9 @@ from typing import Any, Callable
 
 import gradio as gr
 
-from cache.replay import DEFAULT_BLOCK_SIZE, DEFAULT_MODEL_CONFIG, KV_DTYPE_BYTES, model_config_names, rows_csv
+from cache.budget_plan import DEFAULT_MODEL_CONFIG, KV_DTYPE_BYTES, model_config_names
+from cache.replay import rows_csv
+from cache.traces import DEFAULT_BLOCK_SIZE
 from ui import charts
 from ui.limits import PLAN_MAX_REQUESTS, PLAN_MAX_TRACE_BYTES, PLAN_TIME_LIMIT_S
 from ui.page_context import PageContext

@@ -366,7 +366,7 @@ class Engine:
         """After the reply: why the prefix cache reused what it did (``engine/explain.py``)."""
         request = run.request
         messages = None if request.raw or not self.chat.has_template else _messages(request)
-        return explain(run.match, run.prompt_ids, messages, self.chat, self.decode, self.cache.min_tokens)
+        return explain(run.match, run.prompt_ids, messages, self.chat, self.decode, self.cache.min_tokens, self.chunk_tokens)
 
     def _new_text(self, ids: list[int], prefix_offset: int, read_offset: int) -> str:
         """Text of ``ids[read_offset:]``, decoded with ``ids[prefix_offset:read_offset]`` before it as context."""

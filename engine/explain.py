@@ -27,9 +27,9 @@ HINTS = {
     "template": "the chat template differs here (another template, or another order of turns): only requests with the same template share a prefix",
     "system": "the system prompt differs from the cached one: keep it byte-identical across requests (no dates, ids or per-user text in it) to reuse it",
     "history": "an earlier turn differs: resend the history exactly as it was, the assistant's replies included, to reuse it",
-    "user": "everything before your message was reused: only your message is new, as expected",
+    "user": "everything before your message matched: only your message is new, as expected",
     "prompt": "the text differs here (raw prompt, no chat template)",
-    "end": "the prompt ends inside a cached sequence: all but its last token was reused",
+    "end": "the prompt ends inside a cached sequence: every whole chunk before its last token was reused",
 }
 
 
@@ -40,6 +40,7 @@ def explain(
     chat: ChatTokenizer,
     decode: Callable[[Sequence[int]], str],
     min_tokens: int,
+    chunk: int | None = None,
 ) -> dict[str, Any]:
     """The ``cache_explanation`` of a request.
 
@@ -50,6 +51,7 @@ def explain(
         chat: The tokenizer with the chat template, to place the divergence in a message.
         decode: Token ids to text.
         min_tokens: The cache's ``min_tokens``.
+        chunk: The prefill's chunk (engine/prefill.py): reuse stops at a whole chunk, said when it cut the match short.
     """
     n = len(prompt_ids)
     base = {"prompt_tokens": n, "reused_tokens": match.length if match is not None else 0, "min_tokens": min_tokens}
@@ -94,6 +96,11 @@ def explain(
     )
     place = {"end": "at its end", "template": "in the chat template", "system": "in the system prompt", "user": "in your message", "prompt": "in the text"}.get(where, f"in {where}")
     out["message"] = f"The prompt leaves the nearest cached sequence at token {matched} of {n}, {place}."
+    if chunk and 0 < match.length < min(matched, n - 1):
+        out["message"] += (
+            f" {match.length} of the {matched} matching tokens were reused: reuse stops at a whole {chunk}-token chunk, and the rest"
+            " of that chunk is computed again, so the answer is bit for bit the one a miss gives."
+        )
     if evicted is not None:
         out["message"] = (
             f"A {evicted.length}-token prefix of this prompt was cached and evicted ({evicted.cause}); "

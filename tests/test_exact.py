@@ -86,6 +86,21 @@ def test_every_cache_path_is_bit_identical_tiny(tokenizer, fmt, kv_dtype):
     assert statuses[6:10] == ["partial"] * 4, statuses  # turns 2-5 reuse the history
 
 
+@pytest.mark.parametrize("kv_dtype", ["auto", "bf16"])
+def test_warmed_and_pinned_prefixes_give_the_fresh_bits(tokenizer, kv_dtype):
+    """A system prompt warmed and pinned (engine/warm.py) is stored by the same prefill: requests over it are the fresh runs' bits."""
+    from cache import DEFAULT_NAMESPACE
+    from engine.warm import warm
+
+    engine = Engine(make_tiny_model(tokenizer), tokenizer, EngineConfig(min_cached_tokens=4, chunk_tokens=8, kv_dtype=kv_dtype), name="tiny")
+    stored = warm(engine, [{"role": "system", "content": SYSTEM}], DEFAULT_NAMESPACE, pin=True)
+    assert stored["pinned"] and stored["prefilled"] == stored["tokens"]
+    for question in ("What is machine learning?", "Name three prime numbers."):
+        result = engine.generate(question, system_prompt=SYSTEM, max_new_tokens=8)
+        assert result.cache_status == "partial"
+        same(result, fresh(engine, question, system_prompt=SYSTEM, max_new_tokens=8), f"after a warm and a pin: {question}")
+
+
 @pytest.mark.parametrize("cached, prompt, align, kind, reused", [
     (40, 40, 32, "hit", 40),  # an exact hit reuses everything
     (40, 50, 32, "partial", 32),  # a partial hit stops at a chunk boundary
@@ -128,6 +143,7 @@ TEXTS = _scenario_text()
 WORDS = sorted({w for text in TEXTS for w in text.split()})[:400] + ["zebra", "quantum", "kettle", "42", "ñandú", "東京"]
 
 
+@pytest.mark.timeout(1800)  # a cold compile on a loaded 2-core host
 def test_requests_during_the_compile_wait_for_it_and_match_those_after(default_engine):
     """Before and after the compiled step is ready: requests wait for it, so one step computes every answer of the process's life."""
     engine = default_engine
@@ -166,6 +182,7 @@ def requests(draw):
     return {"kind": kind, "system": system, "question": question, "raw": raw, "new": draw(st.integers(1, 6))}
 
 
+@pytest.mark.timeout(2400)  # 200 examples: ~4 min on a quiet 2-core host, far more on a loaded one
 @settings(max_examples=int(os.environ.get("KVCI_EXACT_EXAMPLES", "200")), deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture, HealthCheck.data_too_large])
 @given(case=requests())

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from cache import DEFAULT_NAMESPACE, PrefixCache
 from cache import snapshot as disk
@@ -264,16 +265,21 @@ def fill(engine, n=3):
     return [engine.generate(p, system_prompt="Answer in one word.", max_new_tokens=4).text for p in prompts], prompts
 
 
-def test_engine_restart_gives_a_hit_with_the_same_text(tiny_model, tokenizer, tmp_path):
-    """Save from one engine, restore into a fresh one over the same model: a repeat is an exact hit, 0 prefill tokens, same text."""
-    first = Engine(tiny_model, tokenizer, EngineConfig(min_cached_tokens=4), name="tiny")
+@pytest.mark.parametrize("kv_dtype", ["auto", "bf16"])
+def test_engine_restart_gives_a_hit_with_the_same_bits(tiny_model, tokenizer, tmp_path, kv_dtype):
+    """Save from one engine, restore into a fresh one over the same model, for every KV dtype (bf16 restores used to be
+    refused): the check finds the same bits, and a repeat is an exact hit, 0 prefill tokens, the fresh run's logits and tokens."""
+    config = EngineConfig(min_cached_tokens=4, kv_dtype=kv_dtype)
+    first = Engine(tiny_model, tokenizer, config, name="tiny")
     texts, prompts = fill(first)
     Snapshots(first, tmp_path, keep=lambda ns: True).save()
-    second = Engine(tiny_model, tokenizer, EngineConfig(min_cached_tokens=4), name="tiny")
+    second = Engine(tiny_model, tokenizer, config, name="tiny")
     outcome = Snapshots(second, tmp_path, keep=lambda ns: True).restore()
     assert outcome["refused"] is None and outcome["entries"] > 0 and outcome["check_max_diff"] == 0
     result = second.generate(prompts[0], system_prompt="Answer in one word.", max_new_tokens=4)
+    fresh = second.generate(prompts[0], system_prompt="Answer in one word.", max_new_tokens=4, use_prefix_cache=False)
     assert result.cache_status == "hit" and result.timings["prefill_tokens"] == 0 and result.text == texts[0]
+    assert torch.equal(result.first_token_logits, fresh.first_token_logits) and result.token_ids == fresh.token_ids
 
 
 def test_another_model_is_refused_and_starts_cold(tiny_model, tokenizer, tmp_path):

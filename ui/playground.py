@@ -60,7 +60,7 @@ def build_playground(ctx: PageContext) -> Playground:
             prompt = RawTextbox(label="Prompt", lines=2, placeholder="Ask something…", elem_id="kv-prompt")
             with gr.Row():
                 generate_button = gr.Button("Generate", variant="primary", elem_id="kv-generate", interactive=False)
-                verify_button = gr.Button("Verify: rerun with no cache and compare", elem_id="kv-verify", interactive=False)
+                verify_button = gr.Button("Verify: rerun reusing nothing and compare bit for bit", elem_id="kv-verify", interactive=False)
             run_reason = gr.Markdown("⏳ Loading the model: Generate turns on when it is ready.", elem_id="kv-run-reason")
         with gr.Column(scale=4, min_width=300):
             output = gr.Textbox(label="Output", lines=5, interactive=False, elem_id="kv-output")

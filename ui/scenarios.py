@@ -80,7 +80,7 @@ async def run_scenario(service: EngineService, scenario: Scenario, session: Sess
     Args:
         session: Whose run it is; it uses a cold scratch namespace under the session's own.
         max_new_tokens: Overrides the scenario's own setting.
-        verify: Verify every request (each also runs with no cache at all: ``result.verification``).
+        verify: Verify every request (each also runs reusing nothing from the prefix cache, compared bit for bit: ``result.verification``).
     """
     scratch = service.scratch_namespace(service.namespace_for(session))
     ended = threading.Event()  # set once the request in flight has ended (its inserts done or abandoned)

@@ -37,7 +37,7 @@ class GenerateBody(BaseModel):
     no_repeat_ngram_size: int = Field(0, ge=0, le=NO_REPEAT_NGRAM_MAX, description="0 is off; n never generates the same n tokens twice")
     frequency_penalty: float = Field(0.0, ge=OPENAI_PENALTY_MIN, le=OPENAI_PENALTY_MAX, allow_inf_nan=False, description="OpenAI's: minus this per time a token was generated")
     presence_penalty: float = Field(0.0, ge=OPENAI_PENALTY_MIN, le=OPENAI_PENALTY_MAX, allow_inf_nan=False, description="OpenAI's: minus this for any token generated")
-    verify: bool = Field(False, description="also run with no cache at all and compare tokens and first-token logits (counts as two requests)")
+    verify: bool = Field(False, description="also run reusing nothing from the prefix cache and compare tokens and first-token logits bit for bit (counts as two requests)")
 
     @field_validator("prompt")
     @classmethod

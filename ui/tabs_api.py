@@ -118,7 +118,7 @@ def _generate_endpoint(ctx: PageContext):
             temperature: 0 is greedy.
             top_p: nucleus sampling threshold (1 is off).
             seed: the sampling seed, for a reproducible sampled reply.
-            verify: also run with no cache at all and compare token for token.
+            verify: also run reusing nothing from the prefix cache and compare tokens and first-token logits bit for bit.
             repetition_penalty: 1 is off; above 1 discounts tokens the reply already used.
             no_repeat_ngram_size: 0 is off; n: never the same n tokens twice.
             frequency_penalty: OpenAI-style, subtracted per earlier use of a token.

@@ -32,7 +32,7 @@ def build_scenarios_tab(ctx: PageContext) -> gr.Button:
         with gr.Row():
             name = gr.Dropdown(list(scenarios), value=first.name, label="Scenario", scale=3, elem_id="kv-scenario")
             run_button = gr.Button("Run off vs on", variant="primary", scale=1, elem_id="kv-scenario-run", interactive=False)
-            verify = gr.Checkbox(False, label="Verify every request", info="each also runs with no cache and is compared", scale=1)
+            verify = gr.Checkbox(False, label="Verify every request", info="each also runs reusing nothing and is compared bit for bit", scale=1)
         about = gr.Markdown(first.description)
         progress = gr.Markdown(elem_id="kv-scenario-progress")
         plot = gr.Plot(charts.scenario_figure([], [], "Prefix cache off vs on"), show_label=False, elem_id="kv-scenario-plot")
@@ -62,7 +62,7 @@ def _runner(ctx: PageContext, scenarios: dict[str, Scenario]):
                 checks += [step.result.verification["identical"]] if step.result.verification else []
                 done = len(off) + len(on)
                 head = f"Ran {done} of {total} requests." if done == total else f"Running: {done} of {total} requests done (prefix cache {step.phase}, question {step.index + 1})…"
-                verified = f"\n\nVerified against no cache: **{sum(checks)} of {len(checks)} identical**." if checks else ""
+                verified = f"\n\nVerified against a run reusing nothing: **{sum(checks)} of {len(checks)} identical**." if checks else ""
                 yield f"{head}\n\n{charts.scenario_summary(off, on)}{verified}", charts.scenario_figure(off, on, f"{name}: TTFT, prefix cache off vs on")
 
     return on_run

@@ -446,7 +446,7 @@ class Engine:
         run.generated.append(token)
         return token
 
-    def _insert_prompt(self, run: "_Run", model_cache: Any, logits: torch.Tensor) -> None:
+    def _insert_prompt(self, run: "_Run", model_cache: Any, logits: torch.Tensor | None) -> None:
         """6. The prompt's KV and the logits after it into the prefix cache (after the first token: not the user's wait),
         so concurrent and later requests hit while this one decodes. An exact hit has nothing new to store."""
         if run.match is not None and run.cache_status != "hit":
@@ -513,18 +513,23 @@ class Engine:
         model_cache = self.new_cache(len(token_ids))
         return prefill(self.model, list(token_ids), model_cache, self.chunk_tokens), model_cache
 
-    def store(self, token_ids: Sequence[int], namespace: str) -> dict[str, int]:
+    def store(self, token_ids: Sequence[int], namespace: str, with_logits: bool = True) -> dict[str, int]:
         """Prefill ``token_ids`` into the prefix cache without generating (warming), reusing what is cached.
+
+        Args:
+            with_logits: Store the logits after them too, for a request that is exactly these tokens (an
+                exact hit). A system prompt's shared prefix is never a whole prompt: without them it
+                costs its KV alone (a vocabulary of float32 logits is ~200 KB).
 
         Returns ``reused`` (tokens already cached) and ``prefilled`` (computed now).
         """
         run = _Run(GenerationRequest(prompt="(stored)", max_new_tokens=1, cache_key=namespace), self.device)
         run.prompt_ids = list(token_ids)
         logits, model_cache = self._prefill_prompt(run)
-        self._insert_prompt(run, model_cache, logits)
+        self._insert_prompt(run, model_cache, logits if with_logits else None)
         return {"reused": run.reused_tokens, "prefilled": run.prefill_tokens}
 
-    def _insert(self, run: "_Run", model_cache: Any, num_tokens: int, logits: torch.Tensor) -> None:
+    def _insert(self, run: "_Run", model_cache: Any, num_tokens: int, logits: torch.Tensor | None) -> None:
         """The first ``num_tokens`` tokens' KV and the logits after them into the prefix cache.
 
         The cache copies them straight from the live model cache into its pool (outside its lock),

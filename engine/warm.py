@@ -42,7 +42,8 @@ def warm(engine: Any, messages: Sequence[dict[str, str]], namespace: str, pin: b
     if len(tokens) < engine.cache.min_tokens:
         raise ValueError(f"this warms {len(tokens)} tokens, fewer than the {engine.cache.min_tokens} the prefix cache keeps; send a longer prompt")
     engine.check_prompt_tokens(len(tokens), 1)
-    stored = engine.store(tokens, namespace)  # reuses what is cached, prefills the rest, stores the whole with the logits after it
+    exact = bool(messages) and messages[-1]["role"] == "user"  # a whole prompt: keep the logits after it, for its exact hit
+    stored = engine.store(tokens, namespace, with_logits=exact)  # reuses what is cached, prefills the rest, stores the whole
     result = {"tokens": len(tokens), "reused": stored["reused"], "prefilled": stored["prefilled"], "pinned": False}
     if pin:
         result.update(engine.cache.pin(tokens, namespace, ttl_s), pinned=True)  # ValueError when not stored (over budget) or over the pin budget

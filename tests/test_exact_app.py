@@ -21,7 +21,7 @@ def test_verify_says_identical_for_50_prompts_while_compiling_and_after(tmp_path
         with httpx.Client(base_url=server.url, timeout=900) as client:
             states, statuses = [client.get("/health").json()["decode"]["state"]], set()
             for i in range(50):
-                body = {"prompt": f"Question {i % 17}: how tall is lighthouse number {i % 5}?", "system_prompt": SYSTEM, "max_new_tokens": 4, "verify": True}
+                body = {"prompt": f"Question {i % 10}: how tall is lighthouse number {i % 10}?", "system_prompt": SYSTEM, "max_new_tokens": 4, "verify": True}
                 response = client.post("/generate", json=body)
                 assert response.status_code == 200, response.text
                 result = response.json()

@@ -133,7 +133,7 @@ def looping_model(tokenizer):
 
 @pytest.fixture
 def looping_engine(looping_model, tokenizer):
-    return Engine(looping_model, tokenizer, EngineConfig(min_cached_tokens=4), name="tiny-looping-llama")
+    return Engine(looping_model, tokenizer, EngineConfig(min_cached_tokens=4, chunk_tokens=4), name="tiny-looping-llama")
 
 
 @pytest.mark.parametrize("control", CONTROL, ids=str)

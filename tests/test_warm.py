@@ -10,11 +10,11 @@ SYSTEM = "You are a careful assistant for a small bakery. Answer in one short se
 
 
 def test_warm_system_prompt_then_request_is_a_partial_hit(tiny_engine):
-    """A warmed system prompt is reused by any request that starts with it (a partial hit over all its tokens)."""
+    """A warmed system prompt is reused by any request that starts with it (a partial hit over its whole chunks: engine/prefill.py)."""
     done = warm(tiny_engine, [{"role": "system", "content": SYSTEM}], "", pin=True)
     assert done["prefilled"] == done["tokens"] > 10 and done["pinned"]
     result = tiny_engine.generate("Do you sell rye bread?", system_prompt=SYSTEM, max_new_tokens=2)
-    assert result.cache_status == "partial" and result.cache_explanation["reused_tokens"] == done["tokens"]
+    assert result.cache_status == "partial" and result.cache_explanation["reused_tokens"] == done["tokens"] // tiny_engine.chunk_tokens * tiny_engine.chunk_tokens
 
 
 def test_warm_messages_ending_with_the_user_is_an_exact_hit(tiny_engine):

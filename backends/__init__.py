@@ -6,8 +6,8 @@ it also reports cache stats, clears, and says what it can and cannot do (:class:
 It is picked once at start-up by :func:`make_backend`; nothing downstream asks which one it is.
 
 What a backend leaves to others: sessions, admission, fairness and cancellation are
-``ui.service``'s (the same for every backend); which namespace a session uses is decided there
-too. A backend never sees a client's URL or headers: a remote URL comes only from the operator.
+``ui.admission``'s (the same for every backend); which namespace a session uses is
+``ui.isolation``'s. A backend never sees a client's URL or headers: a remote URL comes only from the operator.
 
     local   ``backends.local.LocalBackend``: the engine in this process (server-side timings)
     remote  ``backends.remote.RemoteBackend``: vLLM, SGLang, llama-server, this project's /v1, any

@@ -1,4 +1,4 @@
-"""ui/service.py on the tiny engine: namespaces, what a session may see and clear, errors through the pool."""
+"""ui/service.py and its parts (ui/admission.py, ui/isolation.py) on the tiny engine: namespaces, what a session may see and clear, errors through the pool."""
 
 from __future__ import annotations
 
@@ -133,7 +133,7 @@ def test_a_model_that_cannot_load_is_reported_not_fatal():
 
 def test_waiting_jobs_are_served_round_robin_across_clients():
     """One client's burst does not delay another client's next job behind the whole burst."""
-    from ui.service import FairQueue, Job
+    from ui.admission import FairQueue, Job
 
     queue = FairQueue()
     jobs = [Job(who(client), "ns", {}, on_cancel=lambda job: None, on_end=lambda job: None) for client in ("a", "a", "a", "b", "c")]

@@ -11,7 +11,7 @@ A session is never what the client merely claims. Three ways to have one:
   with anyone (in per-session mode its namespace is dropped after the call).
 
 Gradio's ``session_hash`` is never an identity: any caller can send anyone's. This module knows
-nothing about namespaces or the cache; ``ui.service`` maps a session to its namespace.
+nothing about namespaces or the cache; ``ui.isolation`` maps a session to its namespace.
 """
 
 from __future__ import annotations

@@ -384,11 +384,10 @@ def test_a_closed_gradio_client_stream_cancels_its_generation(app_server_per_ses
     with visitor.http.stream("GET", "/gradio_api/queue/data", params={"session_hash": visitor.session_hash}) as response:
         for line in response.iter_lines():
             if '"process_starts"' in line:
+                assert httpx.get(url + "/health").json()["inflight"] == 1  # running, while its reader still reads
                 break
-    time.sleep(0.5)
-    assert httpx.get(url + "/health").json()["inflight"] == 1
+        start = time.monotonic()  # leaving the block closes the stream (the response is not read to its end)
     visitor.http.close()
-    start = time.monotonic()
     while httpx.get(url + "/health").json()["inflight"] and time.monotonic() - start < 10:
         time.sleep(0.05)
     # Cancelled the moment the stream closes (measured: the job's cancel 1 ms after the disconnect); the engine's

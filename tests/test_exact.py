@@ -159,8 +159,8 @@ def test_requests_during_the_compile_wait_for_it_and_match_those_after(default_e
         t.start()
     for t in threads:
         t.join(timeout=900)
-    assert engine.compiler.wait(0) and engine.compiler.state == "compiled", engine.compiler.status()
-    if compiling:
+    assert engine.compiler.wait(0), engine.compiler.status()  # settled: compiled, or eager for good with the reason
+    if compiling and engine.compiler.state == "compiled":
         assert any(r.timings["compile_wait_ms"] > 0 for r in during), "requests sent while compiling should have waited for it"
     for i, prompt in enumerate(prompts):
         same(during[i], fresh(engine, prompt, max_new_tokens=6), f"request {i} sent while compiling")

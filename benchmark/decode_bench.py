@@ -134,7 +134,7 @@ def measure_format(engine: Engine, args, bandwidth: float) -> dict:
     decoder = engine.decoder
     row: dict = {"weights": engine.info()["weights_detail"], "weight_bytes": decoder.bytes_per_step()}
     row["ceiling_tok_s"] = bandwidth / row["weight_bytes"]
-    steps = {"eager": decoder.forward}
+    steps = {"eager": decoder.forward_batch}
     if not args.no_compile:
         engine.compiler.start()
         engine.compiler.wait(COMPILE_TIMEOUT_S)
@@ -154,7 +154,7 @@ def measure_format(engine: Engine, args, bandwidth: float) -> dict:
                     runs[step].append(decode_tokens_per_s(engine, decoder.decode_one_token, prompt, args.new_tokens))
         for step, values in runs.items():
             row[f"{step}_{context}"] = summarize(values)
-    decoder.step = steps.get("compiled", decoder.forward)
+    decoder.step = steps.get("compiled", decoder.forward_batch)
     prompt = engine.tokenizer(text_of_tokens(engine.tokenizer, 512)).input_ids[:512]
     row["prefill_512_tok_s"] = summarize([prefill_tokens_per_s(engine, prompt) for _ in range(max(args.repeats // 2, 1))])
     row.update(hit_ttfts(engine, max(args.repeats // 2, 1)))

@@ -32,11 +32,13 @@ import shutil
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 
 from engine.fast_llama import FastDecoder
+from engine.kv import GrowingKVLayer
 
 log = logging.getLogger("kvci.compile")
 
@@ -55,8 +57,9 @@ class StepCompiler:
         'compiled in 41 s'
     """
 
-    def __init__(self, decoder: Any, cache_dir: Path, mode: str = "auto", kv_dtype: torch.dtype | None = None) -> None:
+    def __init__(self, decoder: Any, cache_dir: Path, mode: str = "auto", kv_dtype: torch.dtype | None = None, max_batch: int = 1) -> None:
         self.decoder = decoder
+        self.max_batch = max_batch  # the compiled step is checked row-invariant up to this batch (FastDecoder.check_rows_invariant)
         self.cache_dir = cache_dir
         self.kv_dtype = kv_dtype  # the engine's KV storage dtype, which the graph is built for (None: the model's)
         self.state = "off"
@@ -64,7 +67,7 @@ class StepCompiler:
         self.seconds: float | None = None
         self.started_at: float | None = None  # time.monotonic() when compiling started
         self.expected_s = EXPECTED_COMPILE_S  # the page's countdown: the last compile's time on this machine, once known
-        self._done = threading.Event()
+        self.done = threading.Event()
         self._lock = threading.Lock()  # one compiled step at a time
 
     def start(self) -> None:
@@ -80,14 +83,14 @@ class StepCompiler:
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until compiling has ended (compiled or failed); False on timeout or when it never started."""
-        return self._done.wait(timeout) if self.state != "off" else False
+        return self.done.wait(timeout) if self.state != "off" else False
 
     def settled(self) -> float:
         """Block while the step is compiling (a request's decode waits here: one step for the process's life); seconds waited."""
         if self.state != "compiling":
             return 0.0
         t0 = time.monotonic()
-        self._done.wait()
+        self.done.wait()
         return time.monotonic() - t0
 
     def describe(self) -> str:
@@ -116,28 +119,30 @@ class StepCompiler:
         try:
             use_cache_folder(self.cache_dir / "inductor" / torch.backends.cpu.get_cpu_capability().lower())
             threading.Thread(target=check_vector_isa, name="compile-isa-check", daemon=True).start()
-            eager = self.decoder.forward
+            eager = self.decoder.forward_batch
             graph = torch.compile(eager, fullgraph=True, options=inductor_options())
             kv_dtype = self.kv_dtype or self.decoder.norm_weight.dtype
-            compiled = _Serialised(graph, eager, self._lock, kv_dtype)
+            compiled = _Serialised(graph, self._lock)
             expected, got = check_tokens(self.decoder, eager, kv_dtype), check_tokens(self.decoder, compiled, kv_dtype)
             if got != expected:
                 self._fail(f"the compiled step gave tokens {got} where the eager one gave {expected} on the check prompt")
                 return
+            invariant = self.decoder.check_rows_invariant(self.max_batch, kv_dtype, compiled)  # decides batching for the process's life
             self.seconds = time.perf_counter() - t0
             self.decoder.step = compiled  # before any request decodes: they wait in settled()
+            log.info("compiled step %s", "batches requests (rows checked invariant)" if invariant else "runs requests one at a time (rows not invariant)")
             _remember_compile_seconds(self.cache_dir, self.seconds)
             self.state = "compiled"
             log.info("decode step compiled in %.1f s (inductor cache: %s)", self.seconds, os.environ["TORCHINDUCTOR_CACHE_DIR"])
         except Exception as exc:  # any compiler or inductor failure: keep decoding eagerly
             self._fail(f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else 'no message'}")
         finally:
-            self._done.set()
+            self.done.set()
 
     def _fail(self, reason: str) -> None:
         self.state, self.reason = "eager", reason
         log.warning("decode step stays eager: %s", reason)
-        self._done.set()
+        self.done.set()
 
 
 def _last_compile_seconds(cache_dir: Path) -> float | None:
@@ -223,7 +228,7 @@ def unavailable(decoder: Any) -> str | None:
 
 @torch.inference_mode()
 def check_tokens(decoder: Any, step: Any, kv_dtype: torch.dtype) -> list[int]:
-    """Greedy tokens of ``step`` after a fixed prompt, prefilled eagerly, in buffers of two sizes (the dynamic dimension).
+    """Greedy tokens of ``step`` after a fixed prompt, prefilled eagerly, in buffers of two sizes.
 
     The buffers are made as a request's are (``FastDecoder.new_kv``, outside inference mode): dynamo
     guards on how a tensor was made, and buffers made here in inference mode compiled a graph that
@@ -236,23 +241,23 @@ def check_tokens(decoder: Any, step: Any, kv_dtype: torch.dtype) -> list[int]:
         prompt = (torch.arange(CHECK_PROMPT_TOKENS, device=device) * 7919 % vocab)[None]
         position = CHECK_PROMPT_TOKENS
         token = int(decoder.forward(prompt, torch.arange(position, device=device), [k[:, :, :position] for k in ks], [v[:, :, :position] for v in vs]).argmax())
+        cache = SimpleNamespace(layers=[GrowingKVLayer.holding(k, v, position) for k, v in zip(ks, vs)])
         for _ in range(CHECK_STEPS):
-            end = position + 1
-            logits = step(torch.tensor([[token]], device=device), torch.tensor([position], device=device), [k[:, :, :end] for k in ks], [v[:, :, :end] for v in vs])
-            token, position = int(logits.argmax()), position + 1
+            token = int(decoder.decode_batch([token], [cache], step)[0].argmax())
             tokens.append(token)
     return tokens
 
 
 class _Serialised:
-    """The compiled step behind a lock, with the KV views' length marked dynamic."""
+    """The compiled step behind a lock, its batch dimension unbacked: one graph for every batch size, one request included."""
 
-    def __init__(self, graph: Any, eager: Any, lock: threading.Lock, dtype: torch.dtype) -> None:
-        self.graph, self.eager, self.lock, self.dtype = graph, eager, lock, dtype
+    def __init__(self, graph: Any, lock: threading.Lock) -> None:
+        self.graph, self.lock = graph, lock
 
-    def __call__(self, tokens: torch.Tensor, pos: torch.Tensor, k_views: list[torch.Tensor], v_views: list[torch.Tensor]) -> torch.Tensor:
-        assert k_views[0].dtype == self.dtype, f"KV in {k_views[0].dtype}, the graph was built for {self.dtype}: every model cache comes from Engine.new_cache"
-        for view in (*k_views, *v_views):  # fresh views at every step (~3 µs each to mark)
-            torch._dynamo.mark_dynamic(view, 2)
+    def __call__(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        # Unbacked, not merely dynamic: a dynamic size is still specialised at 1, and a graph for one request
+        # apart from the batch's would be other code, whose rows need not be the batch's bits.
+        torch._dynamo.decorators.mark_unbacked(tokens, 0)
+        torch._dynamo.decorators.mark_unbacked(pos, 0)
         with self.lock:
-            return self.graph(tokens, pos, k_views, v_views)
+            return self.graph(tokens, pos)

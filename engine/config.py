@@ -37,6 +37,7 @@ class EngineConfig:
     cache_budget_mb: float = 512.0  # byte budget of the prefix cache
     min_cached_tokens: int = 20  # shorter prompts are neither cached nor counted
     chunk_tokens: int = CHUNK_TOKENS  # the prefill's aligned chunk (engine/prefill.py): hits reuse whole chunks, exact hits everything
+    max_batch: int = 8  # running requests whose decode steps share one batched call (engine/scheduler.py); 1: one at a time
     kv_storage: str = "cpu"  # where cached KV lives: "cpu" (moved to the device on a hit) or "device"
     max_prompt_tokens: int | None = None  # longer prompts are refused; None: the model's context window
     namespace_quota: float = 1.0  # share of the cache budget one prefix-cache namespace may hold, in (0, 1]
@@ -51,6 +52,8 @@ class EngineConfig:
             raise ValueError(f"min_cached_tokens must be >= 1, got {self.min_cached_tokens}")
         if not 1 <= self.chunk_tokens <= 4096:
             raise ValueError(f"chunk_tokens must be between 1 and 4096, got {self.chunk_tokens}")
+        if not 1 <= self.max_batch <= 64:
+            raise ValueError(f"max_batch must be between 1 and 64, got {self.max_batch}")
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
             raise ValueError(f"max_prompt_tokens must be >= 1 or None, got {self.max_prompt_tokens}")
         if not 0 < self.namespace_quota <= 1:

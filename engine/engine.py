@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -28,8 +28,9 @@ from engine.explain import explain
 from engine.oracle import compare
 from engine.kv import has_sliding_layers, kv_bytes_per_token, new_model_cache
 from engine.kv_pool import KVPool
-from engine.prefill import capacity as chunk_capacity, prefill, rewind
+from engine.prefill import capacity as chunk_capacity, prefill, prefill_chunks, rewind
 from engine.sampling import Sampler, SamplingParams
+from engine.scheduler import Decode, Until, scheduler
 
 CacheStatus = str  # "hit" | "partial" | "miss" | "skipped" (prompt under min_cached_tokens) | "off"
 
@@ -65,6 +66,7 @@ class GenerationResult:
     cache_explanation: dict[str, Any] | None = None  # why the prefix cache reused what it did (engine/explain.py)
     verification: dict[str, Any] | None = None  # with verify=True: the same request reusing nothing, compared (engine/oracle.py)
     first_token_logits: torch.Tensor | None = field(default=None, repr=False, compare=False)  # float32 [vocab]: for the exactness tests, not sent
+    batch_sizes: list[int] = field(default_factory=list)  # the batch each decode step ran in (engine/scheduler.py), for the page's chart
 
     @property
     def prefix_cache_hit(self) -> bool:
@@ -87,6 +89,7 @@ class GenerationResult:
             "timings": dict(self.timings),
             "cache_explanation": self.cache_explanation,
             "verification": self.verification,
+            "batch_sizes": list(self.batch_sizes),
         }
 
 
@@ -134,7 +137,10 @@ class Engine:
         if quant.decode_linears(model) and not use_fast:
             raise ValueError(f"{quant.weight_format(model)} weights decode through engine/fast_llama.py's step, which needs a Llama model and decode=auto; use fp32 or bf16")
         self.decoder: Any = fast_llama.FastDecoder(model) if use_fast else _TransformersStep(self)
-        self.compiler = compiled.StepCompiler(self.decoder, self.config.resolved_model_cache_dir(), self.config.compile, self.kv_dtype)  # from_pretrained starts it
+        if use_fast:  # batching, where the step's rows are each the bits of a request alone (engine/decode_attention.py)
+            self.decoder.check_rows_invariant(self.config.max_batch, self.kv_dtype)
+        self.compiler = compiled.StepCompiler(self.decoder, self.config.resolved_model_cache_dir(), self.config.compile, self.kv_dtype, self.config.max_batch)  # from_pretrained starts it
+        self._running: dict[int, _Run] = {}  # the requests whose flows run now (running()); written on the model's thread only
         self.chat = ChatTokenizer(tokenizer)  # the chat template's rules, shared with the workload replay
         self._tokenizer_lock = self.chat.lock  # one lock for every use of the tokenizer
 
@@ -152,6 +158,10 @@ class Engine:
             ValueError: unknown model, or the bundled model is missing with no hub to fall back on.
         """
         config = config or EngineConfig.from_env(model=model, **settings)
+        return scheduler().call(cls._load, config, progress)  # the model's thread (engine/scheduler.py: one OpenMP team)
+
+    @classmethod
+    def _load(cls, config: EngineConfig, progress) -> "Engine":
         device = _resolve_device(config.device)
         weights = quant.resolve_format(config.weights, config.dtype, device)
         dtype = torch.float32 if weights in ("int8", "int4") else _resolve_dtype(config.dtype, device)  # quantized from float32
@@ -296,6 +306,32 @@ class Engine:
                 f"but the context window is {self.context_length} tokens: shorten the prompt or ask for fewer tokens"
             )
 
+    def running(self, visible: Callable[[str], bool] = lambda namespace: True) -> list[dict[str, Any]]:
+        """The requests running now in namespaces ``visible`` allows, oldest first, and the cached prefix each reused.
+
+        ``shared_prefix`` names the prefix-cache prefix a request reused (its namespace and tokens, hashed),
+        so that requests reusing the same one can be grouped; ``reused_tokens`` is its length.
+        Its KV was copied into each request's own buffers (``benchmark/README.md``, "Continuous batching", says why).
+        """
+        rows = []
+        for run in list(self._running.values()):  # a copy: the model's thread adds and removes
+            namespace = run.request.cache_key
+            if not visible(namespace):
+                continue
+            reused = run.reused_tokens
+            rows.append({
+                "namespace": namespace,
+                "phase": "decode" if run.generated else "prefill",
+                "prompt_tokens": len(run.prompt_ids),
+                "new_tokens": len(run.generated),
+                "max_new_tokens": run.request.max_new_tokens,
+                "reused_tokens": reused,
+                "shared_prefix": f"{hash((namespace, tuple(run.prompt_ids[:reused]))) & 0xFFFFFFFF:08x}" if reused else None,
+                "batch_size": run.batch_sizes[-1] if run.batch_sizes else 0,
+                "started_s_ago": time.perf_counter() - run.clock.start,
+            })
+        return sorted(rows, key=lambda row: -row["started_s_ago"])
+
     def info(self) -> dict[str, Any]:
         """What the page shows about the loaded model."""
         return {
@@ -306,6 +342,12 @@ class Engine:
             "weights_detail": self._weights_detail(),
             "decode_step": type(self.decoder).__name__,
             "decode_compile": self.compiler.status(),
+            "batching": {  # engine/scheduler.py: decode steps of running requests share one call, up to max_batch
+                "max_batch": self.config.max_batch if self.decoder.rows_invariant else 1,
+                "rows_invariant": self.decoder.rows_invariant,
+                "steps": scheduler().steps,
+                "batch_histogram": dict(scheduler().batch_histogram),
+            },
             "weight_bytes": self.decoder.bytes_per_step(),  # read per decode step
             "resident_weight_bytes": quant.weight_bytes(self.model) + sum(quant.weight_bytes(m) for m in quant.decode_linears(self.model).values()),
             "parameters": sum(p.numel() for p in self.model.parameters()),
@@ -333,7 +375,7 @@ class Engine:
         """
         pieces: list[str] = []
         prefix_offset = read_offset = 0  # tokens [prefix_offset, read_offset) were emitted last; context for the next
-        for _ in self._generate_tokens(run):
+        for _ in scheduler().submit(self._generate_tokens(run)):
             delta = self._new_text(run.generated, prefix_offset, read_offset)
             if delta and not delta.endswith("\ufffd"):  # hold back half a UTF-8 character
                 pieces.append(delta)
@@ -358,8 +400,7 @@ class Engine:
         """
         baseline = _Run(replace(run.request, use_prefix_cache=False, verify=False), self.device)
         baseline.prompt_ids = run.prompt_ids
-        for _ in self._generate_tokens(baseline):
-            pass
+        scheduler().submit(self._generate_tokens(baseline)).wait()
         return compare(run.generated, run.first_logits, baseline.generated, baseline.first_logits, self.decode)
 
     def _explain(self, run: "_Run") -> dict[str, Any]:
@@ -373,31 +414,36 @@ class Engine:
         before = self.decode(ids[prefix_offset:read_offset])
         return self.decode(ids[prefix_offset:])[len(before) :]
 
-    def _generate_tokens(self, run: "_Run") -> Iterator[int]:
-        """Steps 2-8 (``stream`` tokenizes, ``_stream_text`` returns). Yields each new token id as soon as it exists.
+    def _generate_tokens(self, run: "_Run") -> Iterator[Any]:
+        """Steps 2-8 (``stream`` tokenizes, ``_stream_text`` returns), as a flow of the scheduler's (``engine/scheduler.py``).
 
-        No lock is held across a yield: the prefix-cache match is released as soon as its KV is read
-        (step 3), so a consumer that stops reading leaves nothing behind.
+        Runs on the model's thread. Yields each new token id as soon as it exists, and where it needs
+        the scheduler: a decode step (batched with the other running requests), a pause between two
+        prefill chunks, the compile's end. No lock is held across a yield: the prefix-cache match is
+        released as soon as its KV is read (step 3), so a request cancelled anywhere leaves nothing behind.
         """
-        logits, model_cache = self._prefill_prompt(run)  # 2-4
-        token = self._first_token(run, logits)  # 5
-        yield token
-        self._insert_prompt(run, model_cache, logits)  # 6
-        for token in self._decode_n_tokens(run, token, model_cache):  # 7
+        self._running[id(run)] = run
+        try:
+            logits, model_cache = yield from self._prefill_prompt(run)  # 2-4
+            token = self._first_token(run, logits)  # 5
             yield token
-        self._insert_history(run, model_cache)  # 8
+            self._insert_prompt(run, model_cache, logits)  # 6
+            yield from self._decode_n_tokens(run, token, model_cache)  # 7
+            yield from self._insert_history(run, model_cache)  # 8
+        finally:
+            self._running.pop(id(run), None)
 
-    def _prefill_prompt(self, run: "_Run") -> tuple[torch.Tensor, Any]:
+    def _prefill_prompt(self, run: "_Run") -> Iterator[Any]:
         """Steps 2-4: match the prefix cache, reuse what may be reused, prefill the rest (``engine/prefill.py``).
 
-        Returns the logits after the prompt and the model cache holding the prompt's KV (None without a
-        KV cache). An exact hit runs no model: the stored logits and every stored row are what a miss computes.
+        A sub-flow (it pauses between chunks); returns the logits after the prompt and the model cache
+        holding the prompt's KV (None without a KV cache). An exact hit runs no model: the stored logits and every stored row are what a miss computes.
         """
         request, clock = run.request, run.clock
         if not request.use_cache:  # no KV cache: the prompt's logits, nothing kept (step 7 recomputes every step)
             run.prefill_tokens = len(run.prompt_ids)
             with clock.span("prefill_ms"):
-                return prefill(self.model, run.prompt_ids, self.new_cache(run.capacity), self.chunk_tokens), None
+                return (yield from prefill_chunks(self.model, run.prompt_ids, self.new_cache(run.capacity), self.chunk_tokens)), None
         match = self._match(run)  # 2
         try:
             logits, model_cache = self._reuse(run, match)  # 3
@@ -408,7 +454,7 @@ class Engine:
             suffix = run.prompt_ids[run.reused_tokens :]
             run.prefill_tokens = len(suffix)
             with clock.span("prefill_ms"):
-                logits = prefill(self.model, suffix, model_cache, self.chunk_tokens)
+                logits = yield from prefill_chunks(self.model, suffix, model_cache, self.chunk_tokens)
         return logits, model_cache
 
     def _match(self, run: "_Run") -> PrefixMatch | None:
@@ -461,18 +507,24 @@ class Engine:
         """
         if self._finished(run, token):
             return
-        with run.clock.span("compile_wait_ms"):
-            self.compiler.settled()
+        if self.compiler.state == "compiling":
+            with run.clock.span("compile_wait_ms"):
+                yield Until(self.compiler.done)
         while True:
             with run.clock.span("decode_ms"):
-                logits = self.decoder.decode_one_token(token, model_cache) if model_cache is not None else self._recompute(run)
+                if model_cache is None:
+                    logits = yield from self._recompute(run)
+                else:  # one step, batched by the scheduler with the other running requests' steps
+                    step = yield Decode(self.decoder, token, model_cache, self.config.max_batch)
+                    logits = step.logits
+                    run.batch_sizes.append(step.batch_size)
                 token = run.sampler(logits)
             run.generated.append(token)
             yield token
             if self._finished(run, token):
                 return
 
-    def _recompute(self, run: "_Run") -> torch.Tensor:
+    def _recompute(self, run: "_Run") -> Iterator[Any]:
         """Without a KV cache: the logits after the sequence so far, recomputing every earlier position's KV, nothing kept.
 
         Each position is recomputed by the function that computed it with a KV cache (the prompt by the
@@ -480,12 +532,12 @@ class Engine:
         same bits; the price is one decode step per earlier generated token, at every step.
         """
         scratch = self.new_cache(run.capacity)
-        prefill(self.model, run.prompt_ids, scratch, self.chunk_tokens)
-        for earlier in run.generated[:-1]:
-            self.decoder.decode_one_token(earlier, scratch)
-        return self.decoder.decode_one_token(run.generated[-1], scratch)
+        yield from prefill_chunks(self.model, run.prompt_ids, scratch, self.chunk_tokens)
+        for earlier in run.generated:
+            step = yield Decode(self.decoder, earlier, scratch, self.config.max_batch)
+        return step.logits
 
-    def _insert_history(self, run: "_Run", model_cache: Any) -> None:
+    def _insert_history(self, run: "_Run", model_cache: Any) -> Iterator[Any]:
         """8. Prompt and reply into the prefix cache, so a conversation's next turn hits its whole history.
 
         The reply's KV came from the decode step, whose kernels differ from the prefill's: it is
@@ -501,7 +553,7 @@ class Engine:
         start = len(run.prompt_ids) // self.chunk_tokens * self.chunk_tokens
         with run.clock.span("history_prefill_ms"):
             rewind(model_cache, start)
-            logits = prefill(self.model, (run.prompt_ids + run.generated)[start:length], model_cache, self.chunk_tokens)
+            logits = yield from prefill_chunks(self.model, (run.prompt_ids + run.generated)[start:length], model_cache, self.chunk_tokens)
         self._insert(run, model_cache, length, logits)
 
     def new_cache(self, capacity: int) -> Any:
@@ -510,8 +562,11 @@ class Engine:
 
     def prefill_sequence(self, token_ids: Sequence[int]) -> tuple[torch.Tensor, Any]:
         """A fresh prefill of ``token_ids`` (no cache read or written): the logits after them and the model cache with their KV."""
-        model_cache = self.new_cache(len(token_ids))
-        return prefill(self.model, list(token_ids), model_cache, self.chunk_tokens), model_cache
+        def run() -> tuple[torch.Tensor, Any]:
+            model_cache = self.new_cache(len(token_ids))
+            return prefill(self.model, list(token_ids), model_cache, self.chunk_tokens), model_cache
+
+        return scheduler().call(run)
 
     def store(self, token_ids: Sequence[int], namespace: str, with_logits: bool = True) -> dict[str, int]:
         """Prefill ``token_ids`` into the prefix cache without generating (warming), reusing what is cached.
@@ -525,8 +580,12 @@ class Engine:
         """
         run = _Run(GenerationRequest(prompt="(stored)", max_new_tokens=1, cache_key=namespace), self.device)
         run.prompt_ids = list(token_ids)
-        logits, model_cache = self._prefill_prompt(run)
-        self._insert_prompt(run, model_cache, logits if with_logits else None)
+
+        def flow() -> Iterator[Any]:
+            logits, model_cache = yield from self._prefill_prompt(run)
+            self._insert_prompt(run, model_cache, logits if with_logits else None)
+
+        scheduler().submit(flow()).wait()
         return {"reused": run.reused_tokens, "prefilled": run.prefill_tokens}
 
     def _insert(self, run: "_Run", model_cache: Any, num_tokens: int, logits: torch.Tensor | None) -> None:
@@ -559,9 +618,14 @@ class _TransformersStep:
     def __init__(self, engine: "Engine") -> None:
         self.engine = engine
 
+    rows_invariant = False  # transformers' float GEMMs: a batch runs one request at a time
+
     @torch.inference_mode()
     def decode_one_token(self, token: int, model_cache: Any) -> torch.Tensor:
         return self.decode_tokens([token], model_cache)
+
+    def decode_batch(self, tokens: list[int], model_caches: list[Any]) -> torch.Tensor:
+        return torch.stack([self.decode_one_token(t, c) for t, c in zip(tokens, model_caches)])
 
     @torch.inference_mode()
     def decode_tokens(self, tokens: list[int], model_cache: Any) -> torch.Tensor:
@@ -646,6 +710,7 @@ class _Run:
         self.reused_tokens = 0
         self.lookup_lock_wait_s = 0.0  # of the prefix-cache lookup, before the first token
         self.lock_wait_s = 0.0  # of the inserts
+        self.batch_sizes: list[int] = []  # how many requests each of this request's decode steps ran (engine/scheduler.py)
         self.finish_reason = "length"
 
     @property
@@ -680,6 +745,8 @@ class _Run:
             "prompt_tokens": len(self.prompt_ids),
             "prefill_tokens": self.prefill_tokens,
             "new_tokens": len(self.generated),
+            "batch_size_mean": sum(self.batch_sizes) / len(self.batch_sizes) if self.batch_sizes else 0.0,
+            "batch_size_max": max(self.batch_sizes, default=0),
         }
         return GenerationResult(
             text=text,
@@ -690,6 +757,7 @@ class _Run:
             use_prefix_cache=self.request.use_prefix_cache,
             timings=timings,
             finish_reason=self.finish_reason,
+            batch_sizes=list(self.batch_sizes),
         )
 
 

@@ -26,10 +26,13 @@ Knows nothing about requests, sampling or the prefix cache (``engine.engine`` ca
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from engine.decode_attention import DecodeContext, decode_attention, decode_context
 from engine.kv import GrowingKVLayer
 from engine.quant import Int4Linear, Int8Linear, decode_linears, weight_bytes
 
@@ -70,21 +73,55 @@ class FastDecoder(nn.Module):
         cos, sin = inner.rotary_emb(probe, positions)
         self.register_buffer("cos", cos[0].to(self.norm_weight.dtype), persistent=False)
         self.register_buffer("sin", sin[0].to(self.norm_weight.dtype), persistent=False)
-        self.step = self.forward  # what decode_one_token calls: eager, or a compiled forward (engine.compiled)
+        self.step = self.forward_batch  # what decode_batch calls: eager, or the compiled forward_batch (engine.compiled)
+        self.rows_invariant = False  # whether decode_batch may run several requests in one call (check_rows_invariant)
 
     @torch.inference_mode()
     def decode_one_token(self, token: int, model_cache) -> torch.Tensor:
         """Feed ``token`` at the model cache's next position; return the logits after it, float32 ``[vocab]``."""
-        return self.decode_tokens([token], model_cache)
+        return self.decode_batch([token], [model_cache])[0]
+
+    @torch.inference_mode()
+    def decode_batch(self, tokens: list[int], model_caches: list, step=None) -> torch.Tensor:
+        """One decode step for several requests: ``tokens[b]`` at ``model_caches[b]``'s next position. Logits float32 ``[B, vocab]``.
+
+        The linears run once for the whole batch (one read of the weights) and each request attends over
+        its own KV (``engine.decode_attention``). Row ``b`` is bit for bit what the request computes
+        alone: the attention is the same call either way, and the rest of the step is checked
+        row-invariant at start-up (:meth:`check_rows_invariant`); where it is not (the float GEMMs), the
+        rows run one at a time through the same step. ``step``: another step than ``self.step`` (the compile's checks).
+        """
+        if len(tokens) > 1 and not self.rows_invariant:
+            return torch.cat([self.decode_batch([t], [c], step) for t, c in zip(tokens, model_caches)])
+        device = self.norm_weight.device
+        layers = [cache.layers for cache in model_caches]
+        positions = [request[0].get_seq_length() for request in layers]
+        for request in layers:
+            for layer in request:
+                layer.reserve(1)
+        context = DecodeContext(
+            keys=[[request[i].key_buffer for request in layers] for i in range(len(self.layers))],
+            values=[[request[i].value_buffer for request in layers] for i in range(len(self.layers))],
+            positions=positions, scale=self.layers[0].scale, gqa=self.heads != self.kv_heads,
+        )
+        tokens_t = torch.tensor(tokens, device=device)[:, None]  # [B, 1]
+        pos_t = torch.tensor(positions, device=device)  # [B]
+        with decode_context(context):
+            logits = (step or self.step)(tokens_t, pos_t)
+        for request in layers:
+            for layer in request:
+                layer.advance(1)
+        return logits.float()
 
     @torch.inference_mode()
     def decode_tokens(self, tokens: list[int], model_cache) -> torch.Tensor:
         """Feed ``tokens`` at the model cache's next positions; the last one's logits.
 
-        One token goes through ``self.step`` (eager, or the compiled graph) and attends over exactly
-        the filled positions, so its arithmetic depends on its position, never on the buffer's
-        capacity. Several tokens at once (the quality measure's teacher forcing) run eagerly, masked.
+        One token is a decode step (:meth:`decode_batch`). Several at once (the quality measure's
+        teacher forcing) run eagerly in one masked call.
         """
+        if len(tokens) == 1:
+            return self.decode_one_token(tokens[0], model_cache)
         layers: list[GrowingKVLayer] = model_cache.layers
         position = layers[0].get_seq_length()
         for layer in layers:
@@ -94,10 +131,41 @@ class FastDecoder(nn.Module):
         pos_t = torch.arange(position, position + len(tokens), device=device)  # [T]
         end = position + len(tokens)
         keys, values = [layer.key_buffer[:, :, :end] for layer in layers], [layer.value_buffer[:, :, :end] for layer in layers]  # [1, KVH, end, Dh] views
-        logits = self.step(tokens_t, pos_t, keys, values) if len(tokens) == 1 else self.forward(tokens_t, pos_t, keys, values)
+        logits = self.forward(tokens_t, pos_t, keys, values)
         for layer in layers:
             layer.advance(len(tokens))
         return logits[0].float()
+
+    @torch.inference_mode()
+    def check_rows_invariant(self, max_batch: int, kv_dtype: torch.dtype, step=None) -> bool:
+        """Whether a batch of up to ``max_batch`` requests gives each row the bits it gets alone, through ``self.step``; sets :attr:`rows_invariant`.
+
+        Runs the step on made-up requests (random KV of different lengths) alone and in every batch
+        size from 2 to ``max_batch``, and compares the logits with ``torch.equal``. torch's int4 and
+        int8 CPU kernels pass on the hosts measured (benchmark/README.md); the float GEMMs do not
+        (their blocking depends on the number of rows), and then rows run one at a time.
+        """
+        self.rows_invariant = False
+        if max_batch < 2:
+            return False
+        generator = torch.Generator().manual_seed(0)
+        lengths = [5 + 11 * b for b in range(max_batch)]
+        tokens = torch.randint(self.embed.num_embeddings, (max_batch,), generator=generator).tolist()
+        start = [self.new_kv(length + 1, kv_dtype) for length in lengths]
+        for keys, values in start:
+            for buffer in (*keys, *values):
+                buffer.copy_(torch.randn(buffer.shape, generator=generator).to(buffer.dtype))
+
+        def run(rows: list[int]) -> torch.Tensor:  # fresh copies of the made-up requests ``rows``, one step for all of them
+            caches = [SimpleNamespace(layers=[GrowingKVLayer.holding(k.clone(), v.clone(), lengths[b]) for k, v in zip(*start[b])]) for b in rows]
+            return self.decode_batch([tokens[b] for b in rows], caches, step)
+
+        self.rows_invariant = True  # so that decode_batch runs the batch through the step
+        alone = torch.cat([run([b]) for b in range(max_batch)])
+        invariant = all(torch.equal(run(list(range(size)))[:size], alone[:size]) for size in range(2, max_batch + 1))
+        invariant = invariant and torch.equal(run([max_batch - 1, 0])[0], alone[max_batch - 1])  # another neighbour, another place
+        self.rows_invariant = invariant
+        return invariant
 
     def new_kv(self, capacity: int, dtype: torch.dtype) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Zeroed K and V buffers for every layer, ``[1, kv_heads, capacity, head_dim]``, made as a request's are
@@ -116,20 +184,26 @@ class FastDecoder(nn.Module):
     def lm_head_is_embedding(self) -> bool:
         return getattr(self.lm_head, "weight", None) is self.embed.weight
 
+    def forward_batch(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """The decode step: tokens ``[B, 1]`` at positions ``pos`` ``[B]``, each request attending over its own KV
+        (``engine.decode_attention``, set up by :meth:`decode_batch`). Returns their logits ``[B, vocab]``."""
+        x = self.embed(tokens)  # [B, 1, D]
+        cos, sin = self.cos[pos][:, None, None], self.sin[pos][:, None, None]  # [B, 1, 1, Dh]: one position per request
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, lambda q, k, v, i=i: decode_attention(q, k, v, i), self.eps)
+        return self.lm_head(_rms_norm(x, self.norm_weight, self.eps)[:, -1])
+
     def forward(self, tokens: torch.Tensor, pos: torch.Tensor, k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor]) -> torch.Tensor:
         """tokens: [1, T]; pos: [T]; k_buffers/v_buffers: per layer [1, kv_heads, S, head_dim], ending at the last token's position. Returns its logits [1, vocab]."""
         return self.lm_head(self.hidden(tokens, pos, k_buffers, v_buffers)[:, -1])
 
     def hidden(self, tokens: torch.Tensor, pos: torch.Tensor, k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor]) -> torch.Tensor:
-        """The final normed hidden states ``[1, T, D]`` of ``tokens`` at positions ``pos``, their KV written into the buffers.
-
-        One token attends over every buffer position, unmasked (the buffers end at it); several, under a causal mask.
-        """
+        """The final normed hidden states ``[1, T, D]`` of one request's ``tokens`` at positions ``pos``, their KV written into the buffers, under a causal mask."""
         x = self.embed(tokens)  # [1, T, D]
         cos, sin = self.cos[pos], self.sin[pos]  # [T, head_dim]
-        mask = None if tokens.shape[1] == 1 else (torch.arange(k_buffers[0].shape[2], device=pos.device) <= pos[:, None]).view(1, 1, pos.shape[0], -1)  # [1, 1, T, S]: causal
+        mask = (torch.arange(k_buffers[0].shape[2], device=pos.device) <= pos[:, None]).view(1, 1, pos.shape[0], -1)  # [1, 1, T, S]: causal
         for layer, k_buffer, v_buffer in zip(self.layers, k_buffers, v_buffers):
-            x = layer(x, pos, cos, sin, mask, k_buffer, v_buffer, self.eps)
+            x = layer(x, cos, sin, lambda q, k, v, kb=k_buffer, vb=v_buffer, s=layer.scale: _masked_attention(q, k, v, kb, vb, pos, mask, s), self.eps)
         return _rms_norm(x, self.norm_weight, self.eps)
 
 
@@ -144,22 +218,31 @@ class _Layer(nn.Module):
         self.w2 = linear(f"{prefix}.mlp.down_proj")
         self.scale = layer.self_attn.scaling
 
-    def forward(self, x, pos, cos, sin, mask, k_buffer, v_buffer, eps: float) -> torch.Tensor:
-        t = x.shape[1]
+    def forward(self, x, cos, sin, attend, eps: float) -> torch.Tensor:
+        """x ``[B, T, D]``; ``attend(q, k, v)`` writes k and v into the KV and returns the attention ``[B, H, T, Dh]``."""
+        b, t = x.shape[0], x.shape[1]
         h = _rms_norm(x, self.attn_norm, eps)
         q, k, v = self.wqkv(h).split([self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim], dim=-1)
-        q = _rope(q.view(1, t, self.heads, self.head_dim).transpose(1, 2), cos, sin)  # [1, H, T, Dh]
-        k = _rope(k.view(1, t, self.kv_heads, self.head_dim).transpose(1, 2), cos, sin)  # [1, KVH, T, Dh]
-        v = v.view(1, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        k_buffer.index_copy_(2, pos, k.to(k_buffer.dtype))
-        v_buffer.index_copy_(2, pos, v.to(v_buffer.dtype))
-        # In the wider dtype: bf16 KV under a float32 model is attended in float32, as the prefill does (engine/kv.py),
-        # and so is float32 KV under the int4/int8 linears' bf16 outputs (casting the query, not the whole buffer).
-        dtype = torch.promote_types(q.dtype, k_buffer.dtype)
-        attn = F.scaled_dot_product_attention(q.to(dtype), k_buffer.to(dtype), v_buffer.to(dtype), attn_mask=mask, scale=self.scale, enable_gqa=self.heads != self.kv_heads)
-        x = x + self.wo(attn.to(q.dtype).transpose(1, 2).reshape(1, t, self.heads * self.head_dim))
+        q = _rope(q.view(b, t, self.heads, self.head_dim).transpose(1, 2), cos, sin)  # [B, H, T, Dh]
+        k = _rope(k.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2), cos, sin)  # [B, KVH, T, Dh]
+        v = v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        attn = attend(q, k, v)
+        x = x + self.wo(attn.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
         gate, up = self.w13(_rms_norm(x, self.ffn_norm, eps)).chunk(2, dim=-1)
         return x + self.w2(F.silu(gate) * up)
+
+
+def _masked_attention(q, k, v, k_buffer, v_buffer, pos, mask, scale: float) -> torch.Tensor:
+    """One request's tokens at ``pos``: K and V into its buffers, then attention over the buffers under ``mask``.
+
+    In the wider dtype: bf16 KV under a float32 model is attended in float32, as the prefill does
+    (engine/kv.py), and so is float32 KV under the int4/int8 linears' bf16 outputs (casting the query,
+    not the whole buffer)."""
+    k_buffer.index_copy_(2, pos, k.to(k_buffer.dtype))
+    v_buffer.index_copy_(2, pos, v.to(v_buffer.dtype))
+    dtype = torch.promote_types(q.dtype, k_buffer.dtype)
+    attn = F.scaled_dot_product_attention(q.to(dtype), k_buffer.to(dtype), v_buffer.to(dtype), attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    return attn.to(q.dtype)
 
 
 # ---------------------------------------------------------------------- helpers
@@ -208,7 +291,7 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [1, heads, T, Dh]; cos/sin: [T, Dh]. transformers' rotate-half form."""
+    """x: [B, heads, T, Dh]; cos/sin: [T, Dh] (one request) or [B, 1, 1, Dh] (a decode batch). transformers' rotate-half form."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin

@@ -71,6 +71,16 @@ class GrowingKVLayer(DynamicLayer):
         self.keys = self._key_buffer[:, :, : self._length, :]
         self.values = self._value_buffer[:, :, : self._length, :]
 
+    @classmethod
+    def holding(cls, key_buffer: torch.Tensor, value_buffer: torch.Tensor, length: int) -> "GrowingKVLayer":
+        """A layer over existing buffers ``[1, kv_heads, capacity, head_dim]`` whose first ``length`` positions are filled (the decode step's start-up check)."""
+        layer = cls(key_buffer.shape[-2], key_buffer.dtype)
+        layer._key_buffer, layer._value_buffer, layer.is_initialized = key_buffer, value_buffer, True
+        layer.dtype, layer.device = key_buffer.dtype, key_buffer.device
+        layer._length = 0
+        layer.advance(length)
+        return layer
+
     def rewind(self, length: int) -> None:
         """Drop every position from ``length`` on (a padded chunk's pads, see engine/prefill.py); the bytes stay until overwritten."""
         assert 0 <= length <= self._length, f"cannot rewind to {length}: {self._length} positions are filled"

@@ -28,9 +28,11 @@ again here (``Engine._insert_history``). Knows nothing of the prefix cache or of
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Generator, Sequence
 
 import torch
+
+from engine.scheduler import PAUSE
 
 CHUNK_TOKENS = 32  # C, the default of EngineConfig.chunk_tokens: measured against 16 and 64 in benchmark/README.md ("The cost of exactness")
 PAD_TOKEN = 0  # any id the model embeds; its rows are never read
@@ -41,7 +43,6 @@ def capacity(tokens: int, chunk: int | None = CHUNK_TOKENS) -> int:
     return -(-tokens // chunk) * chunk if chunk else tokens
 
 
-@torch.inference_mode()
 def prefill(model: Any, token_ids: Sequence[int], model_cache: Any, chunk: int | None = CHUNK_TOKENS) -> torch.Tensor:
     """Feed ``token_ids`` at the model cache's next positions, in aligned, padded chunks; the logits after the last one.
 
@@ -57,6 +58,21 @@ def prefill(model: Any, token_ids: Sequence[int], model_cache: Any, chunk: int |
     Returns:
         float32 ``[vocab]``: the logits of the last real position.
     """
+    chunks = prefill_chunks(model, token_ids, model_cache, chunk)
+    while True:
+        try:
+            next(chunks)
+        except StopIteration as done:
+            return done.value
+
+
+@torch.inference_mode()
+def prefill_chunks(model: Any, token_ids: Sequence[int], model_cache: Any, chunk: int | None = CHUNK_TOKENS) -> Generator[object, None, torch.Tensor]:
+    """:func:`prefill` as a generator that yields ``PAUSE`` after each chunk but the last, and returns the logits.
+
+    The scheduler (``engine.scheduler``) runs the other requests' decode steps at each pause, so a long
+    prompt holds them up by one chunk at a time.
+    """
     device = next(model.parameters()).device
     if not chunk:
         out = model(input_ids=torch.tensor([list(token_ids)], dtype=torch.long, device=device), cache=model_cache, use_cache=True, logits_to_keep=1)
@@ -67,6 +83,8 @@ def prefill(model: Any, token_ids: Sequence[int], model_cache: Any, chunk: int |
     assert token_ids, "prefill needs at least one token"
     logits = None
     for at in range(0, len(token_ids), chunk):
+        if at:
+            yield PAUSE
         real = list(token_ids[at : at + chunk])
         ids = torch.tensor([real + [PAD_TOKEN] * (chunk - len(real))], dtype=torch.long, device=device)  # [1, C]
         last = torch.tensor([len(real) - 1], device=device)  # the last real row: the lm_head runs on it alone

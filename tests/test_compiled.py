@@ -30,7 +30,8 @@ def test_compiled_step_decodes_the_eager_tokens_and_keeps_the_equivalence(tokeni
     assert status["state"] == "compiled", status
     assert status["description"].startswith("compiled in ") and status["compile_seconds"] > 0
     assert any(Path(status["inductor_cache"]).iterdir())  # the app's cache folder (or one chosen by TORCHINDUCTOR_CACHE_DIR), kept for a restart
-    assert engine.decoder.step is not engine.decoder.forward
+    assert engine.decoder.step is not engine.decoder.forward_batch
+    assert engine.decoder.rows_invariant, "the compiled int4 step batches: its rows checked bit for bit against each request alone"
     # dynamo's own patch, not monkeypatch: undoing a monkeypatch deleted the setting, and a later compile in the
     # same process (tests/test_exact.py's bundled engine) then failed with "error_on_recompile does not exist".
     with torch._dynamo.config.patch(error_on_recompile=True):
@@ -54,7 +55,7 @@ def test_no_cpp_compiler_leaves_the_step_eager_with_the_reason(tokenizer, monkey
     assert engine.info()["decode_compile"]["state"] == "eager"
     assert engine.compiler.describe() == "eager (compile failed: no C++ compiler (install g++, e.g. packages.txt on a Space))"
     assert len([r for r in caplog.records if r.name == "kvci.compile"]) == 1
-    assert engine.decoder.step == engine.decoder.forward
+    assert engine.decoder.step == engine.decoder.forward_batch
     assert engine.generate("Hello there", max_new_tokens=4).finish_reason in ("eos", "length")
 
 
@@ -74,7 +75,7 @@ def test_a_failed_or_wrong_compile_leaves_the_step_eager(tokenizer, monkeypatch,
     status = engine.info()["decode_compile"]
     assert status["state"] == "eager" and status["description"].startswith("eager (compile failed: "), status
     assert "\n" not in status["reason"]
-    assert engine.decoder.step == engine.decoder.forward
+    assert engine.decoder.step == engine.decoder.forward_batch
     assert engine.generate("Hello there", max_new_tokens=4).token_ids
 
 

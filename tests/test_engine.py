@@ -51,8 +51,8 @@ def test_exact_hit_makes_no_forward_before_first_token(tiny_engine, monkeypatch)
     """An exact hit with max_new_tokens=1 never calls the model."""
     tiny_engine.generate(QUESTIONS[0], system_prompt=SYSTEM, max_new_tokens=1)
     calls = []
-    monkeypatch.setattr("engine.engine.prefill", lambda *a, **k: calls.append(a))
-    monkeypatch.setattr(tiny_engine.decoder, "decode_one_token", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr("engine.engine.prefill_chunks", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(tiny_engine.decoder, "decode_batch", lambda *a, **k: calls.append(a))
     result = tiny_engine.generate(QUESTIONS[0], system_prompt=SYSTEM, max_new_tokens=1)
     assert result.cache_status == "hit" and calls == []
     assert result.timings["prefix_tokens_saved"] == result.timings["prompt_tokens"] and result.timings["prefill_tokens"] == 0

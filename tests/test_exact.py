@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -20,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine import Engine, EngineConfig, quant
+from engine.scheduler import scheduler
 from tests.conftest import TEST_DEVICE, make_tiny_model
 from ui.scenarios import SCENARIOS_PATH
 
@@ -84,6 +86,74 @@ def test_every_cache_path_is_bit_identical_tiny(tokenizer, fmt, kv_dtype):
     statuses = walk_every_path(engine)
     assert statuses[:6] == ["miss", "hit", "partial", "miss", "partial", "partial"], statuses
     assert statuses[6:10] == ["partial"] * 4, statuses  # turns 2-5 reuse the history
+
+
+def run_together(engine: Engine, prompts: list[str], **kwargs) -> list:
+    """``prompts`` submitted while the scheduler is held between two steps, so that they all join the same step."""
+    results: list = [None] * len(prompts)
+
+    def ask(i: int) -> None:
+        results[i] = engine.generate(prompts[i], **kwargs)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
+    with scheduler().hold():
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 120
+        while scheduler().pending() < len(prompts):  # every request submitted (page state, not elapsed time)
+            assert time.monotonic() < deadline, f"only {scheduler().pending()} of {len(prompts)} requests reached the scheduler"
+            time.sleep(0.01)
+    for t in threads:
+        t.join()
+    return results
+
+
+def check_batches(engine: Engine, new: int = 10) -> None:
+    """One request alone, then inside batches of 2, 4 and 8 with other neighbours each time: its tokens and first logits are the same bits,
+    and it did run at those batch sizes (the neighbours are shorter and ask for more tokens, so they are decoding when it is)."""
+    target = "Explain what a prefix cache does, in two sentences."
+    reference = fresh(engine, target, max_new_tokens=new)
+    assert reference.batch_sizes == [1] * (len(reference.token_ids) - 1)
+    for size, first in ((2, 0), (4, 10), (8, 20)):
+        neighbours = [f"Hi {first + i}." for i in range(size - 1)]
+        results = run_together(engine, [target, *neighbours], max_new_tokens=new, use_prefix_cache=False)
+        same(results[0], reference, f"in a batch of {size}")
+        if engine.decoder.rows_invariant and len(results[0].token_ids) > 1:
+            assert max(results[0].batch_sizes) == size, (size, results[0].batch_sizes)
+        for i, neighbour in enumerate(neighbours, 1):
+            same(results[i], fresh(engine, neighbour, max_new_tokens=new), f"neighbour {i} in a batch of {size}")
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "bf16", "int8", "int4"])
+def test_a_decode_batch_gives_each_request_its_logits_alone(tokenizer, fmt):
+    """Rows of one batched decode step, in batches of 2, 4 and 8 with different neighbours and places, are each request's logits alone, bit for bit.
+    int4/int8: one call for the batch (their kernels are row-invariant); fp32/bf16: one call where the start-up check found the float GEMMs
+    row-invariant at this size, else one row at a time (the bundled model's fp32 GEMMs are not)."""
+    model = quant.apply_format(make_tiny_model(tokenizer), fmt) if fmt != "fp32" else make_tiny_model(tokenizer)
+    engine = Engine(model, tokenizer, EngineConfig(min_cached_tokens=4, chunk_tokens=8), name=f"tiny-{fmt}")
+    if fmt in ("int8", "int4"):
+        assert engine.decoder.rows_invariant, "torch's int4/int8 CPU kernels are row-invariant on the hosts measured"
+    prompts = [engine.tokenize(engine.make_request(f"Request {i}: " + "word " * (3 * i))) for i in range(12)]
+    steps = [7, 11, 13]
+
+    def decode(rows: list[int], at: int) -> list[torch.Tensor]:
+        caches = [engine.prefill_sequence(prompts[r])[1] for r in rows]
+        return [engine.decoder.decode_batch([token] * len(rows), caches)[at] for token in steps]
+
+    alone = decode([0], 0)
+    for size, first in ((2, 1), (4, 3), (8, 4)):
+        rows = list(range(first, first + size - 1))
+        for at in (0, size // 2, size - 1):  # first, middle and last row
+            got = decode(rows[:at] + [0] + rows[at:], at)
+            for step, (a, b) in enumerate(zip(got, alone)):
+                assert torch.equal(a, b), f"{fmt}: row {at} of a batch of {size}, step {step}: differs by {float((a - b).abs().max()):.3g}"
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "int4"])
+def test_the_same_request_alone_and_in_batches_of_2_4_8(tokenizer, fmt):
+    """Through the engine and its scheduler: a request gives the same tokens alone and batched with 1, 3 and 7 other requests."""
+    model = quant.apply_format(make_tiny_model(tokenizer), fmt) if fmt != "fp32" else make_tiny_model(tokenizer)
+    check_batches(Engine(model, tokenizer, EngineConfig(min_cached_tokens=4, chunk_tokens=8), name=f"tiny-{fmt}"))
 
 
 @pytest.mark.parametrize("kv_dtype", ["auto", "bf16"])
@@ -201,6 +271,13 @@ def test_every_cache_path_is_bit_identical_on_the_bundled_model(default_engine, 
         result = engine.generate(question, system_prompt=case["system"], history=history, max_new_tokens=new)
         same(result, fresh(engine, question, system_prompt=case["system"], history=history, max_new_tokens=new), f"{kind} turn {turn + 1}")
         history += [{"role": "user", "content": question}, {"role": "assistant", "content": result.text}]
+
+
+def test_batches_of_2_4_8_give_each_request_its_bits_alone_on_the_bundled_model(default_engine):
+    """The bundled model as served (int4 step, compiled): one request alone and batched with different neighbours, the same bits."""
+    default_engine.compiler.settled()
+    assert default_engine.decoder.rows_invariant or default_engine.compiler.state != "compiled", "the compiled int4 step batches on this host"
+    check_batches(default_engine)
 
 
 def test_eight_concurrent_requests_equal_each_alone_on_the_bundled_model(default_engine):

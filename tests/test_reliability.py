@@ -37,8 +37,8 @@ def test_model_failure_mid_generation(tiny_engine, monkeypatch, fail_at_call):
         return call
 
     with monkeypatch.context() as patch:  # the model's two doors: the prefill, and the decode step
-        patch.setattr(flow, "prefill", flaky(flow.prefill))
-        patch.setattr(tiny_engine.decoder, "decode_one_token", flaky(tiny_engine.decoder.decode_one_token))
+        patch.setattr(flow, "prefill_chunks", flaky(flow.prefill_chunks))
+        patch.setattr(tiny_engine.decoder, "decode_batch", flaky(tiny_engine.decoder.decode_batch))
         with pytest.raises(RuntimeError, match="injected fault"):
             tiny_engine.generate(QUESTION, system_prompt=SYSTEM, max_new_tokens=6)
     assert_cache_consistent(tiny_engine)

@@ -35,7 +35,7 @@ class AppSettings:
     kv_dtype: str | None = None  # KV storage, auto / fp32 / bf16; None: the engine's default (KVCI_KV_DTYPE, else auto)
     cache_mode: CacheMode = "shared"
     on_space: bool = False  # running on Hugging Face Spaces (SPACE_ID is set)
-    concurrency: int = 2  # generations at once, UI and REST together (2 CPU cores: more only contends)
+    concurrency: int = 8  # generations at once, UI and REST together: the engine batches their decode steps (engine/scheduler.py, max_batch 8)
     max_queue: int = 32  # requests waiting beyond that are refused (503 / gr.Error)
     public: bool = False  # behave as on a public address although bound to loopback (tests use it)
     allow_shared_public: bool = False  # a shared cache on a public server is a prefix oracle: opt in
@@ -132,7 +132,7 @@ def parse_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str]
         help="shared: everyone's prefixes are reusable; per-session: each session gets its own cache "
         "(default: shared on loopback, per-session on a public address or a Space)",
     )
-    parser.add_argument("--concurrency", type=int, default=AppSettings.concurrency, help="generations at once (default 2)")
+    parser.add_argument("--concurrency", type=int, default=AppSettings.concurrency, help="generations at once; the local engine batches their decode steps (default 8)")
     parser.add_argument("--max-prompt-tokens", type=int, default=None, help=f"longest prompt in tokens (default: the context window locally, {PUBLIC_MAX_PROMPT_TOKENS} on a public server)")
     parser.add_argument("--session-cache-share", type=float, default=AppSettings.session_cache_share, help="per-session mode: share of the cache budget one session may hold (default 0.25)")
     parser.add_argument("--max-inflight-per-session", type=int, default=AppSettings.max_inflight_per_session, help="queued or running requests per session (default 2)")

@@ -375,12 +375,16 @@ class Engine:
         """
         pieces: list[str] = []
         prefix_offset = read_offset = 0  # tokens [prefix_offset, read_offset) were emitted last; context for the next
-        for _ in scheduler().submit(self._generate_tokens(run)):
-            delta = self._new_text(run.generated, prefix_offset, read_offset)
-            if delta and not delta.endswith("\ufffd"):  # hold back half a UTF-8 character
-                pieces.append(delta)
-                yield delta
-                prefix_offset, read_offset = read_offset, len(run.generated)
+        ticket = scheduler().submit(self._generate_tokens(run))
+        try:
+            for _ in ticket:
+                delta = self._new_text(run.generated, prefix_offset, read_offset)
+                if delta and not delta.endswith("\ufffd"):  # hold back half a UTF-8 character
+                    pieces.append(delta)
+                    yield delta
+                    prefix_offset, read_offset = read_offset, len(run.generated)
+        finally:
+            ticket.cancel()  # a consumer that stops reading: the request leaves the batch before its next step
         run.clock.stop()
         # 9. Return text, token ids and timings: the text is exactly what was streamed.
         pieces.append(self._new_text(run.generated, prefix_offset, read_offset))

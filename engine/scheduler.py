@@ -123,6 +123,7 @@ class Scheduler:
         self._decoding: list[tuple[Ticket, Decode]] = []  # flows waiting for a decode step
         self._parked: list[tuple[Ticket, Until]] = []
         self.chunks_per_step = 1  # prefill chunks between two decode steps; 0: prefills run to their end (benchmark/batch_bench.py compares)
+        self._live = 0  # flows started and not yet ended
         self.steps = 0  # batched decode steps run, for the page and the tests
         self.batch_histogram: dict[int, int] = {}  # batch size -> steps run at it
         self._thread = threading.Thread(target=self._loop, name="kvci-engine", daemon=True)
@@ -179,8 +180,7 @@ class Scheduler:
 
     def running(self) -> int:
         """Flows started and not yet ended."""
-        with self._cond:
-            return len(self._ready) + len(self._prefilling) + len(self._decoding) + len(self._parked)
+        return self._live
 
     # ------------------------------------------------------------------ the loop
 
@@ -190,8 +190,9 @@ class Scheduler:
             for item in self._take_new():
                 if isinstance(item, _Call):
                     item.run()
-                else:
-                    self._ready.append((item, None))
+                else:  # its start, up to its first pause, counts as a prefill chunk
+                    self._live += 1
+                    self._prefilling.append(item)
             self._unpark()
             while self._ready:  # every flow with a value (a step's logits, or its start) runs to its next yield
                 ticket, value = self._ready.popleft()
@@ -241,7 +242,7 @@ class Scheduler:
             while True:
                 if ticket.cancelled.is_set():
                     ticket.flow.close()  # its finally blocks (releasing what it holds) run here
-                    ticket._items.put(("done", None))
+                    self._end(ticket, ("done", None))
                     return
                 item = ticket.flow.send(value)
                 value = None
@@ -260,9 +261,13 @@ class Scheduler:
                     raise AssertionError(f"a flow yielded {item!r}")
         except StopIteration as stop:
             ticket.value = stop.value
-            ticket._items.put(("done", None))
+            self._end(ticket, ("done", None))
         except BaseException as exc:  # the request's error, raised in its consumer; the thread goes on
-            ticket._items.put(("error", exc))
+            self._end(ticket, ("error", exc))
+
+    def _end(self, ticket: Ticket, message: tuple[str, Any]) -> None:
+        self._live -= 1
+        ticket._items.put(message)
 
     def _decode_step(self) -> None:
         """One batched step per decoder for the flows waiting on one (at most its ``max_batch``; the rest wait a step, oldest first)."""
@@ -284,8 +289,8 @@ class Scheduler:
                 logits = decoder.decode_batch([d.token for _, d in batch], [d.model_cache for _, d in batch])
             except BaseException as exc:  # a failed step fails the requests in it, not the thread
                 for ticket, _ in batch:
-                    ticket._items.put(("error", exc))
                     ticket.flow.close()
+                    self._end(ticket, ("error", exc))
                 continue
             self.steps += 1
             self.batch_histogram[len(batch)] = self.batch_histogram.get(len(batch), 0) + 1

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence
 from engine import GenerationResult
 
 Progress = Callable[[str], None]
-CAPABILITY_NAMES = ("kv_cache_off", "prefix_cache_off", "isolation", "cached_tokens", "server_stats", "clear", "token_ids")
+CAPABILITY_NAMES = ("kv_cache_off", "prefix_cache_off", "isolation", "cached_tokens", "server_stats", "clear", "token_ids", "running")
 
 
 class BackendUnavailable(RuntimeError):
@@ -92,6 +92,9 @@ class Backend(Protocol):
 
     def entries(self, namespace: str) -> Sequence[Any]:
         """The cache's entries in ``namespace`` (``cache.CacheEntry``), or none where they cannot be seen."""
+
+    def running(self, visible: Callable[[str], bool]) -> list[dict[str, Any]]:
+        """The requests running now in the namespaces ``visible`` allows (``Engine.running``'s rows), or none where they cannot be seen."""
 
     def decode(self, token_ids: Sequence[int]) -> str: ...
 

@@ -22,6 +22,7 @@ CAPABILITIES = {
     "server_stats": Capability(True, "the prefix cache's own counters and sizes"),
     "clear": Capability(True, "clears the whole cache or one namespace"),
     "token_ids": Capability(True, "prompt and output token ids"),
+    "running": Capability(True, "the requests running now, the batch each decodes in and the cached prefix each reused"),
 }
 
 
@@ -66,6 +67,9 @@ class LocalBackend:
 
     def entries(self, namespace: str) -> Sequence[Any]:
         return self.engine.cache.entries(namespace)
+
+    def running(self, visible: Callable[[str], bool]) -> list[dict[str, Any]]:
+        return self.engine.running(visible)
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return self.engine.decode(token_ids)

@@ -21,7 +21,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import httpx
 
@@ -92,6 +92,7 @@ class Adapter:
             "server_stats": Capability(False, "no server-wide prefix-cache counters: this app's own per-request counts"),
             "clear": Capability(False, "this server has no endpoint to clear its prefix cache"),
             "token_ids": Capability(False, "servers stream text, not token ids"),
+            "running": Capability(False, "a serving engine does not say which requests it runs, nor what they share"),
         }
 
     def _prefix_off(self) -> Capability:
@@ -408,6 +409,9 @@ class RemoteBackend:
 
     def entries(self, namespace: str) -> Sequence[Any]:
         return ()  # a server does not show its cache's entries
+
+    def running(self, visible: Callable[[str], bool]) -> list[dict[str, Any]]:
+        return []  # a server does not show what it runs
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return ""

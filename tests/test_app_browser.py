@@ -135,6 +135,7 @@ def test_generate_draws_figures_charts_and_the_verdict(page, app_server):
     for plot, title in (("#kv-latency-plot", "Time to first token"), ("#kv-hits-plot", "Running hit rate")):
         page.locator(plot).get_by_text(title).first.wait_for()
     page.locator("#kv-latency-plot").get_by_text("below #").first.wait_for()  # the ratio annotation on the hit
+    page.locator("#kv-batch-plot").get_by_text("Requests in each decode step of #2").first.wait_for()  # the hit's decode steps, drawn
     SCREENSHOTS.mkdir(exist_ok=True)
     page.screenshot(path=str(SCREENSHOTS / "app.png"), full_page=True)
 
@@ -273,6 +274,9 @@ def test_phone_one_column_no_sideways_scroll_and_every_tab_in_reach(phone, app_s
     assert 0 <= output["y"] - (button["y"] + button["height"]) < 250, (button, output)  # under it, not a screen away
     latency, hits = phone.locator("#kv-latency-plot").bounding_box(), phone.locator("#kv-hits-plot").bounding_box()
     assert hits["y"] >= latency["y"] + latency["height"] - 1  # the charts are stacked
+    phone.locator("#kv-batch-plot .js-plotly-plot").wait_for()
+    batch = phone.locator("#kv-batch-plot").bounding_box()
+    assert latency["y"] + latency["height"] - 1 <= batch["y"] < hits["y"]  # the batch sizes right under the decode panel
     assert [t.inner_text().strip() for t in phone.get_by_role("tab").all()] == list(TABS)
     for name in TABS:
         open_tab(phone, name)

@@ -123,7 +123,8 @@ def test_repetition_penalty_is_forwarded_and_the_ngram_ban_refused(fronted, remo
 
 # ---------------------------------------------------------------------- per-engine parsing, on bodies from the engines' own docs and code
 
-from backends.remote import ADAPTERS, detect_kind, prometheus_values  # noqa: E402
+from backends import CAPABILITY_NAMES  # noqa: E402
+from backends.remote import ADAPTERS, RemoteBackend, detect_kind, prometheus_values  # noqa: E402
 
 
 class _Answer:
@@ -223,5 +224,6 @@ def test_salts_and_capabilities_per_engine():
     assert sglang.request_fields("ns", False) == {} and not sglang.capabilities()["prefix_cache_off"].available
     for adapter in ADAPTERS.values():
         caps = adapter().capabilities()
-        assert not caps["kv_cache_off"].available
-        assert all(c.note for c in caps.values())
+        assert not caps["kv_cache_off"].available and not caps["running"].available  # a server shows no running requests: the inspector says why
+        assert all(c.note for c in caps.values()) and set(caps) == set(CAPABILITY_NAMES)
+    assert RemoteBackend("http://127.0.0.1:9").running(lambda namespace: True) == []

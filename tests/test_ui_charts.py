@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
 
@@ -212,3 +213,86 @@ def test_tree_figure_from_service_rows_in_shared_mode(service):
     assert "maps" in repr(trace.customdata)
     stranger = charts.tree_figure(service.entries(Session(key="other", client="session:other", anonymous=False))).data[0]
     assert "maps" not in repr(stranger.customdata) + repr(stranger.labels) and list(stranger.ids) == list(trace.ids)
+
+
+def _record(index: int, batch_sizes: tuple[int, ...] = (), status: str = "miss", reused: int = 0) -> charts.RequestRecord:
+    """A history record as the page keeps it, without running a model."""
+    return charts.RequestRecord(index=index, label="playground", cache_status=status, use_cache=True, use_prefix_cache=True, ttft_ms=100.0 / index,
+                                wall_ttft_ms=110.0, decode_ms=40.0 * len(batch_sizes), total_ms=500.0, prompt_tokens=40, reused_tokens=reused,
+                                new_tokens=len(batch_sizes) + 1, batch_sizes=batch_sizes)
+
+
+@pytest.mark.parametrize("ttfts, decades", [((400.0, 969.0), (2, 3)), ((0.0, 1000.0), (-2, 3)), ((1000.0,), (3, 4))])
+def test_ttft_axis_spans_whole_decades(ttfts, decades):
+    """The log TTFT axis ticks at powers of ten only: two requests inside one decade (400 and 969 ms) drew no tick at all."""
+    records = [dataclasses.replace(_record(i + 1), ttft_ms=t) for i, t in enumerate(ttfts)]
+    assert tuple(charts.latency_figure(records).layout.yaxis.range) == decades
+
+
+@pytest.mark.parametrize(
+    "batch_sizes, phrase",
+    [
+        ((), ""),  # no decode step (one token, no KV cache, a remote)
+        ((1, 1, 1), ""),  # every step ran alone: nothing to say
+        ((4, 4), "decoded in batches of 4"),
+        ((1, 2, 3, 4), "decoded in batches of 1–4 (mean 2.5)"),
+        ((1,) + (4,) * 99, "decoded in batches of 1–4 (mean 3.97)"),  # rounded down: never a mean equal to the largest batch
+    ],
+)
+def test_batch_phrase_names_the_batches_only_when_shared(batch_sizes, phrase):
+    """The verdict's words for continuous batching: the range and mean of the batches a request's decode steps ran in."""
+    assert charts.batch_phrase(batch_sizes) == phrase
+
+
+def test_batch_panel_draws_the_newest_requests_steps_and_the_verdict_names_them():
+    """One bar per decode step of the newest request, at the token it made (2..n), as tall as its batch; the verdict and
+    the decode panel's hover say the range and mean."""
+    records = [_record(1, (1, 1)), _record(2, (1, 2, 3, 4, 4, 1), status="partial", reused=32)]
+    assert charts.has_batches(records)
+    bars = charts.batch_figure(records)
+    assert list(bars.data[0].x) == [2, 3, 4, 5, 6, 7] and list(bars.data[0].y) == [1, 2, 3, 4, 4, 1]
+    assert "#2" in bars.layout.title.text and not bars.layout.annotations  # drawn, no placeholder
+    assert charts.verdict(records).endswith(" Decoded in batches of 1–4 (mean 2.5).")
+    decode = [t for t in charts.latency_figure(records).data if t.yaxis == "y2"]
+    assert any("decoded in batches of 1–4" in c[3] for t in decode for c in t.customdata)
+
+
+@pytest.mark.parametrize("newest", [_record(2), _record(2, (1, 1, 1))], ids=["no batch sizes (remote)", "decoded alone"])
+def test_batch_panel_without_batches(newest):
+    """A remote's request has no batch sizes: nothing to draw (the page hides the chart), no words, no error. A request
+    decoded alone draws its bars at 1 and the verdict says nothing of batches."""
+    records = [_record(1, (2, 2)), newest]
+    assert charts.has_batches(records) is bool(newest.batch_sizes)
+    figure = charts.batch_figure(records)
+    assert figure.data[0].type == "bar" and list(figure.data[0].y) == list(newest.batch_sizes)  # one kind of trace in every state
+    assert bool(figure.layout.annotations) is (not newest.batch_sizes)  # the placeholder only where nothing is drawn
+    assert "batches" not in charts.verdict(records)
+    assert not charts.has_batches([]) and charts.batch_figure([]).layout.annotations
+
+
+def test_records_keep_the_engines_batch_sizes(service):
+    """A request's batch sizes reach its record: one per decode step (tokens 2..n), 1 for requests run one after another."""
+    history = three_requests(service)
+    assert all(r.batch_sizes == (1,) * (r.new_tokens - 1) for r in history.records)
+
+
+def _running_row(prefix: str | None, reused: int, phase: str = "decode", age: float = 1.0) -> dict:
+    return {"phase": phase, "prompt_tokens": 400, "new_tokens": 3 if phase == "decode" else 0, "max_new_tokens": 64, "reused_tokens": reused,
+            "shared_prefix": prefix, "batch_size": 4 if phase == "decode" else 0, "started_s_ago": age}
+
+
+def test_running_table_groups_requests_by_the_cached_prefix_they_reuse():
+    """Requests reusing the same cached prefix share a letter and sit together, in the order their first one started;
+    those that reused nothing come last; the line above says how many reuse which prefix."""
+    rows = [_running_row("aa", 376, age=9), _running_row(None, 0, "prefill", age=8), _running_row("bb", 64, age=7), _running_row("aa", 376, age=6), _running_row("aa", 376, age=5)]
+    frame = charts.running_frame(rows)
+    assert list(frame.columns) == charts.RUNNING_COLUMNS
+    assert list(frame["prefix"]) == ["A", "A", "A", "B", "–"] and list(frame["cached"]) == [376, 376, 376, 64, 0]
+    assert list(frame["running"])[:3] == ["9.0 s", "6.0 s", "5.0 s"] and frame["new"][0] == "3/64"
+    assert list(frame["batch"]) == [4, 4, 4, 4, "–"]  # no decode step yet: no batch
+    summary = charts.running_summary(rows)
+    assert summary.startswith("**Running now: 5 requests**")
+    assert "**A**: 3 requests reuse the same cached 376-token prefix" in summary and "**B**: 1 request reuses a cached 64-token prefix" in summary
+    assert summary.endswith("1 reused nothing")
+    assert charts.running_frame([]).empty and "nothing" in charts.running_summary([])
+    assert charts.running_summary([], "a server does not say") == "**Running now:** not shown here: a server does not say."  # a remote backend

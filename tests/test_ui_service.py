@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 
 from ui.service import Busy, EngineService, NotReady
@@ -71,6 +74,45 @@ def test_per_session_inspector_lists_only_own_entries(tiny_engine):
     rows = service.entries(who("alice"))
     assert rows and all("zebras" not in row["preview"] for row in rows)
     assert any("apples" in row["preview"] for row in rows)
+
+
+@pytest.mark.parametrize(
+    "cache_mode, alice_sees, bob_sees",
+    [
+        ("per-session", 2, 1),  # each session its own requests only
+        ("shared", 3, 3),  # everyone's, as the tree shows them
+    ],
+)
+def test_running_table_lists_what_the_inspector_may_show(tiny_engine, monkeypatch, cache_mode, alice_sees, bob_sees):
+    """The inspector's "Running now" follows the tree's rule (Isolation.inspected): per-session only the caller's own
+    requests, shared everyone's; rows carry no namespace; requests reusing the same cached prefix carry one id."""
+    service = make_service(tiny_engine, cache_mode=cache_mode)
+    for name in ("alice", "bob"):
+        ask(service, name, "Warm the system prompt")  # the cached prefix the running requests reuse
+    asks = (("alice", "Apples?"), ("alice", "Bananas?"), ("bob", "Cherries?"))  # unlike from the first token: each reuses the system prompt alone
+    jobs = _parked(tiny_engine, monkeypatch, [service.stream(who(name), prompt=prompt, system_prompt=SYSTEM, max_new_tokens=4) for name, prompt in asks])
+    try:
+        alice, bob = service.running(who("alice")), service.running(who("bob"))
+        assert (len(alice), len(bob)) == (alice_sees, bob_sees)
+        assert all("namespace" not in row and row["phase"] == "decode" and row["reused_tokens"] > 0 for row in alice + bob)
+        prefixes = {row["shared_prefix"] for row in alice}
+        assert len(prefixes) == 1 and None not in prefixes  # one cached system prompt per namespace, shared mode: one for all
+        assert len(service.running(who("carol"))) == (0 if cache_mode == "per-session" else 3)
+    finally:
+        tiny_engine.compiler.done.set()
+        results = [job.result() for job in jobs]
+    assert all(len(r.batch_sizes) == len(r.token_ids) - 1 for r in results)
+
+
+def _parked(engine, monkeypatch, jobs: list) -> list:
+    """``jobs``, each held after its first token: the engine waits for a "compile" (a fresh event) before any decode step."""
+    monkeypatch.setattr(engine.compiler, "state", "compiling")
+    monkeypatch.setattr(engine.compiler, "done", threading.Event())
+    deadline = time.monotonic() + 60  # a liveness bound; the wait ends as soon as every job is parked
+    while len([row for row in engine.running() if row["phase"] == "decode"]) < len(jobs):
+        assert time.monotonic() < deadline, engine.running()
+        time.sleep(0.01)
+    return jobs
 
 
 @pytest.mark.parametrize(

@@ -38,6 +38,8 @@ STATUS_BADGE = {"no-kv": "no KV cache", "off": "prefix off"}  # the badge's word
 TOKEN_COLORS = {"cached": "#bbf7d0", "computed": "#fed7aa"}
 MAX_HIGHLIGHTED_TOKENS = 1200  # a longer prompt shows its start; the page stays light
 _DECODE_COLOR = "#cbd5e1"
+_BATCH_COLOR = "#2563eb"
+RUNNING_COLUMNS = ["prefix", "cached", "phase", "batch", "new", "prompt", "running"]  # "Running now": short, what a phone shows first on the left
 TREE_COLOURS = ("hits", "recency")  # what the tree view's colour shows: a node's hits, or the time since its last use
 _LOCKED, _PINNED = "#dc2626", "#7c3aed"  # tree view outlines: held by a running request, pinned
 _LAYOUT = dict(template="plotly_white", height=340, margin=dict(l=50, r=20, t=50, b=40), legend=dict(orientation="h", y=-0.18))
@@ -59,6 +61,7 @@ class RequestRecord:
     prompt_tokens: int
     reused_tokens: int
     new_tokens: int
+    batch_sizes: tuple[int, ...] = ()  # how many requests each decode step ran for (tokens 2..n); none from a remote
 
     @classmethod
     def of(cls, result: GenerationResult, index: int, label: str = "playground") -> "RequestRecord":
@@ -76,6 +79,7 @@ class RequestRecord:
             prompt_tokens=int(t["prompt_tokens"]),
             reused_tokens=reused_tokens(result),
             new_tokens=int(t["new_tokens"]),
+            batch_sizes=tuple(result.batch_sizes),
         )
 
     @property
@@ -157,7 +161,7 @@ def latency_figure(records: Sequence[RequestRecord]) -> go.Figure:
             continue
         x = [_x(r) for r in rows]
         fig.add_bar(
-            x=x, y=[max(r.ttft_ms, 0.01) for r in rows], name=STATUS_BADGE.get(status, status), legendgroup=status, marker_color=color,
+            x=x, y=[_ttft_bar(r) for r in rows], name=STATUS_BADGE.get(status, status), legendgroup=status, marker_color=color,
             customdata=[[r.label, r.settings_text, r.wall_ttft_ms, r.prompt_tokens, r.reused_tokens] for r in rows],
             hovertemplate="%{x} %{customdata[0]}<br>TTFT %{y:.1f} ms (wall %{customdata[2]:.1f} ms)"
             "<br>%{customdata[1]}<br>prompt %{customdata[3]} tokens, %{customdata[4]} from cache<extra>" + status + "</extra>",
@@ -165,11 +169,11 @@ def latency_figure(records: Sequence[RequestRecord]) -> go.Figure:
         )
         fig.add_bar(
             x=x, y=[r.decode_ms_per_token for r in rows], name=status, legendgroup=status, showlegend=False, marker_color=color,
-            customdata=[[r.new_tokens, r.decode_ms, r.settings_text] for r in rows],
-            hovertemplate="%{x}: %{y:.1f} ms per token (%{customdata[0]} tokens, decode %{customdata[1]:.0f} ms)<br>%{customdata[2]}<extra>" + status + "</extra>",
+            customdata=[[r.new_tokens, r.decode_ms, r.settings_text, _line(batch_phrase(r.batch_sizes))] for r in rows],
+            hovertemplate="%{x}: %{y:.1f} ms per token (%{customdata[0]} tokens, decode %{customdata[1]:.0f} ms)<br>%{customdata[2]}%{customdata[3]}<extra>" + status + "</extra>",
             row=2, col=1,
         )
-    fig.update_yaxes(type="log", dtick=1, title_text="ms", row=1, col=1)  # ticks at powers of ten only
+    fig.update_yaxes(type="log", dtick=1, title_text="ms", range=_decades([_ttft_bar(r) for r in records]), row=1, col=1)  # ticks at powers of ten only
     fig.update_yaxes(title_text="ms / token", rangemode="tozero", row=2, col=1)
     _annotate_saving(fig, records)
     fig.update_layout(barmode="group", bargap=0.25, **{**_LAYOUT, "height": 420, "margin": dict(l=55, r=15, t=40, b=40)})
@@ -227,23 +231,54 @@ def baseline(records: Sequence[RequestRecord], record: RequestRecord) -> Request
 
 def verdict(records: Sequence[RequestRecord]) -> str:
     """One line about the newest request: what it reused and how much sooner its first token came, or
-    what running without a KV cache cost per token. Empty before the first request."""
+    what running without a KV cache cost per token; then, where its decode steps ran with other
+    requests', the batches they ran in (:func:`batch_phrase`). Empty before the first request."""
     if not records:
         return ""
-    last = records[-1]
-    if last.status == "no-kv":
-        kv = next((r for r in reversed(records[:-1]) if r.use_cache and r.decode_ms_per_token > 0), None)
-        steps = max(last.new_tokens - 1, 0)
-        slower = f", {last.decode_ms_per_token / kv.decode_ms_per_token:,.1f}× slower per token than {_x(kv)} with the KV cache" if kv and last.decode_ms_per_token else ""
-        return f"No KV cache: every one of the {steps} decode steps re-ran the whole sequence{slower}."
-    if last.reused_tokens == 0:
-        why = {"off": "the prefix cache was off", "skipped": "the prompt is too short to cache"}.get(last.status, "nothing reusable was cached")
-        return f"This request reused none of its {last.prompt_tokens} prompt tokens ({why}): its first token took {last.ttft_ms:,.0f} ms."
-    line = f"This request reused {last.reused_tokens} of {last.prompt_tokens} prompt tokens"
-    base = baseline(records, last)
-    if base is None or last.ttft_ms <= 0:
-        return line + f": first token in {last.ttft_ms:,.1f} ms (no earlier miss to compare with)."
-    return line + f": first token {_ratio(base.ttft_ms, last.ttft_ms)} sooner than {_x(base)}, a {base.prompt_tokens}-token miss ({last.ttft_ms:,.1f} ms vs {base.ttft_ms:,.0f} ms)."
+    line = _saving(records)
+    batches = batch_phrase(records[-1].batch_sizes)
+    return f"{line} {batches[:1].upper()}{batches[1:]}." if batches else line
+
+
+def batch_phrase(batch_sizes: Sequence[int]) -> str:
+    """"decoded in batches of 1–4 (mean 2.6)": the batches a request's decode steps ran in; empty when each ran alone, or there were none."""
+    if max(batch_sizes, default=0) <= 1:
+        return ""
+    low, high = min(batch_sizes), max(batch_sizes)
+    if low == high:
+        return f"decoded in batches of {high}"
+    mean = math.floor(100 * sum(batch_sizes) / len(batch_sizes)) / 100  # rounded down: 3.99, never "4" for steps of 1 and 4
+    return f"decoded in batches of {low}–{high} (mean {mean:g})"
+
+
+def has_batches(records: Sequence[RequestRecord]) -> bool:
+    """Whether :func:`batch_figure` has anything to draw: the newest request made tokens in decode steps.
+
+    Not after a remote backend's request (a serving engine does not say how it batched), a one-token
+    request, or one without a KV cache (it re-runs the sequence alone at every step): the page hides the chart then.
+    """
+    return bool(records and records[-1].batch_sizes)
+
+
+def batch_figure(records: Sequence[RequestRecord]) -> go.Figure:
+    """The newest request's decode steps, one bar per token it made in one (tokens 2..n): how many requests that step ran for.
+
+    The engine runs the decode steps of every running request as one batched call
+    (``engine/scheduler.py``), so a request's step is shared with whoever decodes at that moment;
+    this is why its decode time per token (the panel above) moves with the load while its own work
+    does not. Always a bar chart, empty before a request with decode steps (see :func:`has_batches`).
+    """
+    last = records[-1] if has_batches(records) else None
+    sizes = list(last.batch_sizes) if last else []
+    fig = go.Figure(go.Bar(
+        x=list(range(2, len(sizes) + 2)), y=sizes, marker_color=_BATCH_COLOR, name="batch size", showlegend=False,
+        hovertemplate="token %{x}: its decode step ran for %{y} requests<extra></extra>",
+    ))
+    title = f"Requests in each decode step of {_x(last)}" if last else "Requests in each decode step"
+    fig.update_layout(title=dict(text=title, x=0.5, font=dict(size=16)), bargap=0.15, **{**_LAYOUT, "height": 230, "margin": dict(l=55, r=15, t=40, b=40)})
+    fig.update_xaxes(title_text="token", title_standoff=4, range=[1.5, len(sizes) + 1.5] if sizes else None)  # token 1 came from the prefill
+    fig.update_yaxes(title_text="batch", range=[0, max(sizes, default=1) + 0.5], dtick=1 if max(sizes, default=1) <= 8 else None)
+    return _placeholder(fig, sizes, "No decode steps yet: press Generate")
 
 
 def verdict_html(records: Sequence[RequestRecord]) -> str:
@@ -385,6 +420,55 @@ def inspector_frame(rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
     return frame.sort_values("_t", ascending=False, kind="stable").drop(columns="_t").reset_index(drop=True)
 
 
+def running_frame(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """The inspector's "Running now" table, from ``EngineService.running`` rows: one row per request,
+    the requests that reuse the same cached prefix together, under the same letter.
+
+    A letter (A, B, ...) stands for one ``shared_prefix`` id, in the order its first request started;
+    it names a prefix within this one view only. Requests that reused nothing come last, with no letter.
+    """
+    letters = _prefix_letters(rows)
+    rank = {prefix: i for i, prefix in enumerate(letters)}
+    order = sorted(rows, key=lambda r: rank.get(r["shared_prefix"], len(rank)))  # stable: oldest first within a group
+    return pd.DataFrame(
+        [
+            {
+                "prefix": letters.get(r["shared_prefix"], "–"),
+                "cached": r["reused_tokens"],
+                "phase": r["phase"],
+                "batch": r["batch_size"] or "–",  # 0: no decode step yet
+                "new": f"{r['new_tokens']}/{r['max_new_tokens']}",
+                "prompt": r["prompt_tokens"],
+                "running": f"{r['started_s_ago']:,.1f} s",
+            }
+            for r in order
+        ],
+        columns=RUNNING_COLUMNS,
+    )
+
+
+def running_summary(rows: Sequence[dict[str, Any]], unavailable: str | None = None) -> str:
+    """The line above the "Running now" table: how many requests run, and which of them share a cached prefix.
+
+    ``unavailable`` is the backend's reason where it cannot say what runs (a remote server): then that, and no table.
+    """
+    if unavailable:
+        return f"**Running now:** not shown here: {unavailable}."
+    if not rows:
+        return "**Running now:** nothing. Requests show here while they prefill or decode (press Refresh)."
+    letters = _prefix_letters(rows)
+    groups = [(letter, [r for r in rows if r["shared_prefix"] == prefix]) for prefix, letter in letters.items()]
+    parts = [
+        f"**{letter}**: {len(mine)} requests reuse the same cached {mine[0]['reused_tokens']:,}-token prefix" if len(mine) > 1
+        else f"**{letter}**: 1 request reuses a cached {mine[0]['reused_tokens']:,}-token prefix"
+        for letter, mine in groups
+    ]
+    alone = sum(r["shared_prefix"] is None for r in rows)
+    if alone:
+        parts.append(f"{alone} reused nothing")
+    return f"**Running now: {_count(len(rows), 'request')}** · " + " · ".join(parts)
+
+
 def tree_figure(rows: Sequence[dict[str, Any]], colour: str = "hits", now: float | None = None) -> go.Figure:
     """The cache inspector's tree view: an icicle of the radix tree, from ``EngineService.entries`` rows.
 
@@ -516,12 +600,59 @@ def _tree_points(rows: Sequence[dict[str, Any]], ages: Sequence[float | None], c
     return points
 
 
+def _saving(records: Sequence[RequestRecord]) -> str:
+    """The verdict's first sentence: what the newest request reused and what that saved, or what no KV cache cost."""
+    last = records[-1]
+    if last.status == "no-kv":
+        kv = next((r for r in reversed(records[:-1]) if r.use_cache and r.decode_ms_per_token > 0), None)
+        steps = max(last.new_tokens - 1, 0)
+        slower = f", {last.decode_ms_per_token / kv.decode_ms_per_token:,.1f}× slower per token than {_x(kv)} with the KV cache" if kv and last.decode_ms_per_token else ""
+        return f"No KV cache: every one of the {steps} decode steps re-ran the whole sequence{slower}."
+    if last.reused_tokens == 0:
+        why = {"off": "the prefix cache was off", "skipped": "the prompt is too short to cache"}.get(last.status, "nothing reusable was cached")
+        return f"This request reused none of its {last.prompt_tokens} prompt tokens ({why}): its first token took {last.ttft_ms:,.0f} ms."
+    line = f"This request reused {last.reused_tokens} of {last.prompt_tokens} prompt tokens"
+    base = baseline(records, last)
+    if base is None or last.ttft_ms <= 0:
+        return line + f": first token in {last.ttft_ms:,.1f} ms (no earlier miss to compare with)."
+    return line + f": first token {_ratio(base.ttft_ms, last.ttft_ms)} sooner than {_x(base)}, a {base.prompt_tokens}-token miss ({last.ttft_ms:,.1f} ms vs {base.ttft_ms:,.0f} ms)."
+
+
+def _prefix_letters(rows: Sequence[dict[str, Any]]) -> dict[str, str]:
+    """A letter per ``shared_prefix`` id (A, B, ..., Z, A2, ...), in the order of the requests (oldest first)."""
+    ids = dict.fromkeys(r["shared_prefix"] for r in rows if r["shared_prefix"] is not None)
+    return {prefix: chr(ord("A") + i % 26) + (str(i // 26 + 1) if i >= 26 else "") for i, prefix in enumerate(ids)}
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def _line(text: str) -> str:
+    """``text`` as a hover's next line (nothing when empty)."""
+    return f"<br>{text}" if text else ""
+
+
 def _byte_unit(largest: int) -> tuple[str, int]:
     """The unit a chart of sizes up to ``largest`` bytes reads best in, and its size in bytes."""
     for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20)):
         if largest >= scale:
             return unit, scale
     return "KiB", 1 << 10
+
+
+def _ttft_bar(record: RequestRecord) -> float:
+    """A request's TTFT bar on the log axis, at least 0.01 ms (a log axis cannot draw 0)."""
+    return max(record.ttft_ms, 0.01)
+
+
+def _decades(values: Sequence[float]) -> list[int] | None:
+    """A log axis's range (log10) over whole powers of ten around ``values``: with ticks at powers of ten only,
+    bars that all fall inside one decade (400 and 969 ms) had no tick at all. None (autorange) without values."""
+    if not values:
+        return None
+    low = math.floor(math.log10(min(values)))
+    return [low, max(math.ceil(math.log10(max(values))), low + 1)]
 
 
 def _x(record: RequestRecord) -> str:
@@ -560,7 +691,7 @@ def _annotate_saving(fig: go.Figure, records: Sequence[RequestRecord]) -> None:
     if last is None or base is None or last.ttft_ms <= 0:
         return
     fig.add_annotation(
-        x=_x(last), y=math.log10(max(last.ttft_ms, 0.01)), row=1, col=1,  # a log axis places annotations by log10
+        x=_x(last), y=math.log10(_ttft_bar(last)), row=1, col=1,  # a log axis places annotations by log10
         text=f"{STATUS_BADGE.get(last.status, last.status)}: {last.ttft_ms:,.1f} ms,<br>{_ratio(base.ttft_ms, last.ttft_ms)} below {_x(base)}",
         showarrow=True, arrowhead=2, ax=0, ay=-38, font=dict(size=11), bgcolor="rgba(255,255,255,0.85)",
     )

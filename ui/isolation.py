@@ -116,6 +116,22 @@ class Isolation:
             return {"cleared": "nothing", "message": str(exc)}
         return {"cleared": "nothing", "message": "the shared cache of a public server cannot be cleared by a visitor"}
 
+    def inspected(self, session: Session) -> str:
+        """The one namespace whose entries and running requests the inspector shows a session: its own
+        (:meth:`namespace_for`), which in shared mode is everyone's. Never a scenario's scratch namespace
+        nor a ``cache_salt``'s, even the session's own: the tree and the "Running now" table show the same namespace."""
+        return self.namespace_for(session)
+
+    def running(self, session: Session) -> list[dict[str, Any]]:
+        """The requests running now that a session may see (``Engine.running``'s rows): those in its :meth:`inspected`
+        namespace, so per-session only its own, shared everyone's in the shared namespace.
+
+        A row keeps no namespace name (a session's is made from its key); ``shared_prefix`` is an opaque
+        id, equal for the requests that reuse the same cached prefix, and no text is ever shown.
+        """
+        shown = self.inspected(session)
+        return [{k: v for k, v in row.items() if k != "namespace"} for row in self.backend.running(lambda namespace: namespace == shown)]
+
     def entries(self, session: Session, own_sequences: Sequence[Sequence[int]] = ()) -> list[dict[str, Any]]:
         """The cache inspector's rows for a session, with a text preview only of the session's own tokens.
 
@@ -126,7 +142,7 @@ class Isolation:
         """
         own_all = self.settings.per_session
         rows, stack = [], []  # stack: (end position, path tokens, row id) of the ancestors of the current node
-        for entry in self.backend.entries(self.namespace_for(session)):
+        for entry in self.backend.entries(self.inspected(session)):
             while stack and stack[-1][0] != entry.start:
                 stack.pop()
             path = (stack[-1][1] if stack else ()) + entry.token_ids

@@ -3,7 +3,8 @@
 Builds its components and wires its own events; the work is the service's (``ui/service.py``) and
 the figures are ``ui/charts.py``'s. Laid out in two rows so that a phone, where every row becomes
 one column, shows the Output right under Generate: [prompt, buttons | output, figures], then
-[settings, examples | token highlights, explanation], then the charts and the verdict line.
+[settings, examples | token highlights, explanation], then the charts (the latest request's batch
+sizes under the decode panel) and the verdict line.
 """
 
 from __future__ import annotations
@@ -77,14 +78,16 @@ def build_playground(ctx: PageContext) -> Playground:
             explanation = gr.HTML("", elem_id="kv-explanation")
     timing_note = gr.Markdown(elem_id="kv-timing-note")
     with gr.Row(equal_height=True, elem_id="kv-charts"):
-        latency_plot = gr.Plot(charts.latency_figure([]), show_label=False, elem_id="kv-latency-plot", min_width=300)
+        with gr.Column(min_width=300, elem_id="kv-decode-charts"):  # the batch sizes sit under the decode panel, on a phone too
+            latency_plot = gr.Plot(charts.latency_figure([]), show_label=False, elem_id="kv-latency-plot")
+            batch_plot = gr.Plot(charts.batch_figure([]), show_label=False, visible=False, elem_id="kv-batch-plot")
         hits_plot = gr.Plot(charts.hit_history_figure([]), show_label=False, elem_id="kv-hits-plot", min_width=300)
     verdict = gr.HTML("", elem_id="kv-verdict")
     reset_button = gr.Button("Reset chart history", size="sm", variant="secondary", elem_id="kv-reset")
 
-    results = [output, figures, tokens, explanation, latency_plot, hits_plot, verdict, history]
+    results = [output, figures, tokens, explanation, latency_plot, hits_plot, batch_plot, verdict, history]
     events = _wire_runs(ctx, inputs, history, generate_button, verify_button, results)
-    reset_button.click(_reset_charts(ctx), inputs=history, outputs=[latency_plot, hits_plot, figures, tokens, explanation, verdict, history], **QUICK)
+    reset_button.click(_reset_charts(ctx), inputs=history, outputs=[latency_plot, hits_plot, batch_plot, figures, tokens, explanation, verdict, history], **QUICK)
     inputs.use_cache.change(lambda kv: prefix_update(ctx.service.backend_info(), kv), inputs=inputs.use_cache, outputs=inputs.use_prefix_cache, **QUICK)
     return Playground(history, system_prompt, pin_button, unpin_button, [generate_button, verify_button, pin_button, unpin_button], run_reason, [inputs.use_cache, inputs.use_prefix_cache], timing_note, events)
 
@@ -173,8 +176,10 @@ def _reset_charts(ctx: PageContext):
     return on_reset
 
 
-def _charts(state: charts.SessionHistory) -> tuple[Any, Any]:
-    return charts.latency_figure(state.records), charts.hit_history_figure(state.records)
+def _charts(state: charts.SessionHistory) -> tuple[Any, Any, Any]:
+    """The session's charts; the batch sizes only after a request with decode steps (never after a remote's: it has none)."""
+    records = state.records
+    return charts.latency_figure(records), charts.hit_history_figure(records), gr.Plot(charts.batch_figure(records), visible=charts.has_batches(records))
 
 
 def _page_fields(prompt: Any, system_prompt: Any, max_new_tokens: Any, use_cache: Any, use_prefix_cache: Any, temperature: Any, repetition_penalty: Any, no_repeat_ngram_size: Any) -> dict:

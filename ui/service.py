@@ -143,6 +143,11 @@ class EngineService(Lifecycle):
         self.require_ready()
         return self._isolation.entries(session, own_sequences)
 
+    def running(self, session: Session) -> list[dict[str, Any]]:
+        """The requests running now that the session's inspector shows (``ui.isolation.Isolation.running``): its own, or all in shared mode."""
+        self.require_ready()
+        return self._isolation.running(session)
+
     @property
     def inflight(self) -> int:
         """Generations queued or running, all clients together."""

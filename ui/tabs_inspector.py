@@ -1,4 +1,4 @@
-"""The "Inspector" tab (the cache inspector): the cache's stats, its entries as a table and as a radix-tree icicle, Refresh and Clear.
+"""The "Inspector" tab (the cache inspector): the cache's stats, the requests running now, the cache's entries as a table and as a radix-tree icicle, Refresh and Clear.
 
 It also answers the playground's Pin and Unpin buttons, whose outcome is what the inspector shows.
 
@@ -27,6 +27,14 @@ def build_inspector_tab(ctx: PageContext, demo: gr.Blocks, play: Playground) -> 
         with gr.Row():
             refresh_button = gr.Button("Refresh", size="sm", elem_id="kv-refresh")
             clear_button = gr.Button("Clear cache", size="sm", variant="stop", elem_id="kv-clear")
+        running_note = gr.Markdown(elem_id="kv-running-note")
+        running_table = gr.DataFrame(
+            value=charts.running_frame([]),
+            label="Running now, in tokens: the same letter, the same cached prefix",
+            interactive=False,
+            max_height=300,
+            elem_id="kv-running-table",
+        )
         tree_colour = gr.Radio(list(charts.TREE_COLOURS), value="hits", label="Tree colour", info="hits, or time since last use", elem_id="kv-tree-colour")
         cache_tree = gr.Plot(charts.tree_figure([]), show_label=False, elem_id="kv-tree-plot")
         cache_table = gr.DataFrame(
@@ -49,12 +57,13 @@ def build_inspector_tab(ctx: PageContext, demo: gr.Blocks, play: Playground) -> 
     on_pin, on_unpin = _pins(ctx, inspect)
     play.pin_button.click(on_pin, inputs=[play.system_prompt, *inputs], outputs=outputs, trigger_mode="once", **PRIVATE)
     play.unpin_button.click(on_unpin, inputs=[play.system_prompt, *inputs], outputs=outputs, trigger_mode="once", **PRIVATE)
-    demo.load(inspect, inputs=inputs, outputs=outputs, **QUICK)
-    for trigger in (refresh_button.click, tab.select, tree_colour.change):
+    refreshes = (demo.load, refresh_button.click, tab.select, *(event.then for event in play.cache_changed))
+    for trigger in (*refreshes, tree_colour.change):
         trigger(inspect, inputs=inputs, outputs=outputs, **QUICK)
     clear_button.click(on_clear, inputs=inputs, outputs=outputs, **QUICK)
-    for event in play.cache_changed:
-        event.then(inspect, inputs=inputs, outputs=outputs, **QUICK)
+    on_running = _running(ctx)
+    for trigger in refreshes:  # an event of its own on the same refreshes: the inspector's answer keeps its three parts
+        trigger(on_running, outputs=[running_note, running_table], **QUICK)
 
 
 def _inspector(ctx: PageContext):
@@ -73,6 +82,19 @@ def _inspector(ctx: PageContext):
         return markdown, charts.inspector_frame(rows), charts.tree_figure(rows, colour)
 
     return on_inspect
+
+
+def _running(ctx: PageContext):
+    """The "Running now" table: what the session's inspector may see running (``EngineService.running``), grouped by cached prefix."""
+    service = ctx.service
+
+    def on_running(request: gr.Request) -> tuple[str, Any]:
+        if not service.ready:
+            return "", charts.running_frame([])
+        rows = service.running(ctx.session_of(request))
+        return charts.running_summary(rows, service.backend_info().reason_unavailable("running")), charts.running_frame(rows)
+
+    return on_running
 
 
 def _pins(ctx: PageContext, inspect):

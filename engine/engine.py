@@ -347,6 +347,7 @@ class Engine:
                 "rows_invariant": self.decoder.rows_invariant,
                 "steps": scheduler().steps,
                 "batch_histogram": dict(scheduler().batch_histogram),
+                "busy_s": dict(scheduler().busy_s),  # the model thread's time: batched decode steps, and flows (prefill chunks, sampling, inserts)
             },
             "weight_bytes": self.decoder.bytes_per_step(),  # read per decode step
             "resident_weight_bytes": quant.weight_bytes(self.model) + sum(quant.weight_bytes(m) for m in quant.decode_linears(self.model).values()),

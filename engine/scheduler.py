@@ -32,6 +32,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -124,6 +125,7 @@ class Scheduler:
         self._parked: list[tuple[Ticket, Until]] = []
         self.chunks_per_step = 1  # prefill chunks between two decode steps; 0: prefills run to their end (benchmark/batch_bench.py compares)
         self._live = 0  # flows started and not yet ended
+        self.busy_s = {"decode": 0.0, "flows": 0.0}  # the thread's time in batched steps, and in flows (prefill chunks, sampling, inserts)
         self.steps = 0  # batched decode steps run, for the page and the tests
         self.batch_histogram: dict[int, int] = {}  # batch size -> steps run at it
         self._thread = threading.Thread(target=self._loop, name="kvci-engine", daemon=True)
@@ -238,6 +240,13 @@ class Scheduler:
 
     def _advance(self, ticket: Ticket, value: Any) -> None:
         """Run ``ticket``'s flow until it needs the scheduler (a step, a pause, an event) or ends."""
+        t0 = time.perf_counter()
+        try:
+            self._run_flow(ticket, value)
+        finally:
+            self.busy_s["flows"] += time.perf_counter() - t0
+
+    def _run_flow(self, ticket: Ticket, value: Any) -> None:
         try:
             while True:
                 if ticket.cancelled.is_set():
@@ -285,6 +294,7 @@ class Scheduler:
             batch, later = group[:limit], group[limit:]
             self._decoding.extend(later)
             decoder = batch[0][1].decoder
+            t0 = time.perf_counter()
             try:
                 logits = decoder.decode_batch([d.token for _, d in batch], [d.model_cache for _, d in batch])
             except BaseException as exc:  # a failed step fails the requests in it, not the thread
@@ -293,6 +303,7 @@ class Scheduler:
                     self._end(ticket, ("error", exc))
                 continue
             self.steps += 1
+            self.busy_s["decode"] += time.perf_counter() - t0
             self.batch_histogram[len(batch)] = self.batch_histogram.get(len(batch), 0) + 1
             for row, (ticket, _) in enumerate(batch):
                 self._ready.append((ticket, Step(logits[row], len(batch))))

@@ -100,6 +100,7 @@ class Lifecycle:
             "kv_dtype": info.get("kv_dtype"),
             "weights": info.get("weights_detail"),
             "decode": info.get("decode_compile"),
+            "batching": info.get("batching"),  # engine/scheduler.py: max batch, steps per batch size, the model thread's busy time
             "parameters": info.get("parameters"),
             "context_length": info.get("context_length"),
             "max_prompt_tokens": self.settings.prompt_token_limit or info.get("context_length"),

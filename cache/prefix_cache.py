@@ -192,6 +192,7 @@ class PrefixCache:
         self._owners: dict[str, Owner] = {}
         self._tombstones: OrderedDict[str, None] = OrderedDict()  # cleared by name, no lookup since: inserts refused
         self._totals = _Counters()  # every namespace's counters, including forgotten ones
+        self.clears = 0  # clear() calls so far: work computed before one (a reply waiting to be stored) is dropped
         self._ledger = Ledger()
         self._all = self._ledger.all  # sizes over all namespaces
         self._heap: list[tuple[Any, int, Node]] = []  # evictable leaves of every namespace
@@ -337,6 +338,7 @@ class PrefixCache:
         """
         self._local.wait_s = 0.0
         with self._locked():
+            self.clears += 1
             if namespace is None:
                 names = list(self._namespaces)
             else:

@@ -1,4 +1,4 @@
-"""The request flow: tokenize, match, reuse, prefill, first token, insert the prompt, decode, insert the history, result.
+"""The request flow: tokenize, match, reuse, prefill, first token, insert the prompt, decode, queue the history, result.
 
 ``Engine.stream`` is the core: a generator that yields text deltas and finally a
 :class:`GenerationResult`; ``Engine.generate`` collects it. The steps are small methods named for
@@ -9,11 +9,13 @@ engine owns the model, the tokenizer and the prefix cache; it knows nothing abou
 Caching never changes the answer, by construction (``engine/prefill.py``): every KV row the prefix
 cache stores, and every logits vector, is computed by the chunked prefill, whose shapes never depend
 on the path; new tokens come from the one decode step of the process's life; a reply is prefilled
-again before it is stored. ``tests/test_exact.py`` checks it bit for bit.
+again before it is stored (after its request has answered: ``engine/history.py``).
+``tests/test_exact.py`` checks it bit for bit.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator, Sequence
@@ -25,6 +27,7 @@ from engine import compiled, fast_llama, loading, quant
 from engine.chat_tokens import ChatTokenizer
 from engine.config import EngineConfig
 from engine.explain import explain
+from engine.history import Backlog, Reply
 from engine.oracle import compare
 from engine.kv import has_sliding_layers, kv_bytes_per_token, new_model_cache
 from engine.kv_pool import KVPool
@@ -141,6 +144,8 @@ class Engine:
             self.decoder.check_rows_invariant(self.config.max_batch, self.kv_dtype)
         self.compiler = compiled.StepCompiler(self.decoder, self.config.resolved_model_cache_dir(), self.config.compile, self.kv_dtype, self.config.max_batch)  # from_pretrained starts it
         self._running: dict[int, _Run] = {}  # the requests whose flows run now (running()); written on the model's thread only
+        self._history = Backlog()  # replies waiting to be stored (step 8, engine/history.py); the model's thread only
+        self._history_drainer = False  # whether the backlog's idle-time flow is submitted
         self.chat = ChatTokenizer(tokenizer)  # the chat template's rules, shared with the workload replay
         self._tokenizer_lock = self.chat.lock  # one lock for every use of the tokenizer
 
@@ -180,8 +185,19 @@ class Engine:
     # ------------------------------------------------------------------ public API
 
     def generate(self, prompt: str, **kwargs: Any) -> GenerationResult:
-        """Run one request to completion. Takes the same arguments as :meth:`stream`."""
-        return final_result(self.stream(prompt, **kwargs))
+        """Run one request to completion, its reply stored in the prefix cache (step 8) before it returns.
+
+        Takes the same arguments as :meth:`stream`. A stream ends with its last token and stores the
+        reply later (``engine/history.py``); here the reply's storing is waited for (until the model's
+        thread is idle, or the reply is skipped) and timed in ``history_prefill_ms``, so that a script's
+        next call finds the cache as the reply left it.
+        """
+        run = self._start(prompt, kwargs)
+        result = final_result(self._stream_text(run))
+        if run.history is not None:
+            run.history.done.wait()
+            result.timings["history_prefill_ms"] = run.history.prefill_ms
+        return result
 
     def stream(self, prompt: str, **kwargs: Any) -> Iterator[str | GenerationResult]:
         """Yield text deltas as tokens are generated, then the :class:`GenerationResult`.
@@ -209,12 +225,15 @@ class Engine:
         Raises:
             ValueError: bad input, with what is allowed (raised before anything is yielded).
         """
+        return self._stream_text(self._start(prompt, kwargs))
+
+    def _start(self, prompt: str, kwargs: dict[str, Any]) -> "_Run":
+        """The request, validated and tokenized (step 1): eagerly, so that bad input raises here and not mid-stream."""
         run = _Run(self.make_request(prompt, **kwargs), self.device)
-        # 1. Tokenize, eagerly, so that a prompt too long for the context raises here and not mid-stream.
         with run.clock.span("tokenize_ms"):
             run.prompt_ids = self.tokenize(run.request)
         self.check_prompt_tokens(len(run.prompt_ids), run.request.max_new_tokens)
-        return self._stream_text(run)
+        return run
 
     def make_request(
         self,
@@ -347,8 +366,9 @@ class Engine:
                 "rows_invariant": self.decoder.rows_invariant,
                 "steps": scheduler().steps,
                 "batch_histogram": dict(scheduler().batch_histogram),
-                "busy_s": dict(scheduler().busy_s),  # the model thread's time: batched decode steps, and flows (prefill chunks, sampling, inserts)
+                "busy_s": dict(scheduler().busy_s),  # the model thread's time: batched decode steps, flows (prefill chunks, sampling, inserts), idle-time work
             },
+            "history": self._history.info(),  # replies stored after their request (step 8): waiting, stored in idle time, promoted by a next turn, skipped
             "weight_bytes": self.decoder.bytes_per_step(),  # read per decode step
             "resident_weight_bytes": quant.weight_bytes(self.model) + sum(quant.weight_bytes(m) for m in quant.decode_linears(self.model).values()),
             "parameters": sum(p.numel() for p in self.model.parameters()),
@@ -420,7 +440,7 @@ class Engine:
         return self.decode(ids[prefix_offset:])[len(before) :]
 
     def _generate_tokens(self, run: "_Run") -> Iterator[Any]:
-        """Steps 2-8 (``stream`` tokenizes, ``_stream_text`` returns), as a flow of the scheduler's (``engine/scheduler.py``).
+        """Steps 2-7, and step 8 queued (``stream`` tokenizes, ``_stream_text`` returns), as a flow of the scheduler's (``engine/scheduler.py``).
 
         Runs on the model's thread. Yields each new token id as soon as it exists, and where it needs
         the scheduler: a decode step (batched with the other running requests), a pause between two
@@ -433,9 +453,11 @@ class Engine:
             token = self._first_token(run, logits)  # 5
             yield token
             self._insert_prompt(run, model_cache, logits)  # 6
+            run.prompt_stored.set()
             yield from self._decode_n_tokens(run, token, model_cache)  # 7
-            yield from self._insert_history(run, model_cache)  # 8
+            self._queue_history(run, model_cache)  # 8, after the reply: engine/history.py
         finally:
+            run.prompt_stored.set()  # whatever happened: nobody waits on it any more
             self._running.pop(id(run), None)
 
     def _prefill_prompt(self, run: "_Run") -> Iterator[Any]:
@@ -445,6 +467,9 @@ class Engine:
         holding the prompt's KV (None without a KV cache). An exact hit runs no model: the stored logits and every stored row are what a miss computes.
         """
         request, clock = run.request, run.clock
+        if request.use_prefix_cache:
+            yield from self._store_continued_history(run)
+            yield from self._wait_for_shared_prefill(run)
         if not request.use_cache:  # no KV cache: the prompt's logits, nothing kept (step 7 recomputes every step)
             run.prefill_tokens = len(run.prompt_ids)
             with clock.span("prefill_ms"):
@@ -458,9 +483,34 @@ class Engine:
         if logits is None:  # 4
             suffix = run.prompt_ids[run.reused_tokens :]
             run.prefill_tokens = len(suffix)
+            run.prefilling = match is not None  # it will store its prompt (step 6): others may wait for it
             with clock.span("prefill_ms"):
                 logits = yield from prefill_chunks(self.model, suffix, model_cache, self.chunk_tokens)
         return logits, model_cache
+
+    def _wait_for_shared_prefill(self, run: "_Run") -> Iterator[Any]:
+        """2a. Before the lookup: if another request is prefilling whole chunks this prompt shares (past what
+        it reused itself), wait until it has stored its prompt (step 6), then reuse them.
+
+        All prefill runs on the one model thread, so computing the same chunks twice only doubles the
+        work: eight requests arriving together on a new system prompt prefilled it eight times
+        (``benchmark/README.md``, "Continuous batching and the served path"). The wait is
+        ``shared_prefill_wait_ms``. A request that waits is not prefilling, so none waits on it.
+        """
+        while (leader := self._prefilling_leader(run)) is not None:
+            with run.clock.span("shared_prefill_wait_ms"):
+                yield Until(leader.prompt_stored)
+
+    def _prefilling_leader(self, run: "_Run") -> "_Run | None":
+        """The running request, prefilling in ``run``'s namespace, that shares the most whole chunks with it beyond its own reuse."""
+        chunk, best, leader = self.chunk_tokens, 0, None
+        for other in list(self._running.values()):
+            if other is run or not other.prefilling or other.prompt_stored.is_set() or other.request.cache_key != run.request.cache_key:
+                continue
+            shared = _common_prefix(run.prompt_ids, other.prompt_ids) // chunk * chunk
+            if shared >= max(self.cache.min_tokens, other.reused_tokens + chunk) and shared > best:
+                best, leader = shared, other
+        return leader
 
     def _match(self, run: "_Run") -> PrefixMatch | None:
         """2. The prefix-cache lookup (it locks the matched path until :meth:`PrefixCache.release`)."""
@@ -542,13 +592,14 @@ class Engine:
             step = yield Decode(self.decoder, earlier, scratch, self.config.max_batch)
         return step.logits
 
-    def _insert_history(self, run: "_Run", model_cache: Any) -> Iterator[Any]:
-        """8. Prompt and reply into the prefix cache, so a conversation's next turn hits its whole history.
+    def _queue_history(self, run: "_Run", model_cache: Any) -> None:
+        """8. Prompt and reply into the prefix cache, so a conversation's next turn hits its whole history: queued.
 
         The reply's KV came from the decode step, whose kernels differ from the prefill's: it is
-        prefilled again (from the prompt's last chunk boundary, ``history_prefill_ms``, after the
-        last token) so that every stored row is what a miss computes. With one token generated its KV
-        is not in the model cache: step 6 stored all there is.
+        prefilled again, from the prompt's last chunk boundary, so that every stored row is what a
+        miss computes. That prefill waits in the backlog (``engine/history.py``): in idle time, or at
+        the start of the turn that continues it. With one token generated its KV is not in the model
+        cache: step 6 stored all there is.
         """
         if run.match is None or model_cache is None or len(run.generated) < 2:
             return
@@ -556,10 +607,46 @@ class Engine:
         if length < self.cache.min_tokens:
             return
         start = len(run.prompt_ids) // self.chunk_tokens * self.chunk_tokens
-        with run.clock.span("history_prefill_ms"):
-            rewind(model_cache, start)
-            logits = yield from prefill_chunks(self.model, (run.prompt_ids + run.generated)[start:length], model_cache, self.chunk_tokens)
-        self._insert(run, model_cache, length, logits)
+        run.history = Reply(run, model_cache, chunk_capacity(run.capacity, self.chunk_tokens), (run.prompt_ids + run.generated)[:length], start, run.request.cache_key, self.cache.clears)
+        self._history.add(run.history)
+        if not self._history_drainer:
+            self._history_drainer = True
+            scheduler().submit(self._store_history_when_idle(), background=True)
+
+    def _store_history_when_idle(self) -> Iterator[Any]:
+        """The backlog's idle-time flow: store waiting replies, oldest first, a chunk at a time while nothing else runs."""
+        try:
+            while (reply := self._history.take_oldest()) is not None:
+                yield from self._store_history(reply, "stored")
+        finally:
+            self._history_drainer = False
+
+    def _store_continued_history(self, run: "_Run") -> Iterator[Any]:
+        """Before a lookup: store the waiting replies this prompt continues (a conversation's next turn), and wait for those being stored."""
+        for reply in self._history.take_continued(run.prompt_ids, run.request.cache_key, self.chunk_tokens):
+            with run.clock.span("history_prefill_ms"):
+                yield from self._store_history(reply, "promoted")
+        for reply in self._history.in_progress_continued(run.prompt_ids, run.request.cache_key, self.chunk_tokens):
+            with run.clock.span("history_prefill_ms"):
+                yield Until(reply.done)
+
+    def _store_history(self, reply: Reply, outcome: str) -> Iterator[Any]:
+        """Prefill a reply again from its prompt's last chunk boundary and insert it (skipped if the cache was cleared since)."""
+        if reply.clears != self.cache.clears:
+            self._history.finish(reply, "skipped")
+            return
+        self._history.storing.add(reply)
+        t0, stored = time.perf_counter(), False
+        try:
+            model_cache = reply.model_cache
+            rewind(model_cache, reply.start)
+            logits = yield from prefill_chunks(self.model, reply.tokens[reply.start :], model_cache, self.chunk_tokens)
+            reply.prefill_ms = (time.perf_counter() - t0) * 1000
+            if reply.clears == self.cache.clears:
+                self._insert(reply.run, model_cache, len(reply.tokens), logits)
+                stored = True
+        finally:
+            self._history.finish(reply, outcome if stored else "skipped")
 
     def new_cache(self, capacity: int) -> Any:
         """The one way a model cache is made: room for ``capacity`` tokens and their last chunk's pads, KV in the engine's KV dtype."""
@@ -716,6 +803,9 @@ class _Run:
         self.lookup_lock_wait_s = 0.0  # of the prefix-cache lookup, before the first token
         self.lock_wait_s = 0.0  # of the inserts
         self.batch_sizes: list[int] = []  # how many requests each of this request's decode steps ran (engine/scheduler.py)
+        self.history: Reply | None = None  # its prompt and reply, queued to be stored (step 8)
+        self.prefilling = False  # computing its prompt's KV, which it will store (requests sharing it wait: step 2a)
+        self.prompt_stored = threading.Event()  # step 6 done, or the request ended
         self.finish_reason = "length"
 
     @property
@@ -739,8 +829,9 @@ class _Run:
             "transfer_ms": c.ms("transfer_ms"),
             "prefill_ms": c.ms("prefill_ms"),
             "insert_ms": c.ms("insert_ms"),
-            "history_prefill_ms": c.ms("history_prefill_ms"),  # step 8: the reply prefilled again before it is stored
+            "history_prefill_ms": c.ms("history_prefill_ms"),  # step 8 of earlier turns this prompt continues, stored first (generate() sets its own)
             "compile_wait_ms": c.ms("compile_wait_ms"),  # waiting for the compiled decode step (engine/compiled.py)
+            "shared_prefill_wait_ms": c.ms("shared_prefill_wait_ms"),  # waiting for another request to store the prompt part both share (step 2a)
             "ttft_ms": ttft,
             "wall_ttft_ms": first * 1000,
             "decode_ms": decode_ms,
@@ -764,6 +855,16 @@ class _Run:
             finish_reason=self.finish_reason,
             batch_sizes=list(self.batch_sizes),
         )
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens ``a`` and ``b`` share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def _messages(request: GenerationRequest) -> list[dict[str, str]]:

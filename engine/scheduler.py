@@ -11,6 +11,9 @@ yields where it needs the scheduler:
   steps, so a long prompt arriving stalls the running streams by one chunk, not by its whole prefill;
 - :class:`Until`: wait for an event (the background compile) without holding the thread.
 
+A flow submitted with ``background=True`` (storing a finished reply, ``engine/history.py``) runs only
+when no request needs the thread: nobody waits for it, and it never delays a step.
+
 New requests join between steps and finished or cancelled ones leave: continuous batching, as
 vLLM's and SGLang's schedulers do it, on one thread. That the rows of a batch are each the bits of
 the request alone is the decode step's business (``engine.decode_attention``,
@@ -79,8 +82,9 @@ class Ticket:
     ``finally`` blocks run on the scheduler's thread.
     """
 
-    def __init__(self, flow: Flow) -> None:
+    def __init__(self, flow: Flow, background: bool = False) -> None:
         self.flow = flow
+        self.background = background
         self.value: Any = None
         self.cancelled = threading.Event()
         self._items: queue.SimpleQueue = queue.SimpleQueue()
@@ -123,9 +127,10 @@ class Scheduler:
         self._prefilling: deque[Ticket] = deque()  # flows paused between prefill chunks
         self._decoding: list[tuple[Ticket, Decode]] = []  # flows waiting for a decode step
         self._parked: list[tuple[Ticket, Until]] = []
+        self._background: deque[Ticket] = deque()  # flows that run when nothing else needs the thread
         self.chunks_per_step = 1  # prefill chunks between two decode steps; 0: prefills run to their end (benchmark/batch_bench.py compares)
         self._live = 0  # flows started and not yet ended
-        self.busy_s = {"decode": 0.0, "flows": 0.0}  # the thread's time in batched steps, and in flows (prefill chunks, sampling, inserts)
+        self.busy_s = {"decode": 0.0, "flows": 0.0, "background": 0.0}  # the thread's time in batched steps, in flows (prefill chunks, sampling, inserts), in idle-time work
         self.steps = 0  # batched decode steps run, for the page and the tests
         self.batch_histogram: dict[int, int] = {}  # batch size -> steps run at it
         self._thread = threading.Thread(target=self._loop, name="kvci-engine", daemon=True)
@@ -136,9 +141,13 @@ class Scheduler:
         """Whether the caller is the scheduler's own thread (where a flow or a call runs)."""
         return threading.current_thread() is self._thread
 
-    def submit(self, flow: Flow) -> Ticket:
-        """Start running ``flow`` (it joins the running requests before the next step)."""
-        ticket = Ticket(flow)
+    def submit(self, flow: Flow, background: bool = False) -> Ticket:
+        """Start running ``flow`` (it joins the running requests before the next step).
+
+        ``background``: run it only while no other flow needs the thread, a prefill chunk at a time
+        (work nobody waits for); it does not count in :meth:`running`.
+        """
+        ticket = Ticket(flow, background)
         with self._cond:
             self._inbox.append(ticket)
             self._cond.notify()
@@ -175,6 +184,10 @@ class Scheduler:
         finally:
             leave.set()
 
+    def idle(self) -> bool:
+        """No flow but background ones needs the thread."""
+        return not (self._inbox or self._ready or self._prefilling or self._decoding)
+
     def pending(self) -> int:
         """Flows submitted and not yet started."""
         with self._cond:
@@ -192,6 +205,8 @@ class Scheduler:
             for item in self._take_new():
                 if isinstance(item, _Call):
                     item.run()
+                elif item.background:
+                    self._background.append(item)
                 else:  # its start, up to its first pause, counts as a prefill chunk
                     self._live += 1
                     self._prefilling.append(item)
@@ -201,6 +216,8 @@ class Scheduler:
                 self._advance(ticket, value)
             self._prefill()
             self._decode_step()
+            if self._background and self.idle():
+                self._advance(self._background.popleft(), None)  # up to its next pause
 
     def _prefill(self) -> None:
         """Prefill chunks before the next decode step: ``chunks_per_step`` while requests decode (a stream's
@@ -217,11 +234,12 @@ class Scheduler:
     def _take_new(self) -> list[Any]:
         """New flows and calls; sleeps while there is nothing to do at all."""
         with self._cond:
-            while not (self._inbox or self._ready or self._prefilling or self._decoding):
+            self._unpark()
+            while not (self._inbox or self._ready or self._prefilling or self._decoding or self._background):
                 if self._parked:
                     self._cond.wait(timeout=0.05)
                     self._unpark()
-                    if self._ready:
+                    if self._ready or self._background:
                         break
                 else:
                     self._cond.wait()
@@ -233,7 +251,10 @@ class Scheduler:
         still = []
         for ticket, until in self._parked:
             if until.event.is_set() or ticket.cancelled.is_set():
-                self._ready.append((ticket, None))
+                if ticket.background:
+                    self._background.appendleft(ticket)
+                else:
+                    self._ready.append((ticket, None))
             else:
                 still.append((ticket, until))
         self._parked = still
@@ -244,7 +265,7 @@ class Scheduler:
         try:
             self._run_flow(ticket, value)
         finally:
-            self.busy_s["flows"] += time.perf_counter() - t0
+            self.busy_s["background" if ticket.background else "flows"] += time.perf_counter() - t0
 
     def _run_flow(self, ticket: Ticket, value: Any) -> None:
         try:
@@ -261,7 +282,10 @@ class Scheduler:
                     self._decoding.append((ticket, item))
                     return
                 elif item is PAUSE:
-                    self._prefilling.append(ticket)
+                    if ticket.background:
+                        self._background.appendleft(ticket)  # the next idle moment goes on with it
+                    else:
+                        self._prefilling.append(ticket)
                     return
                 elif isinstance(item, Until):
                     self._parked.append((ticket, item))
@@ -275,7 +299,8 @@ class Scheduler:
             self._end(ticket, ("error", exc))
 
     def _end(self, ticket: Ticket, message: tuple[str, Any]) -> None:
-        self._live -= 1
+        if not ticket.background:
+            self._live -= 1
         ticket._items.put(message)
 
     def _decode_step(self) -> None:

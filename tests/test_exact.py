@@ -156,6 +156,23 @@ def test_the_same_request_alone_and_in_batches_of_2_4_8(tokenizer, fmt):
     check_batches(Engine(model, tokenizer, EngineConfig(min_cached_tokens=4, chunk_tokens=8), name=f"tiny-{fmt}"))
 
 
+@pytest.mark.parametrize("fmt", ["fp32", "int4"])
+def test_requests_arriving_together_on_a_new_prompt_prefill_it_once(tokenizer, fmt):
+    """Step 2a: four requests on one new system prompt, started at the same step. One prefills the
+    shared chunks; the others wait for its prompt to be stored and reuse them. Each gives its fresh bits."""
+    model = quant.apply_format(make_tiny_model(tokenizer), fmt) if fmt != "fp32" else make_tiny_model(tokenizer)
+    engine = Engine(model, tokenizer, EngineConfig(min_cached_tokens=4, chunk_tokens=8), name=f"tiny-{fmt}")
+    questions = [f"Question {i}: what is {i} times {i}?" for i in range(4)]
+    together = run_together(engine, questions, system_prompt=SYSTEM, max_new_tokens=6)
+    waited = [r for r in together if r.timings["shared_prefill_wait_ms"] > 0]
+    assert len(waited) == 3, [r.timings["shared_prefill_wait_ms"] for r in together]
+    shared = min(r.timings["prefix_tokens_saved"] for r in waited)
+    assert shared >= len(engine.tokenize(engine.make_request(questions[0], system_prompt=SYSTEM))) // 2, shared  # the system prompt's chunks
+    assert sum(r.timings["prefill_tokens"] for r in together) < 2 * len(together[0].prompt_token_ids)  # the shared part once, not four times
+    for question, result in zip(questions, together):
+        same(result, fresh(engine, question, system_prompt=SYSTEM, max_new_tokens=6), f"arrived together: {question}")
+
+
 @pytest.mark.parametrize("kv_dtype", ["auto", "bf16"])
 def test_warmed_and_pinned_prefixes_give_the_fresh_bits(tokenizer, kv_dtype):
     """A system prompt warmed and pinned (engine/warm.py) is stored by the same prefill: requests over it are the fresh runs' bits."""

@@ -12,13 +12,19 @@ from engine.scheduler import PAUSE, Decode, Scheduler, Until
 
 
 class FakeDecoder:
-    """Logits row b = 10 * token_b + position of the call; records the batch of every call."""
+    """Logits row b = 10 * token_b + position of the call; records the batch of every call.
 
-    def __init__(self, fail_on: int | None = None) -> None:
+    ``step_s``: each call sleeps that long, as a real step takes milliseconds (a flow submitted after a
+    running one's first token then finds it still running).
+    """
+
+    def __init__(self, fail_on: int | None = None, step_s: float = 0.0) -> None:
         self.batches: list[list[int]] = []
         self.fail_on = fail_on
+        self.step_s = step_s
 
     def decode_batch(self, tokens: list[int], caches: list) -> torch.Tensor:
+        time.sleep(self.step_s)
         self.batches.append(list(tokens))
         if self.fail_on in tokens:
             raise RuntimeError("injected step failure")
@@ -68,7 +74,7 @@ def test_max_batch_splits_the_waiting_steps_oldest_first():
 
 def test_a_flow_joins_between_steps_and_leaves_when_done():
     """A short flow leaves the batch when it ends; a later one joins a running batch at the next step."""
-    decoder, scheduler = FakeDecoder(), Scheduler()
+    decoder, scheduler = FakeDecoder(step_s=0.002), Scheduler()
     log: list = []
     long_ticket = scheduler.submit(decoding(decoder, 100, 40, log=log))
     tokens = iter(long_ticket)
@@ -83,7 +89,7 @@ def test_a_flow_joins_between_steps_and_leaves_when_done():
 
 def test_one_prefill_chunk_runs_between_two_decode_steps():
     """A long prompt arriving while another request decodes: its chunks alternate with the running request's steps."""
-    decoder, scheduler = FakeDecoder(), Scheduler()
+    decoder, scheduler = FakeDecoder(step_s=0.002), Scheduler()
     log: list = []
     running = scheduler.submit(decoding(decoder, 100, 30, log=log))
     tokens = iter(running)
@@ -151,3 +157,45 @@ def test_a_flow_waiting_for_an_event_does_not_hold_the_others():
     assert list(scheduler.submit(decoding(decoder, 100, 3))) == [101, 102, 103]
     event.set()
     assert list(parked) == [501]
+
+
+def background(log: list, name: str, chunks: int):
+    """Idle-time work like storing a reply: ``chunks`` prefill chunks, pausing between them."""
+    for c in range(chunks):
+        log.append(("background", name, c))
+        if c < chunks - 1:
+            yield PAUSE
+
+
+def test_background_flows_run_only_when_no_request_needs_the_thread():
+    """Work submitted with background=True waits while a request decodes, then runs; a request arriving meanwhile goes first at the next pause."""
+    decoder, scheduler = FakeDecoder(step_s=0.002), Scheduler()
+    log: list = []
+    running = scheduler.submit(decoding(decoder, 100, 20, log=log))
+    tokens = iter(running)
+    next(tokens)
+    done = scheduler.submit(background(log, "a", 3), background=True)
+    assert scheduler.running() == 1  # background work is not a running request
+    list(tokens)
+    done.wait()
+    kinds = [entry[0] for entry in log]
+    assert kinds.index("background") > max(i for i, kind in enumerate(kinds) if kind == "step"), log  # after the last step
+    # Arriving while background work is under way: the request's steps do not wait for the rest of it.
+    log.clear()
+    started = threading.Event()
+
+    def long_background():
+        for c in range(50):
+            log.append(("background", "b", c))
+            started.set()
+            time.sleep(0.002)
+            yield PAUSE
+
+    later = scheduler.submit(long_background(), background=True)
+    started.wait()
+    request = scheduler.submit(decoding(decoder, 300, 5, log=log))
+    assert list(request) == [301, 302, 303, 304, 305]
+    later.wait()
+    steps = [i for i, entry in enumerate(log) if entry[0] == "step"]
+    assert 0 < steps[0] and steps[-1] < len(log) - 1, log  # it arrived during the background work, which finished after it
+    assert [entry for entry in log[steps[0] : steps[-1]] if entry[0] == "background"] == [], log  # none of it between two of the request's steps

@@ -51,6 +51,7 @@ class Job:
         self.cancelled = threading.Event()
         self.queued_at = time.monotonic()  # the wait for a worker is part of what the caller waited (queue_ms)
         self._items: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake: Callable[[], None] | None = None  # set by aiter(): tells its event loop an item is in
         self._on_cancel = on_cancel
         self._on_end = on_end
 
@@ -97,11 +98,34 @@ class Job:
             task.cancel()
 
     async def aiter(self) -> AsyncIterator[str | GenerationResult]:
-        """Iterate from async code; closing or cancelling the iteration cancels the job."""
+        """Iterate from async code; closing or cancelling the iteration cancels the job.
+
+        The worker wakes the event loop itself (``call_soon_threadsafe``) when it puts an item: no
+        thread of the pool blocks on the queue per token, one hand-off fewer per token.
+        """
+        loop, ready = asyncio.get_running_loop(), asyncio.Event()
+
+        def wake() -> None:
+            try:
+                loop.call_soon_threadsafe(ready.set)
+            except RuntimeError:  # the loop closed: nobody reads any more
+                pass
+
+        self._wake = wake
         try:
-            while (item := _unpack(await anyio.to_thread.run_sync(self._items.get, abandon_on_cancel=True))) is not _DONE:
+            while True:
+                try:
+                    packed = self._items.get_nowait()
+                except queue.Empty:
+                    ready.clear()
+                    if self._items.empty():  # an item put before the clear is seen here, one after it sets ready
+                        await ready.wait()
+                    continue
+                if (item := _unpack(packed)) is _DONE:
+                    return
                 yield item
         finally:
+            self._wake = None
             self.cancel()
 
     # ------------------------------------------------------------------ the worker's side
@@ -119,16 +143,22 @@ class Job:
                     if isinstance(item, GenerationResult):  # the engine's clock starts with the work: add the wait before it
                         item.timings["queue_ms"] = queue_ms
                         item.timings["wall_ttft_ms"] = item.timings.get("wall_ttft_ms", 0.0) + queue_ms
-                    self._items.put(("item", item))
+                    self._put(("item", item))
             finally:
                 stream.close()  # runs the backend's own cleanup: the matched cache path is unlocked, a remote request closed
         except BackendUnavailable as exc:  # a remote that stopped answering: 503, like a model still loading
-            self._items.put(("error", NotReady(str(exc))))
+            self._put(("error", NotReady(str(exc))))
         except Exception as exc:  # handed to the consumer, which re-raises it in its own thread
-            self._items.put(("error", exc))
+            self._put(("error", exc))
         finally:
-            self._items.put(("done", None))
+            self._put(("done", None))
             self._on_end(self)
+
+    def _put(self, packed: tuple[str, Any]) -> None:
+        self._items.put(packed)
+        wake = self._wake
+        if wake is not None:
+            wake()
 
 
 class FairQueue:

@@ -101,6 +101,7 @@ class Lifecycle:
             "weights": info.get("weights_detail"),
             "decode": info.get("decode_compile"),
             "batching": info.get("batching"),  # engine/scheduler.py: max batch, steps per batch size, the model thread's busy time
+            "history": info.get("history"),  # engine/history.py: replies waiting to be stored, stored in idle time, promoted by a next turn, skipped
             "parameters": info.get("parameters"),
             "context_length": info.get("context_length"),
             "max_prompt_tokens": self.settings.prompt_token_limit or info.get("context_length"),

@@ -239,7 +239,7 @@ class Scheduler:
                 if self._parked:
                     self._cond.wait(timeout=0.05)
                     self._unpark()
-                    if self._ready or self._background:
+                    if self._prefilling or self._background:
                         break
                 else:
                     self._cond.wait()
@@ -253,8 +253,8 @@ class Scheduler:
             if until.event.is_set() or ticket.cancelled.is_set():
                 if ticket.background:
                     self._background.appendleft(ticket)
-                else:
-                    self._ready.append((ticket, None))
+                else:  # up to its next yield counts as a prefill chunk, as a start does: many woken at once take turns between steps
+                    self._prefilling.append(ticket)
             else:
                 still.append((ticket, until))
         self._parked = still

@@ -199,3 +199,30 @@ def test_background_flows_run_only_when_no_request_needs_the_thread():
     steps = [i for i, entry in enumerate(log) if entry[0] == "step"]
     assert 0 < steps[0] and steps[-1] < len(log) - 1, log  # it arrived during the background work, which finished after it
     assert [entry for entry in log[steps[0] : steps[-1]] if entry[0] == "background"] == [], log  # none of it between two of the request's steps
+
+
+def test_flows_woken_together_take_turns_between_decode_steps():
+    """Several flows parked on one event (requests waiting for a shared prompt's prefill) wake at once:
+    each one's run up to its next pause counts as a prefill chunk, so a running stream gets a step between two of them."""
+    decoder, scheduler, event = FakeDecoder(step_s=0.002), Scheduler(), threading.Event()
+    log: list = []
+
+    def waiter(name: int):
+        yield Until(event)
+        log.append(("chunk", name, 0))  # its first chunk, right after waking
+        yield PAUSE
+        log.append(("chunk", name, 1))
+
+    running = scheduler.submit(decoding(decoder, 100, 60, log=log))
+    tokens = iter(running)
+    next(tokens)
+    waiters = [scheduler.submit(waiter(n)) for n in range(4)]
+    while sum(1 for kind, *_ in log if kind == "step") < 3:  # parked, and the stream decoding
+        time.sleep(0.001)
+    event.set()
+    for ticket in waiters:
+        ticket.wait()
+    list(tokens)
+    chunks = [i for i, entry in enumerate(log) if entry[0] == "chunk"]
+    assert len(chunks) == 8
+    assert all(any(entry[0] == "step" for entry in log[a:b]) for a, b in zip(chunks, chunks[1:])), log  # a step between any two chunks

@@ -22,8 +22,8 @@ the request alone is the decode step's business (``engine.decode_attention``,
 Why one thread for all model work, not one per request: on a 2-core host, torch's OpenMP runtime
 (libgomp) keeps a team of threads per thread that ever ran a parallel op, and once it manages more
 threads than there are cores it stops spinning between parallel regions and sleeps instead. One
-idle team alive in another thread halved the decode step (86 against 40-54 tok/s, measured in
-``benchmark/README.md``, "The served path"), and that was where the served path lost half the
+idle team alive in another thread cut the compiled int4 step from 86-103 to 51-66 tok/s (measured in
+``benchmark/README.md``, "Continuous batching and the served path"), and that was where the served path lost half the
 engine's speed. So the consumer threads only wait, detokenize and send; everything that runs the
 model, samples or copies KV runs here, and so does :meth:`Scheduler.call` work (loading, warming).
 

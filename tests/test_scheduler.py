@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Iterator
 
 import pytest
 import torch
@@ -48,6 +49,13 @@ def decoding(decoder, first: int, steps: int, max_batch: int = 8, chunks: int = 
     return "finished"
 
 
+def decoding_now(scheduler: Scheduler, flow) -> Iterator[int]:
+    """Submit ``flow`` and wait for its first token: a request that is decoding. Its remaining tokens."""
+    tokens = iter(scheduler.submit(flow))
+    next(tokens)
+    return tokens
+
+
 def run_held(scheduler: Scheduler, flows: list) -> list:
     """Submit ``flows`` while the scheduler is held, so that they start at the same step; their tickets."""
     with scheduler.hold():
@@ -76,9 +84,7 @@ def test_a_flow_joins_between_steps_and_leaves_when_done():
     """A short flow leaves the batch when it ends; a later one joins a running batch at the next step."""
     decoder, scheduler = FakeDecoder(step_s=0.002), Scheduler()
     log: list = []
-    long_ticket = scheduler.submit(decoding(decoder, 100, 40, log=log))
-    tokens = iter(long_ticket)
-    next(tokens)
+    tokens = decoding_now(scheduler, decoding(decoder, 100, 40, log=log))
     short = scheduler.submit(decoding(decoder, 900, 3, log=log))
     assert list(short) == [901, 902, 903]
     rest = list(tokens)
@@ -91,9 +97,7 @@ def test_one_prefill_chunk_runs_between_two_decode_steps():
     """A long prompt arriving while another request decodes: its chunks alternate with the running request's steps."""
     decoder, scheduler = FakeDecoder(step_s=0.002), Scheduler()
     log: list = []
-    running = scheduler.submit(decoding(decoder, 100, 30, log=log))
-    tokens = iter(running)
-    next(tokens)
+    tokens = decoding_now(scheduler, decoding(decoder, 100, 30, log=log))
     long_prompt = scheduler.submit(decoding(decoder, 500, 1, chunks=6, log=log))
     list(long_prompt)
     list(tokens)
@@ -134,9 +138,7 @@ def test_a_cancelled_flow_leaves_at_the_next_step_and_its_cleanup_runs_on_the_sc
         finally:
             cleaned.append(threading.current_thread().name)
 
-    ticket = scheduler.submit(flow())
-    tokens = iter(ticket)
-    next(tokens)
+    tokens = decoding_now(scheduler, flow())
     tokens.close()
     deadline = time.monotonic() + 30
     while scheduler.running():
@@ -171,9 +173,7 @@ def test_background_flows_run_only_when_no_request_needs_the_thread():
     """Work submitted with background=True waits while a request decodes, then runs; a request arriving meanwhile goes first at the next pause."""
     decoder, scheduler = FakeDecoder(step_s=0.002), Scheduler()
     log: list = []
-    running = scheduler.submit(decoding(decoder, 100, 20, log=log))
-    tokens = iter(running)
-    next(tokens)
+    tokens = decoding_now(scheduler, decoding(decoder, 100, 20, log=log))
     done = scheduler.submit(background(log, "a", 3), background=True)
     assert scheduler.running() == 1  # background work is not a running request
     list(tokens)
@@ -213,9 +213,7 @@ def test_flows_woken_together_take_turns_between_decode_steps():
         yield PAUSE
         log.append(("chunk", name, 1))
 
-    running = scheduler.submit(decoding(decoder, 100, 60, log=log))
-    tokens = iter(running)
-    next(tokens)
+    tokens = decoding_now(scheduler, decoding(decoder, 100, 60, log=log))
     waiters = [scheduler.submit(waiter(n)) for n in range(4)]
     while sum(1 for kind, *_ in log if kind == "step") < 3:  # parked, and the stream decoding
         time.sleep(0.001)

@@ -933,7 +933,7 @@ def _walk(root: Node, key: tuple[int, ...]) -> tuple[list[Node], int]:
         child = node.children.get(key[matched])
         if child is None:
             break
-        common = _common_prefix_len(child.key, key, matched)
+        common = common_prefix_len(child.key, key, matched)
         path.append(child)
         matched += common
         if common < len(child.key):
@@ -942,8 +942,8 @@ def _walk(root: Node, key: tuple[int, ...]) -> tuple[list[Node], int]:
     return path, matched
 
 
-def _common_prefix_len(edge: tuple[int, ...], key: tuple[int, ...], offset: int) -> int:
-    """Tokens ``edge`` and ``key[offset:]`` share, comparing slices in C rather than token by token.
+def common_prefix_len(edge: Sequence[int], key: Sequence[int], offset: int = 0) -> int:
+    """Tokens ``edge`` and ``key[offset:]`` share (both tuples or both lists: a tuple never equals a list), comparing slices in C rather than token by token.
 
     Along a matched path whole edges are equal, so one slice comparison settles most calls; where
     they differ, a binary search over slices finds the point in O(n) compared tokens, O(log n) steps.

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from cache import DEFAULT_NAMESPACE, PrefixCache, PrefixMatch
+from cache import DEFAULT_NAMESPACE, PrefixCache, PrefixMatch, common_prefix_len
 from engine import compiled, fast_llama, loading, quant
 from engine.chat_tokens import ChatTokenizer
 from engine.config import EngineConfig
@@ -507,7 +507,7 @@ class Engine:
         for other in list(self._running.values()):
             if other is run or not other.prefilling or other.prompt_stored.is_set() or other.request.cache_key != run.request.cache_key:
                 continue
-            shared = _common_prefix(run.prompt_ids, other.prompt_ids) // chunk * chunk
+            shared = common_prefix_len(other.prompt_ids, run.prompt_ids) // chunk * chunk
             if shared >= max(self.cache.min_tokens, other.reused_tokens + chunk) and shared > best:
                 best, leader = shared, other
         return leader
@@ -855,16 +855,6 @@ class _Run:
             finish_reason=self.finish_reason,
             batch_sizes=list(self.batch_sizes),
         )
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    """How many leading tokens ``a`` and ``b`` share."""
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def _messages(request: GenerationRequest) -> list[dict[str, str]]:

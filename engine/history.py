@@ -1,7 +1,7 @@
 """Step 8's backlog: replies waiting to go into the prefix cache after their request has answered.
 
 Storing a reply costs a prefill: the decode step's KV has other bits than a miss computes, so the
-reply is prefilled again before it is stored (``Engine._insert_history``, ``engine/prefill.py``).
+reply is prefilled again before it is stored (``Engine._store_history``, ``engine/prefill.py``).
 Under load that prefill was a third to a half of the model thread's time (``benchmark/README.md``,
 "Continuous batching and the served path"), paid before the client saw the end of its stream. So
 nobody waits for it any more; a stored reply only serves a later request, and this backlog decides when:
@@ -64,9 +64,6 @@ class Backlog:
         self._waiting: OrderedDict[int, Reply] = OrderedDict()
         self.storing: set[Reply] = set()  # taken, and their prefill under way
         self.counts = {"stored": 0, "promoted": 0, "skipped": 0}
-
-    def __len__(self) -> int:
-        return len(self._waiting)
 
     def add(self, reply: Reply) -> None:
         """Queue ``reply``; past either limit the oldest waiting ones are skipped (the reply itself, if it alone is over)."""

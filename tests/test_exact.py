@@ -88,12 +88,12 @@ def test_every_cache_path_is_bit_identical_tiny(tokenizer, fmt, kv_dtype):
     assert statuses[6:10] == ["partial"] * 4, statuses  # turns 2-5 reuse the history
 
 
-def run_together(engine: Engine, prompts: list[str], **kwargs) -> list:
-    """``prompts`` submitted while the scheduler is held between two steps, so that they all join the same step."""
+def run_together(engine: Engine, prompts: list[str], cache_keys: list[str] | None = None, **kwargs) -> list:
+    """``prompts`` submitted while the scheduler is held between two steps, so that they all join the same step (in ``cache_keys``' namespaces, if given)."""
     results: list = [None] * len(prompts)
 
     def ask(i: int) -> None:
-        results[i] = engine.generate(prompts[i], **kwargs)
+        results[i] = engine.generate(prompts[i], **kwargs, **({"cache_key": cache_keys[i]} if cache_keys else {}))
 
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
     with scheduler().hold():
@@ -171,6 +171,18 @@ def test_requests_arriving_together_on_a_new_prompt_prefill_it_once(tokenizer, f
     assert sum(r.timings["prefill_tokens"] for r in together) < 2 * len(together[0].prompt_token_ids)  # the shared part once, not four times
     for question, result in zip(questions, together):
         same(result, fresh(engine, question, system_prompt=SYSTEM, max_new_tokens=6), f"arrived together: {question}")
+
+
+def test_requests_in_other_namespaces_never_wait_for_each_other(tokenizer):
+    """Step 2a stays inside a namespace: four sessions sending the same new prompt together each prefill it,
+    so no session's time to first token depends on what another session is prefilling."""
+    engine = Engine(make_tiny_model(tokenizer), tokenizer, EngineConfig(min_cached_tokens=4, chunk_tokens=8), name="tiny-fp32")
+    together = run_together(engine, ["What is a KV cache?"] * 4, cache_keys=[f"session-{i}" for i in range(4)], system_prompt=SYSTEM, max_new_tokens=6)
+    assert [r.timings["shared_prefill_wait_ms"] for r in together] == [0.0] * 4
+    assert [r.cache_status for r in together] == ["miss"] * 4
+    reference = fresh(engine, "What is a KV cache?", system_prompt=SYSTEM, max_new_tokens=6)
+    for result in together:
+        same(result, reference, "another namespace, same prompt")
 
 
 @pytest.mark.parametrize("kv_dtype", ["auto", "bf16"])

@@ -18,6 +18,8 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
+from test_app_isolation import client
+
 TRACE = '{"prompt": "%s"}\n'
 
 
@@ -25,7 +27,7 @@ class Visitor:
     """A browser: its session cookie (set by loading the page), its Gradio session hash, the page's events by fn_index."""
 
     def __init__(self, url: str, cookie: bool = True, session_hash: str | None = None, headers: dict | None = None) -> None:
-        self.http = httpx.Client(base_url=url, timeout=60, headers=headers or {})
+        self.http = client(url, timeout=60, headers=headers or {})
         if cookie:
             self.http.get("/").raise_for_status()
         self.config = self.http.get("/config").json()

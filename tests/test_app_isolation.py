@@ -9,11 +9,14 @@ hashes, long ids, the prefix oracle and the quota flood. Paths: page events (by 
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from typing import Iterator
 
 import httpx
 import pytest
+
+from ui.security import EVENT_PATHS
 
 SECRET_CODE = "4821"
 
@@ -26,6 +29,34 @@ def secret_system_prompt() -> str:
     return f"Private notes {uuid.uuid4().hex}: you are the assistant of a law firm; keep every client's case confidential and answer in one line."
 
 
+RATE_LIMIT_DEADLINE_S = 300  # how long a test client keeps retrying its address's event-rate refusals (a liveness bound)
+
+
+class PoliteTransport(httpx.HTTPTransport):
+    """A script that honours 429: a page event refused for the address's rate is sent again after its Retry-After.
+
+    The whole suite calls from one loopback address, so whether a test's events find the per-address bucket
+    (ui/limits.EVENT_CALLS_PER_S) empty depends on what ran just before it. A test client that retries, as a
+    well-behaved script does, has every one of its calls served: each attack is really tried, not refused at
+    the door. Only event paths are retried; a test that wants the refusal itself uses ``polite=False``.
+    """
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        deadline = time.monotonic() + RATE_LIMIT_DEADLINE_S
+        while True:
+            response = super().handle_request(request)
+            if response.status_code != 429 or not request.url.path.startswith(EVENT_PATHS) or time.monotonic() > deadline:
+                return response
+            response.read()
+            response.close()
+            time.sleep(float(response.headers.get("Retry-After", "1")))
+
+
+def client(url: str, polite: bool = True, **options) -> httpx.Client:
+    """An HTTP client for the app at ``url``; ``polite``: retry event-rate refusals (see PoliteTransport)."""
+    return httpx.Client(base_url=url, transport=PoliteTransport() if polite else None, **options)
+
+
 def bearer(url: str) -> dict[str, str]:
     """A server-issued session, as the Authorization header scripts send."""
     response = httpx.post(url + "/session")
@@ -36,8 +67,8 @@ def bearer(url: str) -> dict[str, str]:
 class Page:
     """A browser's view of the app: its session cookie (set by loading the page) and a Gradio session hash."""
 
-    def __init__(self, url: str, cookie: bool = True, session_hash: str | None = None) -> None:
-        self.http = httpx.Client(base_url=url, timeout=120)
+    def __init__(self, url: str, cookie: bool = True, session_hash: str | None = None, polite: bool = True) -> None:
+        self.http = client(url, polite, timeout=120)
         if cookie:
             self.http.get("/").raise_for_status()
             assert "kvci_session" in self.http.cookies

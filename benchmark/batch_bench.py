@@ -141,7 +141,7 @@ def sharing(engine: Engine, prefix_tokens: int = 480, steps: int = 64) -> dict:
     """Copy a cached prefix once (what a hit does) against attending over it in the pool's layout at every step."""
     ids = [(i * 7919 + 13) % 40000 + 50 for i in range(prefix_tokens)]
     engine.store(ids, "bench-sharing")
-    match = engine.cache.match_prefix(ids, "bench-sharing", align=engine.chunk_tokens)
+    match = engine.cache.match_prefix(ids, "bench-sharing", align=engine.align)
     try:
         slots = match.slots[: match.length]
         copies = []

@@ -172,12 +172,11 @@ def decode_tokens_per_s(engine: Engine, step, prompt: list[int], new_tokens: int
     return new_tokens / (time.perf_counter() - t0)
 
 
-@torch.inference_mode()
 def prefill_tokens_per_s(engine: Engine, prompt: list[int]) -> float:
-    cache = engine.new_cache(len(prompt) + 1)
+    """As the engine prefills (engine/prefill.py): through the decode step where its rows are invariant, else the model's aligned chunks."""
     sync(engine.device)
     t0 = time.perf_counter()
-    prefill(engine.model, prompt, cache, engine.chunk_tokens)  # as the engine prefills: aligned, padded chunks
+    engine.prefill_sequence(prompt)
     sync(engine.device)
     return len(prompt) / (time.perf_counter() - t0)
 

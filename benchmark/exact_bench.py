@@ -10,6 +10,11 @@ Measured, alternating the variants in every round (medians):
   previous design (reuse every matched token, the suffix in one unpadded call), which was not exact;
 - **miss TTFT** at 512 tokens: the chunked prefill against one unpadded call;
 - **the reply's second prefill** (step 8, after the last token, off the user's wait): 64 generated tokens;
+- **the prefill through the decode step** (``engine.prefill.step_prefill_chunks``, what the int4 and int8
+  engines run): the miss and the partial hit (every matched token reused, no chunk boundary) in calls of
+  C = 16, 32 and 64 rows. It stores a reply as decoded, so it has no second prefill.
+
+``--compile auto`` measures the step compiled, as the app runs it.
 
 (The decode comparison of commit ba97311, the step over filled views against the previous one over the
 whole buffer, lived here until the step became batched (``engine/decode_attention.py``); its figures are
@@ -27,7 +32,8 @@ import torch
 
 from benchmark.common import machine_info, markdown_table, print_machine_info, summarize, write_results
 from engine import Engine
-from engine.prefill import prefill
+from engine.prefill import prefill, run_to_end, step_prefill_chunks
+from engine.scheduler import scheduler
 
 CHUNKS = (16, 32, 64)
 
@@ -79,13 +85,24 @@ def main(argv: list[str] | None = None) -> None:
         cache = reused_cache(len(ids) // chunk * chunk)
         prefill(engine.model, (ids + ids[: args.new_tokens])[len(ids) // chunk * chunk : len(ids) + args.new_tokens - 1], cache, chunk)
 
-    for _ in range(rounds):
+    def through_the_step(start: int, chunk: int) -> None:
+        run_to_end(step_prefill_chunks(engine.decoder, ids[start:], reused_cache(start), chunk))
+
+    def one_round() -> None:  # on the model's thread, as the engine prefills (one OpenMP team: engine/scheduler.py)
         timed("partial, previous (not exact)", lambda: unpadded(args.shared))
         timed("miss, previous (not exact)", lambda: unpadded(0))
         for chunk in CHUNKS:
             timed(f"partial, C={chunk}", lambda: chunked(args.shared, chunk))
             timed(f"miss, C={chunk}", lambda: chunked(0, chunk))
             timed(f"reply prefill, C={chunk}", lambda: reply_prefill(chunk))
+            if engine.decoder.rows_invariant:
+                timed(f"partial through the step, C={chunk}", lambda: through_the_step(args.shared, chunk))
+                timed(f"miss through the step, C={chunk}", lambda: through_the_step(0, chunk))
+
+    if not engine.decoder.rows_invariant:
+        print("the decode step's rows are not invariant here: no prefill through the step to measure")
+    for _ in range(rounds):
+        scheduler().call(one_round)
 
     result = {name: summarize(values) for name, values in times.items()}
     table = markdown_table(["what", "median ms", "min", "max"], [(k, f"{v['median']:.1f}", f"{v['min']:.1f}", f"{v['max']:.1f}") for k, v in result.items() if k != "decode_tok_s"])

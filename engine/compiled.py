@@ -254,10 +254,11 @@ class _Serialised:
     def __init__(self, graph: Any, lock: threading.Lock) -> None:
         self.graph, self.lock = graph, lock
 
-    def __call__(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    def __call__(self, tokens: torch.Tensor, pos: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
         # Unbacked, not merely dynamic: a dynamic size is still specialised at 1, and a graph for one request
         # apart from the batch's would be other code, whose rows need not be the batch's bits.
         torch._dynamo.decorators.mark_unbacked(tokens, 0)
         torch._dynamo.decorators.mark_unbacked(pos, 0)
+        torch._dynamo.decorators.mark_unbacked(last, 0)
         with self.lock:
-            return self.graph(tokens, pos)
+            return self.graph(tokens, pos, last)

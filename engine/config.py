@@ -12,7 +12,7 @@ from typing import Any, get_args, get_type_hints
 
 from cache.policies import get_priority
 from engine.compiled import COMPILE_MODES
-from engine.prefill import CHUNK_TOKENS
+from engine.prefill import CHUNK_TOKENS, PREFILL_MODES
 from engine.quant import WEIGHT_FORMATS
 
 ENV_PREFIX = "KVCI_"  # KVCI_MODEL, KVCI_DEVICE, KVCI_DTYPE, KVCI_WEIGHTS, KVCI_KV_DTYPE, KVCI_CACHE_BUDGET_MB, ...
@@ -36,7 +36,8 @@ class EngineConfig:
     compile: str = "auto"  # "auto": from_pretrained compiles that step in the background (engine.compiled); "off": eager
     cache_budget_mb: float = 512.0  # byte budget of the prefix cache
     min_cached_tokens: int = 20  # shorter prompts are neither cached nor counted
-    chunk_tokens: int = CHUNK_TOKENS  # the prefill's aligned chunk (engine/prefill.py): hits reuse whole chunks, exact hits everything
+    chunk_tokens: int = CHUNK_TOKENS  # the prefill's chunk (engine/prefill.py); the model prefill's reuse stops at a whole one
+    prefill: str = "auto"  # "auto": through the decode step where its rows are invariant (any reuse, replies stored as decoded); "model": the float model's aligned chunks
     max_batch: int = 8  # running requests whose decode steps share one batched call (engine/scheduler.py); 1: one at a time
     kv_storage: str = "cpu"  # where cached KV lives: "cpu" (moved to the device on a hit) or "device"
     max_prompt_tokens: int | None = None  # longer prompts are refused; None: the model's context window
@@ -69,6 +70,8 @@ class EngineConfig:
             raise ValueError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {self.kv_dtype!r}")
         if self.decode not in ("auto", "transformers"):
             raise ValueError(f"decode must be auto or transformers, got {self.decode!r}")
+        if self.prefill not in PREFILL_MODES:
+            raise ValueError(f"prefill must be one of {', '.join(PREFILL_MODES)}, got {self.prefill!r}")
         if self.compile not in COMPILE_MODES:
             raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {self.compile!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):

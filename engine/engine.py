@@ -7,8 +7,10 @@ engine owns the model, the tokenizer and the prefix cache; it knows nothing abou
 (``app.py`` calls it), and the radix tree itself lives in ``cache/`` and knows nothing about models.
 
 Caching never changes the answer, by construction (``engine/prefill.py``): every KV row the prefix
-cache stores, and every logits vector, is computed by the chunked prefill, whose shapes never depend
-on the path; new tokens come from the one decode step of the process's life; a reply is prefilled
+cache stores, and every logits vector, is a function of the tokens up to it alone. With the int4 and
+int8 steps, prompts prefill through the one decode step of the process's life, whose rows are
+checked invariant: reuse stops at any token and a reply is stored as it was decoded. Otherwise the
+float model prefills in aligned chunks, reuse stops at a chunk boundary, and a reply is prefilled
 again before it is stored (after its request has answered: ``engine/history.py``).
 ``tests/test_exact.py`` checks it bit for bit.
 """
@@ -31,7 +33,7 @@ from engine.history import Backlog, Reply
 from engine.oracle import compare
 from engine.kv import has_sliding_layers, kv_bytes_per_token, new_model_cache
 from engine.kv_pool import KVPool
-from engine.prefill import capacity as chunk_capacity, prefill, prefill_chunks, rewind
+from engine.prefill import capacity as chunk_capacity, prefill_chunks, rewind, run_to_end, step_prefill_chunks
 from engine.sampling import Sampler, SamplingParams
 from engine.scheduler import Decode, Until, scheduler
 
@@ -140,9 +142,11 @@ class Engine:
         if quant.decode_linears(model) and not use_fast:
             raise ValueError(f"{quant.weight_format(model)} weights decode through engine/fast_llama.py's step, which needs a Llama model and decode=auto; use fp32 or bf16")
         self.decoder: Any = fast_llama.FastDecoder(model) if use_fast else _TransformersStep(self)
-        if use_fast:  # batching, where the step's rows are each the bits of a request alone (engine/decode_attention.py)
-            self.decoder.check_rows_invariant(self.config.max_batch, self.kv_dtype)
-        self.compiler = compiled.StepCompiler(self.decoder, self.config.resolved_model_cache_dir(), self.config.compile, self.kv_dtype, self.config.max_batch)  # from_pretrained starts it
+        # Rows of one call of the step: a decode batch, or a prompt's chunk where it prefills through the step.
+        rows = max(self.config.max_batch, self.config.chunk_tokens) if self.config.prefill == "auto" and self.supports_prefix_cache else self.config.max_batch
+        if use_fast:  # batching and the step's prefill, where its rows are each the bits of a row alone (engine/decode_attention.py)
+            self.decoder.check_rows_invariant(rows, self.kv_dtype)
+        self.compiler = compiled.StepCompiler(self.decoder, self.config.resolved_model_cache_dir(), self.config.compile, self.kv_dtype, rows)  # from_pretrained starts it
         self._running: dict[int, _Run] = {}  # the requests whose flows run now (running()); written on the model's thread only
         self._history = Backlog()  # replies waiting to be stored (step 8, engine/history.py); the model's thread only
         self._history_drainer = False  # whether the backlog's idle-time flow is submitted
@@ -361,6 +365,7 @@ class Engine:
             "weights_detail": self._weights_detail(),
             "decode_step": type(self.decoder).__name__,
             "decode_compile": self.compiler.status(),
+            "prefill": {"through": "decode step" if self.step_prefill else "model", "reuse_align": self.align, "chunk_tokens": self.config.chunk_tokens},
             "batching": {  # engine/scheduler.py: decode steps of running requests share one call, up to max_batch
                 "max_batch": self.config.max_batch if self.decoder.rows_invariant else 1,
                 "rows_invariant": self.decoder.rows_invariant,
@@ -380,11 +385,23 @@ class Engine:
             "min_cached_tokens": self.cache.min_tokens,
         }
 
+    @property
+    def step_prefill(self) -> bool:
+        """Whether prompts prefill through the decode step (``engine/prefill.py``): its rows are checked invariant and
+        the settings allow it. Final once the compile has settled (the compiled step is checked again), before any prefill."""
+        return self.config.prefill == "auto" and self.supports_prefix_cache and self.decoder.rows_invariant
+
+    @property
+    def align(self) -> int:
+        """Where a reuse may stop: any token with the step's prefill, else a whole chunk of the model's."""
+        return 1 if self.step_prefill else self.chunk_tokens or 1
+
     def _weights_detail(self) -> str:
         fmt = quant.weight_format(self.model)
+        prefill = f"prefill through the {fmt} decode step" if self.step_prefill else "fp32 prefill"
         if fmt == "int4" and getattr(self.model, "int4_from_gguf", False):
-            return "int4 weights (Q4_1 blocks from the GGUF), fp32 prefill"
-        return f"{fmt} weights" + (", fp32 prefill" if fmt in quant.QUANTIZED else "")
+            return f"int4 weights (Q4_1 blocks from the GGUF), {prefill}"
+        return f"{fmt} weights" + (f", {prefill}" if fmt in quant.QUANTIZED else "")
 
     # ------------------------------------------------------------------ the request flow
 
@@ -432,7 +449,7 @@ class Engine:
         """After the reply: why the prefix cache reused what it did (``engine/explain.py``)."""
         request = run.request
         messages = None if request.raw or not self.chat.has_template else _messages(request)
-        return explain(run.match, run.prompt_ids, messages, self.chat, self.decode, self.cache.min_tokens, self.chunk_tokens)
+        return explain(run.match, run.prompt_ids, messages, self.chat, self.decode, self.cache.min_tokens, None if self.align == 1 else self.align)
 
     def _new_text(self, ids: list[int], prefix_offset: int, read_offset: int) -> str:
         """Text of ``ids[read_offset:]``, decoded with ``ids[prefix_offset:read_offset]`` before it as context."""
@@ -467,13 +484,14 @@ class Engine:
         holding the prompt's KV (None without a KV cache). An exact hit runs no model: the stored logits and every stored row are what a miss computes.
         """
         request, clock = run.request, run.clock
+        yield from self._wait_for_step(run)
         if request.use_prefix_cache:
             yield from self._store_continued_history(run)
             yield from self._wait_for_shared_prefill(run)
         if not request.use_cache:  # no KV cache: the prompt's logits, nothing kept (step 7 recomputes every step)
             run.prefill_tokens = len(run.prompt_ids)
             with clock.span("prefill_ms"):
-                return (yield from prefill_chunks(self.model, run.prompt_ids, self.new_cache(run.capacity), self.chunk_tokens)), None
+                return (yield from self._prefill(run.prompt_ids, self.new_cache(run.capacity))), None
         match = self._match(run)  # 2
         try:
             logits, model_cache = self._reuse(run, match)  # 3
@@ -485,8 +503,25 @@ class Engine:
             run.prefill_tokens = len(suffix)
             run.prefilling = match is not None  # it will store its prompt (step 6): others may wait for it
             with clock.span("prefill_ms"):
-                logits = yield from prefill_chunks(self.model, suffix, model_cache, self.chunk_tokens)
+                logits = yield from self._prefill(suffix, model_cache)
         return logits, model_cache
+
+    def _wait_for_step(self, run: "_Run") -> Iterator[Any]:
+        """Before any model work: while the compiled step is being built, wait for it (``compile_wait_ms``).
+
+        Every request of the process's life computes with the same step (``engine/compiled.py``): the
+        eager one's bits differ. It decides the prefill too: the compiled step's rows are checked again.
+        """
+        if self.compiler.state == "compiling":
+            with run.clock.span("compile_wait_ms"):
+                yield Until(self.compiler.done)
+
+    def _prefill(self, token_ids: Sequence[int], model_cache: Any) -> Iterator[Any]:
+        """Feed ``token_ids`` at the model cache's next positions, a chunk at a time (pausing between): the logits after them.
+        Through the decode step where its rows are invariant, else the float model's aligned chunks (``engine/prefill.py``)."""
+        if self.step_prefill:
+            return (yield from step_prefill_chunks(self.decoder, token_ids, model_cache, self.config.chunk_tokens))
+        return (yield from prefill_chunks(self.model, token_ids, model_cache, self.chunk_tokens))
 
     def _wait_for_shared_prefill(self, run: "_Run") -> Iterator[Any]:
         """2a. Before the lookup: if another request is prefilling whole chunks this prompt shares (past what
@@ -503,11 +538,11 @@ class Engine:
 
     def _prefilling_leader(self, run: "_Run") -> "_Run | None":
         """The running request, prefilling in ``run``'s namespace, that shares the most whole chunks with it beyond its own reuse."""
-        chunk, best, leader = self.chunk_tokens, 0, None
+        align, chunk, best, leader = self.align, self.config.chunk_tokens, 0, None
         for other in list(self._running.values()):
             if other is run or not other.prefilling or other.prompt_stored.is_set() or other.request.cache_key != run.request.cache_key:
                 continue
-            shared = common_prefix_len(other.prompt_ids, run.prompt_ids) // chunk * chunk
+            shared = common_prefix_len(other.prompt_ids, run.prompt_ids) // align * align
             if shared >= max(self.cache.min_tokens, other.reused_tokens + chunk) and shared > best:
                 best, leader = shared, other
         return leader
@@ -517,15 +552,16 @@ class Engine:
         if not run.request.use_prefix_cache:
             return None
         with run.clock.span("cache_lookup_ms"):
-            match = self.cache.match_prefix(run.prompt_ids, run.request.cache_key, align=self.chunk_tokens or 1)
+            match = self.cache.match_prefix(run.prompt_ids, run.request.cache_key, align=self.align)
         run.match, run.lookup_lock_wait_s = match, match.lock_wait_s
         return match
 
     def _reuse(self, run: "_Run", match: PrefixMatch | None) -> tuple[torch.Tensor | None, Any]:
         """3. The model cache with the matched KV (timed as ``transfer_ms``), and the stored logits of an exact hit.
 
-        A partial match ends at a chunk boundary (the lookup's ``align``): a prompt that shares part of
-        a chunk with a cached one prefills that chunk again, as a miss does (``engine/prefill.py``).
+        With the model's prefill a partial match ends at a chunk boundary (the lookup's ``align``): a prompt
+        that shares part of a chunk with a cached one prefills that chunk again, as a miss does
+        (``engine/prefill.py``). With the step's prefill it ends where the match does.
         """
         exact = match is not None and match.kind == "hit"
         run.reused_tokens = reused = match.length if match is not None else 0
@@ -540,7 +576,7 @@ class Engine:
 
     def _first_token(self, run: "_Run", logits: torch.Tensor) -> int:
         """5. The first new token, from the prefill's (or the stored) logits: the time to first token ends here."""
-        run.first_logits = logits
+        run.first_logits = run.last_logits = logits
         with run.clock.span("first_sample_ms"):
             token = run.sampler(logits)
         run.clock.mark_first_token()
@@ -554,17 +590,9 @@ class Engine:
             self._insert(run, model_cache, len(run.prompt_ids), logits)
 
     def _decode_n_tokens(self, run: "_Run", token: int, model_cache: Any) -> Iterator[int]:
-        """7. One decode step per new token until EOS or ``max_new_tokens``.
-
-        Every request of the process's life decodes with the same step: while the compiled step is
-        being built, decoding waits for it (``compile_wait_ms``) rather than run another step whose
-        bits differ (``engine/compiled.py``).
-        """
+        """7. One decode step per new token until EOS or ``max_new_tokens`` (the step of the process's life: :meth:`_wait_for_step`)."""
         if self._finished(run, token):
             return
-        if self.compiler.state == "compiling":
-            with run.clock.span("compile_wait_ms"):
-                yield Until(self.compiler.done)
         while True:
             with run.clock.span("decode_ms"):
                 if model_cache is None:
@@ -574,6 +602,7 @@ class Engine:
                     logits = step.logits
                     run.batch_sizes.append(step.batch_size)
                 token = run.sampler(logits)
+                run.last_logits = logits
             run.generated.append(token)
             yield token
             if self._finished(run, token):
@@ -582,29 +611,35 @@ class Engine:
     def _recompute(self, run: "_Run") -> Iterator[Any]:
         """Without a KV cache: the logits after the sequence so far, recomputing every earlier position's KV, nothing kept.
 
-        Each position is recomputed by the function that computed it with a KV cache (the prompt by the
-        chunked prefill, each generated token by the decode step, one at a time), so the tokens are the
-        same bits; the price is one decode step per earlier generated token, at every step.
+        Each position is recomputed by the function that computed it with a KV cache, so the tokens are
+        the same bits: the whole sequence by the step's prefill, or the prompt by the model's and each
+        generated token by the decode step, one at a time. The price is the whole sequence at every step.
         """
         scratch = self.new_cache(run.capacity)
-        yield from prefill_chunks(self.model, run.prompt_ids, scratch, self.chunk_tokens)
+        if self.step_prefill:
+            return (yield from self._prefill(run.prompt_ids + run.generated, scratch))
+        yield from self._prefill(run.prompt_ids, scratch)
         for earlier in run.generated:
             step = yield Decode(self.decoder, earlier, scratch, self.config.max_batch)
         return step.logits
 
     def _queue_history(self, run: "_Run", model_cache: Any) -> None:
-        """8. Prompt and reply into the prefix cache, so a conversation's next turn hits its whole history: queued.
+        """8. Prompt and reply into the prefix cache, so a conversation's next turn hits its whole history.
 
-        The reply's KV came from the decode step, whose kernels differ from the prefill's: it is
-        prefilled again, from the prompt's last chunk boundary, so that every stored row is what a
-        miss computes. That prefill waits in the backlog (``engine/history.py``): in idle time, or at
-        the start of the turn that continues it. With one token generated its KV is not in the model
-        cache: step 6 stored all there is.
+        With the step's prefill the reply's KV is what a prefill computes: stored now, as decoded, with
+        the logits its last token was sampled from. With the model's, the reply's KV came from other
+        kernels: it is prefilled again, from the prompt's last chunk boundary, so that every stored row
+        is what a miss computes; that prefill waits in the backlog (``engine/history.py``), in idle time
+        or at the start of the turn that continues it. With one token generated its KV is not in the
+        model cache: step 6 stored all there is.
         """
         if run.match is None or model_cache is None or len(run.generated) < 2:
             return
         length = len(run.prompt_ids) + len(run.generated) - 1
         if length < self.cache.min_tokens:
+            return
+        if self.step_prefill:
+            self._insert(run, model_cache, length, run.last_logits)
             return
         start = len(run.prompt_ids) // self.chunk_tokens * self.chunk_tokens
         run.history = Reply(run, model_cache, chunk_capacity(run.capacity, self.chunk_tokens), (run.prompt_ids + run.generated)[:length], start, run.request.cache_key, self.cache.clears)
@@ -650,14 +685,15 @@ class Engine:
 
     def new_cache(self, capacity: int) -> Any:
         """The one way a model cache is made: room for ``capacity`` tokens and their last chunk's pads, KV in the engine's KV dtype."""
-        return new_model_cache(self.model.config, chunk_capacity(capacity, self.chunk_tokens), self.kv_dtype)
+        return new_model_cache(self.model.config, chunk_capacity(capacity, self.chunk_tokens), self.kv_dtype, self.device)
 
     def prefill_sequence(self, token_ids: Sequence[int]) -> tuple[torch.Tensor, Any]:
         """A fresh prefill of ``token_ids`` (no cache read or written): the logits after them and the model cache with their KV."""
         def run() -> tuple[torch.Tensor, Any]:
             model_cache = self.new_cache(len(token_ids))
-            return prefill(self.model, list(token_ids), model_cache, self.chunk_tokens), model_cache
+            return run_to_end(self._prefill(list(token_ids), model_cache)), model_cache
 
+        self.compiler.settled()  # the step of the process's life decides the prefill
         return scheduler().call(run)
 
     def store(self, token_ids: Sequence[int], namespace: str, with_logits: bool = True) -> dict[str, int]:
@@ -797,6 +833,7 @@ class _Run:
         self.generated: list[int] = []
         self.match: PrefixMatch | None = None  # the prefix-cache lookup, for the explanation
         self.first_logits: torch.Tensor | None = None  # float32 [vocab] of the first new token, for verify
+        self.last_logits: torch.Tensor | None = None  # those the newest token was sampled from (stored with the reply: step 8)
         self.cache_status: CacheStatus = "off" if not request.use_prefix_cache else "miss"
         self.prefill_tokens = 0
         self.reused_tokens = 0

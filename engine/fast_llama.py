@@ -2,9 +2,10 @@
 
 transformers stays the loader, the tokenizer, the prefill and the fallback; this module only
 replaces the one-token decode step, the part that runs once per generated token and is bound by
-reading the weights. It is built from a loaded ``LlamaForCausalLM`` (any weight format of
+reading the weights, and, where its rows are invariant, the prefill (:meth:`FastDecoder.step_rows`:
+each prompt token a row of the step, as each new token is; ``engine/prefill.py``). It is built from a loaded ``LlamaForCausalLM`` (any weight format of
 ``engine.quant``) and shares its weights, except that the int8 and int4 formats give it their
-quantized copies of the linears (``quant.decode_linears``) while the model prefills in float32;
+quantized copies of the linears (``quant.decode_linears``) while the float32 model stays the fallback;
 the projections of each layer are fused (Q, K and V in one matmul, gate and up in another) where
 the format allows it. The same code runs several tokens at once (:meth:`FastDecoder.hidden`), which
 the quality measure uses to score the decode path on a whole text in one pass.
@@ -17,8 +18,8 @@ position's, whatever the buffer's capacity (a request with another ``max_new_tok
 logits are a function of the tokens before it alone (the exactness contract, ``engine/prefill.py``).
 The compiled step takes the same views, their length marked dynamic (``engine.compiled``). Attention
 computes in the wider of the query's and the KV's dtypes: float32 for the int4/int8 steps, whose
-linears return bf16, as the float32 prefill does. The prefix cache never stores this step's KV
-(replies are prefilled again before they are stored).
+linears return bf16, as the float32 prefill does. The prefix cache stores this step's KV only where
+the engine prefills through it too (else replies are prefilled again before they are stored).
 
 Knows nothing about requests, sampling or the prefix cache (``engine.engine`` calls
 :meth:`FastDecoder.decode_one_token`).
@@ -83,35 +84,54 @@ class FastDecoder(nn.Module):
 
     @torch.inference_mode()
     def decode_batch(self, tokens: list[int], model_caches: list, step=None) -> torch.Tensor:
-        """One decode step for several requests: ``tokens[b]`` at ``model_caches[b]``'s next position. Logits float32 ``[B, vocab]``.
+        """One decode step for several requests: ``tokens[b]`` at ``model_caches[b]``'s next position. Logits float32 ``[B, vocab]``."""
+        return self.step_rows([[t] for t in tokens], model_caches, step)
 
-        The linears run once for the whole batch (one read of the weights) and each request attends over
-        its own KV (``engine.decode_attention``). Row ``b`` is bit for bit what the request computes
-        alone: the attention is the same call either way, and the rest of the step is checked
-        row-invariant at start-up (:meth:`check_rows_invariant`); where it is not (the float GEMMs), the
-        rows run one at a time through the same step. ``step``: another step than ``self.step`` (the compile's checks).
+    @torch.inference_mode()
+    def step_rows(self, tokens: list[list[int]], model_caches: list, step=None) -> torch.Tensor:
+        """One call of the step for several requests, each feeding ``tokens[r]`` (one or more) at ``model_caches[r]``'s next
+        positions; the logits after each request's last token, float32 ``[R, vocab]``.
+
+        Every token is a row of the step, as one decode token is: the linears run once for all rows (one
+        read of the weights) and each row attends over its own request's KV up to its own position
+        (``engine.decode_attention``; a request's rows are written and attended in order, so each sees
+        the rows before it). Row ``b`` is bit for bit what it computes alone: the attention is the same
+        call either way, and the rest of the step is checked row-invariant at start-up
+        (:meth:`check_rows_invariant`); where it is not (the float GEMMs), the rows run one at a time
+        through the same step. So a prompt fed here, in any split, leaves the KV that decoding it token by
+        token leaves. ``step``: another step than ``self.step`` (the compile's checks).
         """
-        if len(tokens) > 1 and not self.rows_invariant:
-            return torch.cat([self.decode_batch([t], [c], step) for t, c in zip(tokens, model_caches)])
+        if sum(map(len, tokens)) > 1 and not self.rows_invariant:
+            return torch.cat([self._step_one_by_one(ts, cache, step) for ts, cache in zip(tokens, model_caches)])
         device = self.norm_weight.device
         layers = [cache.layers for cache in model_caches]
-        positions = [request[0].get_seq_length() for request in layers]
-        for request in layers:
+        positions, owners, last = [], [], []
+        for r, (request, ts) in enumerate(zip(layers, tokens)):
+            start = request[0].get_seq_length()
+            positions += range(start, start + len(ts))
+            owners += [r] * len(ts)
+            last.append(len(positions) - 1)
             for layer in request:
-                layer.reserve(1)
+                layer.reserve(len(ts))
         context = DecodeContext(
-            keys=[[request[i].key_buffer for request in layers] for i in range(len(self.layers))],
-            values=[[request[i].value_buffer for request in layers] for i in range(len(self.layers))],
+            keys=[[layers[r][i].key_buffer for r in owners] for i in range(len(self.layers))],
+            values=[[layers[r][i].value_buffer for r in owners] for i in range(len(self.layers))],
             positions=positions, scale=self.layers[0].scale, gqa=self.heads != self.kv_heads,
         )
-        tokens_t = torch.tensor(tokens, device=device)[:, None]  # [B, 1]
-        pos_t = torch.tensor(positions, device=device)  # [B]
+        tokens_t = torch.tensor([t for ts in tokens for t in ts], device=device)[:, None]  # [N, 1]
+        pos_t = torch.tensor(positions, device=device)  # [N]
+        last_t = torch.tensor(last, device=device)  # [R]
         with decode_context(context):
-            logits = (step or self.step)(tokens_t, pos_t)
-        for request in layers:
+            logits = (step or self.step)(tokens_t, pos_t, last_t)
+        for request, ts in zip(layers, tokens):
             for layer in request:
-                layer.advance(1)
+                layer.advance(len(ts))
         return logits.float()
+
+    def _step_one_by_one(self, tokens: list[int], model_cache, step) -> torch.Tensor:
+        for token in tokens:
+            logits = self.step_rows([[token]], [model_cache], step)
+        return logits
 
     @torch.inference_mode()
     def decode_tokens(self, tokens: list[int], model_cache) -> torch.Tensor:
@@ -138,10 +158,11 @@ class FastDecoder(nn.Module):
 
     @torch.inference_mode()
     def check_rows_invariant(self, max_batch: int, kv_dtype: torch.dtype, step=None) -> bool:
-        """Whether a batch of up to ``max_batch`` requests gives each row the bits it gets alone, through ``self.step``; sets :attr:`rows_invariant`.
+        """Whether a call of up to ``max_batch`` rows gives each row the bits it gets alone, through ``self.step``; sets :attr:`rows_invariant`.
 
         Runs the step on made-up requests (random KV of different lengths) alone and in every batch
-        size from 2 to ``max_batch``, and compares the logits with ``torch.equal``. torch's int4 and
+        size from 2 to ``max_batch`` (the engine asks for its decode batch or its prefill chunk, whichever
+        is larger), and compares the logits with ``torch.equal``. torch's int4 and
         int8 CPU kernels pass on the hosts measured (benchmark/README.md); the float GEMMs do not
         (their blocking depends on the number of rows), and then rows run one at a time.
         """
@@ -184,14 +205,14 @@ class FastDecoder(nn.Module):
     def lm_head_is_embedding(self) -> bool:
         return getattr(self.lm_head, "weight", None) is self.embed.weight
 
-    def forward_batch(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """The decode step: tokens ``[B, 1]`` at positions ``pos`` ``[B]``, each request attending over its own KV
-        (``engine.decode_attention``, set up by :meth:`decode_batch`). Returns their logits ``[B, vocab]``."""
-        x = self.embed(tokens)  # [B, 1, D]
-        cos, sin = self.cos[pos][:, None, None], self.sin[pos][:, None, None]  # [B, 1, 1, Dh]: one position per request
+    def forward_batch(self, tokens: torch.Tensor, pos: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """The step: tokens ``[N, 1]`` at positions ``pos`` ``[N]``, each row attending over its own request's KV
+        (``engine.decode_attention``, set up by :meth:`step_rows`). Returns the logits of rows ``last`` ``[R]``: ``[R, vocab]``."""
+        x = self.embed(tokens)  # [N, 1, D]
+        cos, sin = self.cos[pos][:, None, None], self.sin[pos][:, None, None]  # [N, 1, 1, Dh]: one position per row
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, lambda q, k, v, i=i: decode_attention(q, k, v, i), self.eps)
-        return self.lm_head(_rms_norm(x, self.norm_weight, self.eps)[:, -1])
+        return self.lm_head(_rms_norm(x[:, -1].index_select(0, last), self.norm_weight, self.eps))
 
     def forward(self, tokens: torch.Tensor, pos: torch.Tensor, k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor]) -> torch.Tensor:
         """tokens: [1, T]; pos: [T]; k_buffers/v_buffers: per layer [1, kv_heads, S, head_dim], ending at the last token's position. Returns its logits [1, vocab]."""

@@ -1,7 +1,8 @@
 """Step 8's backlog: replies waiting to go into the prefix cache after their request has answered.
 
-Storing a reply costs a prefill: the decode step's KV has other bits than a miss computes, so the
-reply is prefilled again before it is stored (``Engine._store_history``, ``engine/prefill.py``).
+With the float model's prefill (``prefill="model"``, the fp32 and bf16 formats; the int4 and int8
+steps prefill through the decode step and store a reply as decoded, with no backlog), storing a reply
+costs a prefill: the decode step's KV has other bits than a miss computes, so the reply is prefilled again before it is stored (``Engine._store_history``, ``engine/prefill.py``).
 Under load that prefill was a third to a half of the model thread's time (``benchmark/README.md``,
 "Continuous batching and the served path"), paid before the client saw the end of its stream. So
 nobody waits for it any more; a stored reply only serves a later request, and this backlog decides when:

@@ -71,6 +71,16 @@ class GrowingKVLayer(DynamicLayer):
         self.keys = self._key_buffer[:, :, : self._length, :]
         self.values = self._value_buffer[:, :, : self._length, :]
 
+    def allocate(self, kv_heads: int, head_dim: int, device: torch.device) -> None:
+        """Make the zeroed buffers now, ``[1, kv_heads, capacity, head_dim]``, for a step that writes into them before any update()."""
+        with torch.inference_mode(False):  # never inference tensors: see _grow
+            shape = (1, kv_heads, max(self.capacity, 1), head_dim)
+            self._key_buffer = torch.zeros(shape, dtype=self.storage_dtype, device=device)
+            self._value_buffer = torch.zeros(shape, dtype=self.storage_dtype, device=device)
+        self.is_initialized, self.dtype, self.device = True, self.storage_dtype, device
+        self._length = 0
+        self.advance(0)
+
     @classmethod
     def holding(cls, key_buffer: torch.Tensor, value_buffer: torch.Tensor, length: int) -> "GrowingKVLayer":
         """A layer over existing buffers ``[1, kv_heads, capacity, head_dim]`` whose first ``length`` positions are filled (the decode step's start-up check)."""
@@ -112,21 +122,31 @@ class GrowingKVLayer(DynamicLayer):
         self._value_buffer = bigger(self._value_buffer, value_states)
 
 
-def new_model_cache(config, capacity: int, dtype: torch.dtype | None = None) -> DynamicCache:
+def new_model_cache(config, capacity: int, dtype: torch.dtype | None = None, device: torch.device | None = None) -> DynamicCache:
     """An empty model cache whose layers preallocate ``capacity`` tokens and store KV in ``dtype``
-    (None: the model's); plain layers, at the model's dtype, for sliding-window models."""
+    (None: the model's); plain layers, at the model's dtype, for sliding-window models. With ``device``
+    and ``dtype`` the buffers are made now (the decode step's prefill writes into them), else at the first update."""
     cache = DynamicCache(config=config)
     if not _has_sliding(cache):
         cache.layers = [GrowingKVLayer(capacity, dtype) for _ in cache.layers]
+        if device is not None and dtype is not None:
+            _, kv_heads, head_dim = _kv_shape(config)
+            for layer in cache.layers:
+                layer.allocate(kv_heads, head_dim, device)
     return cache
 
 
 def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
     """Theory: 2 (K and V) x layers x kv_heads x head_dim x bytes per element."""
+    layers, kv_heads, head_dim = _kv_shape(config)
+    return 2 * layers * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+def _kv_shape(config) -> tuple[int, int, int]:
+    """(layers, kv_heads, head_dim) of a model's text config."""
     text = config.get_text_config(decoder=True)
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-    return 2 * text.num_hidden_layers * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+    return text.num_hidden_layers, getattr(text, "num_key_value_heads", None) or text.num_attention_heads, head_dim
 
 
 def has_sliding_layers(config) -> bool:

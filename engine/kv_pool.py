@@ -74,7 +74,7 @@ class KVPool(SlotAllocator):
 
     def read_kv(self, slots: Sequence[Slot], config, device: torch.device, capacity: int = 0) -> DynamicCache:
         """A fresh model cache on ``device`` holding the KV of ``slots`` (in order), room for ``capacity`` tokens."""
-        cache = new_model_cache(config, capacity, self.dtype)
+        cache = new_model_cache(config, capacity, self.dtype, device)
         if not slots:
             return cache
         # data: [T, layers, 2, kv_heads, head_dim], moved to the device in one transfer

@@ -1,11 +1,22 @@
-"""Prefill in fixed chunks aligned to absolute positions: the one function that computes every KV row the prefix cache stores.
+"""The prefill: the functions that compute every KV row the prefix cache stores, one per engine.
 
 The numeric contract (docs/engine.md): the KV of a position, and the logits after a sequence, are a
 pure function of the token ids up to it, whichever path computed them (a miss, a partial hit, an
 exact hit, a conversation's next turn, alone or beside other requests, at any time in the process's
 life). Kernels give the same bits for the same shapes on the same inputs, and not for other shapes: a
-GEMM's summation order depends on how many rows it has, and attention's on how many keys. So this
-prefill never lets a shape depend on the path:
+GEMM's summation order depends on how many rows it has, and attention's on how many keys. Two ways
+keep a shape from depending on the path, and an engine uses one of them for its life:
+
+**Through the decode step** (:func:`step_prefill_chunks`, ``prefill="auto"`` where the step's rows
+are invariant: the int4 and int8 steps). Each prompt token is a row of the decode step, as a new
+token is: the linears are checked to give every row the bits it gets alone, whatever the other rows
+(``FastDecoder.check_rows_invariant``), and each row attends over its own positions with the call a
+decode step makes (``engine.decode_attention``). So a position's KV is the same bits whether it was
+prefilled in a chunk of 32, of 7, alone, or decoded as a reply: reuse may stop at any token, and a
+reply's KV is stored as decoded. Chunks only bound how long a prompt holds up the others' steps.
+
+**Through the float model** (:func:`prefill_chunks`, the fp32 and bf16 formats, whose GEMMs are not
+row-invariant, and transformers' own step), in chunks aligned to absolute positions:
 
 - positions are computed in chunks ``[kC, (k+1)C)`` of absolute positions (``C`` =
   :data:`CHUNK_TOKENS`). The last chunk of a sequence is padded to ``C`` rows with :data:`PAD_TOKEN`
@@ -21,9 +32,10 @@ prefill never lets a shape depend on the path:
   reuses every row, each computed here for these very tokens;
 - the logits after a sequence are those of its last real row, through the ``lm_head`` alone.
 
-The decode step (``engine.fast_llama``, compiled or not) computes a request's new tokens with other
-kernels, so its KV is never stored: before a reply's tokens go into the prefix cache they are prefilled
-again here (``Engine._insert_history``). Knows nothing of the prefix cache or of requests.
+Here the decode step computes a request's new tokens with other kernels, so its KV is never stored:
+before a reply's tokens go into the prefix cache they are prefilled again (``engine/history.py``).
+
+Knows nothing of the prefix cache or of requests.
 """
 
 from __future__ import annotations
@@ -35,6 +47,7 @@ import torch
 from engine.scheduler import PAUSE
 
 CHUNK_TOKENS = 32  # C, the default of EngineConfig.chunk_tokens: measured against 16 and 64 in benchmark/README.md ("The cost of exactness")
+PREFILL_MODES = ("auto", "model")  # EngineConfig.prefill: through the decode step where its rows are invariant, or always the float model
 PAD_TOKEN = 0  # any id the model embeds; its rows are never read
 
 
@@ -58,12 +71,33 @@ def prefill(model: Any, token_ids: Sequence[int], model_cache: Any, chunk: int |
     Returns:
         float32 ``[vocab]``: the logits of the last real position.
     """
-    chunks = prefill_chunks(model, token_ids, model_cache, chunk)
+    return run_to_end(prefill_chunks(model, token_ids, model_cache, chunk))
+
+
+def run_to_end(flow: Generator[object, None, Any]) -> Any:
+    """Run a prefill generator through its pauses (not as a scheduler's flow); its return value."""
     while True:
         try:
-            next(chunks)
+            next(flow)
         except StopIteration as done:
             return done.value
+
+
+@torch.inference_mode()
+def step_prefill_chunks(decoder: Any, token_ids: Sequence[int], model_cache: Any, chunk: int = CHUNK_TOKENS) -> Generator[object, None, torch.Tensor]:
+    """Feed ``token_ids`` at the model cache's next positions through the decode step, ``chunk`` rows a call; the logits after the last one.
+
+    Yields ``PAUSE`` between chunks, as :func:`prefill_chunks` does. Any start and any split give the
+    same bits (see the module's docstring): the step's rows must be invariant (``decoder.rows_invariant``
+    for up to ``chunk`` rows), which the engine checks before it prefills this way.
+    """
+    assert token_ids, "prefill needs at least one token"
+    logits = None
+    for at in range(0, len(token_ids), chunk):
+        if at:
+            yield PAUSE
+        logits = decoder.step_rows([list(token_ids[at : at + chunk])], [model_cache])
+    return logits[0]
 
 
 @torch.inference_mode()

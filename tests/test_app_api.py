@@ -245,7 +245,7 @@ def test_health_says_which_model_and_mode(rest):
     health = rest.get("/health").json()
     assert health["ready"] and health["model"] and health["device"] == "cpu" and health["cache_mode"] == "shared"
     assert health["kv_dtype"] == "float32"  # --kv-dtype auto: the fp32 model's own; the page's status line shows it
-    assert health["weights"] == "int4 weights (Q4_1 blocks from the GGUF), fp32 prefill"  # auto on a CPU
+    assert health["weights"] == "int4 weights (Q4_1 blocks from the GGUF), prefill through the int4 decode step"  # auto on a CPU
     assert health["decode"] == {"state": "off", "description": "eager (KVCI_COMPILE=off)", "compile_seconds": None, "reason": "KVCI_COMPILE=off",
                                 "elapsed_s": None, "expected_s": None, "inductor_cache": None}
     schema = rest.get("/openapi.json").json()  # the REST routes are documented (at /docs)

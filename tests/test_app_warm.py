@@ -17,13 +17,14 @@ import pytest
 from gradio_client import Client
 
 from conftest import launch_app, stop_app
-from engine.prefill import CHUNK_TOKENS
 from test_app_isolation import Page, bearer, body, secret_system_prompt
 
 
-def whole_chunks(tokens: int) -> int:
-    """What a request reuses of a warmed prefix: its whole chunks (engine/prefill.py)."""
-    return tokens // CHUNK_TOKENS * CHUNK_TOKENS
+def reused_of(url: str, tokens: int) -> int:
+    """What a request reuses of a warmed prefix: all of it where the app prefills through the decode step (the
+    int4 default), else its whole chunks (engine/prefill.py); /health says which."""
+    align = httpx.get(url + "/health").json()["prefill"]["reuse_align"]
+    return tokens // align * align
 
 
 def test_rest_warm_then_a_request_with_that_system_prompt_is_a_partial_hit(app_server_public):
@@ -35,7 +36,7 @@ def test_rest_warm_then_a_request_with_that_system_prompt_is_a_partial_hit(app_s
     done = warmed.json()
     assert done["pinned"] and done["prefilled"] == done["tokens"] and 0 < done["expires_in_s"] <= 600
     reply = httpx.post(url + "/generate", json=body(system), headers=headers, timeout=120).json()
-    assert reply["cache_status"] == "partial" and reply["cache_explanation"]["reused_tokens"] == whole_chunks(done["tokens"])
+    assert reply["cache_status"] == "partial" and reply["cache_explanation"]["reused_tokens"] == reused_of(url, done["tokens"])
     stats = httpx.get(url + "/cache/stats", headers=headers).json()
     assert stats["pins"] == 1 and stats["pinned_bytes"] > 0 and stats["pin_budget_bytes"] > stats["pinned_bytes"]
     other = httpx.get(url + "/cache/stats", headers=bearer(url)).json()
@@ -126,7 +127,7 @@ def test_a_pin_survives_a_flood_and_an_expired_one_does_not(app_server_public):
     stats = httpx.get(url + "/cache/stats", headers=headers).json()
     assert stats["pins"] == 1 and stats["evictions"] > 0 and stats["cached_bytes"] <= 0.25 * stats["budget_bytes"] + 1
     reply = httpx.post(url + "/generate", json=body(kept), headers=headers, timeout=120).json()
-    assert reply["cache_status"] == "partial" and reply["cache_explanation"]["reused_tokens"] == whole_chunks(pins[kept]["tokens"])
+    assert reply["cache_status"] == "partial" and reply["cache_explanation"]["reused_tokens"] == reused_of(url, pins[kept]["tokens"])
     reply = httpx.post(url + "/generate", json=body(expiring), headers=headers, timeout=120).json()
     assert reply["cache_explanation"]["reused_tokens"] < pins[expiring]["tokens"]  # only what it shares with the kept pin
 
@@ -242,7 +243,7 @@ def test_warm_file_pins_at_start_and_a_request_reuses_them(warm_file_app):
     assert stats["pins"] == 2 and stats["pinned_bytes"] > 0
     assert " 2 pinned (" in Page(url).inspector_text()
     reply = httpx.post(url + "/generate", json={**body(WARM_SYSTEM), "prompt": "When do you open on Sunday?"}, timeout=120).json()
-    assert reply["cache_status"] == "partial" and reply["cache_explanation"]["reused_tokens"] == whole_chunks(pinned_tokens[0])
+    assert reply["cache_status"] == "partial" and reply["cache_explanation"]["reused_tokens"] == reused_of(url, pinned_tokens[0])
     assert httpx.post(url + "/generate", json=body(WARM_MESSAGES[0]["content"]), timeout=120).json()["cache_status"] == "hit"
 
 

@@ -20,6 +20,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from cache import common_prefix_len
 from engine import Engine, EngineConfig, quant
 from engine.scheduler import scheduler
 from tests.conftest import TEST_DEVICE, make_tiny_model
@@ -198,6 +199,59 @@ def test_warmed_and_pinned_prefixes_give_the_fresh_bits(tokenizer, kv_dtype):
         result = engine.generate(question, system_prompt=SYSTEM, max_new_tokens=8)
         assert result.cache_status == "partial"
         same(result, fresh(engine, question, system_prompt=SYSTEM, max_new_tokens=8), f"after a warm and a pin: {question}")
+
+
+def tiny_engine_in(tokenizer, fmt: str, **settings) -> Engine:
+    model = quant.apply_format(make_tiny_model(tokenizer), fmt) if fmt != "fp32" else make_tiny_model(tokenizer)
+    return Engine(model, tokenizer, EngineConfig(min_cached_tokens=4, chunk_tokens=8, **settings), name=f"tiny-{fmt}")
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_the_step_prefill_leaves_the_same_rows_in_any_split_and_as_decoding_does(tokenizer, fmt):
+    """The int4 and int8 steps prefill (engine/prefill.py): a prompt fed one token at a time (as decoding feeds a
+    reply), in chunks of 3, of 8, or whole, leaves the same KV bits in every layer and the same logits after it."""
+    engine = tiny_engine_in(tokenizer, fmt)
+    assert engine.step_prefill and engine.align == 1, "the quantized steps' rows are invariant: prompts prefill through them"
+    ids = engine.tokenize(engine.make_request("Which book should I read next, and why?", system_prompt=SYSTEM))
+
+    def fed(split: int):
+        cache = engine.new_cache(len(ids))
+        logits = scheduler().call(lambda: [engine.decoder.step_rows([ids[at : at + split]], [cache]) for at in range(0, len(ids), split)][-1])
+        return logits, cache
+
+    reference_logits, reference = fed(1)
+    for split in (3, 8, len(ids)):
+        logits, cache = fed(split)
+        assert torch.equal(logits, reference_logits), f"logits after a split of {split}"
+        for i, (a, b) in enumerate(zip(cache.layers, reference.layers)):
+            assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values), f"layer {i}'s KV after a split of {split}"
+
+
+@pytest.mark.parametrize("fmt, aligned", [("int4", False), ("fp32", True)])
+def test_a_partial_hit_reuses_every_matched_token_through_the_step(tokenizer, fmt, aligned):
+    """With the step's prefill a reuse stops where the match does; with the float model's, at a whole chunk. Fresh bits either way."""
+    engine = tiny_engine_in(tokenizer, fmt)
+    assert engine.step_prefill is not aligned
+    cached = engine.generate(RAW, raw=True, max_new_tokens=4)
+    prompt = RAW[: len(RAW) * 2 // 3] + " and then something else entirely"
+    shared = common_prefix_len(cached.prompt_token_ids, engine.tokenize(engine.make_request(prompt, raw=True)))
+    result = engine.generate(prompt, raw=True, max_new_tokens=6)
+    assert result.cache_status == "partial"
+    assert result.timings["prefix_tokens_saved"] == (shared // 8 * 8 if aligned else shared), (shared, result.timings["prefix_tokens_saved"])
+    same(result, fresh(engine, prompt, raw=True, max_new_tokens=6), "a partial hit")
+
+
+def test_a_reply_is_stored_as_decoded_through_the_step(tokenizer):
+    """Step 8 with the step's prefill: the reply's KV is what a prefill computes, so it is stored when the request ends,
+    with no second prefill and no backlog; the next turn reuses prompt and reply, and gives its fresh bits."""
+    engine = tiny_engine_in(tokenizer, "int4")
+    first = engine.generate("What is machine learning?", system_prompt=SYSTEM, max_new_tokens=8)
+    assert first.timings["history_prefill_ms"] == 0 and engine.info()["history"]["waiting"] == 0, (first.timings, engine.info()["history"])
+    assert engine.cache.stats()["cached_tokens"] >= len(first.prompt_token_ids) + len(first.token_ids) - 1
+    history = [{"role": "user", "content": "What is machine learning?"}, {"role": "assistant", "content": first.text}]
+    turn = engine.generate("Tell me more.", system_prompt=SYSTEM, history=history, max_new_tokens=8)
+    assert turn.timings["prefix_tokens_saved"] >= len(first.prompt_token_ids) + len(first.token_ids) - 2, turn.timings
+    same(turn, fresh(engine, "Tell me more.", system_prompt=SYSTEM, history=history, max_new_tokens=8), "the next turn")
 
 
 @pytest.mark.parametrize("cached, prompt, align, kind, reused", [

@@ -7,6 +7,8 @@ import time
 
 import pytest
 
+from engine.scheduler import Until
+
 from ui.service import Busy, EngineService, NotReady
 from ui.sessions import Session
 from ui.settings import AppSettings
@@ -90,7 +92,8 @@ def test_running_table_lists_what_the_inspector_may_show(tiny_engine, monkeypatc
     for name in ("alice", "bob"):
         ask(service, name, "Warm the system prompt")  # the cached prefix the running requests reuse
     asks = (("alice", "Apples?"), ("alice", "Bananas?"), ("bob", "Cherries?"))  # unlike from the first token: each reuses the system prompt alone
-    jobs = _parked(tiny_engine, monkeypatch, [service.stream(who(name), prompt=prompt, system_prompt=SYSTEM, max_new_tokens=4) for name, prompt in asks])
+    gate = _park_decoding(tiny_engine, monkeypatch)
+    jobs = _parked(tiny_engine, [service.stream(who(name), prompt=prompt, system_prompt=SYSTEM, max_new_tokens=4) for name, prompt in asks])
     try:
         alice, bob = service.running(who("alice")), service.running(who("bob"))
         assert (len(alice), len(bob)) == (alice_sees, bob_sees)
@@ -99,15 +102,25 @@ def test_running_table_lists_what_the_inspector_may_show(tiny_engine, monkeypatc
         assert len(prefixes) == 1 and None not in prefixes  # one cached system prompt per namespace, shared mode: one for all
         assert len(service.running(who("carol"))) == (0 if cache_mode == "per-session" else 3)
     finally:
-        tiny_engine.compiler.done.set()
+        gate.set()
         results = [job.result() for job in jobs]
     assert all(len(r.batch_sizes) == len(r.token_ids) - 1 for r in results)
 
 
-def _parked(engine, monkeypatch, jobs: list) -> list:
-    """``jobs``, each held after its first token: the engine waits for a "compile" (a fresh event) before any decode step."""
-    monkeypatch.setattr(engine.compiler, "state", "compiling")
-    monkeypatch.setattr(engine.compiler, "done", threading.Event())
+def _park_decoding(engine, monkeypatch) -> threading.Event:
+    """From now on each request waits after its first token, before its first decode step, until the returned event is set."""
+    gate, decode = threading.Event(), engine._decode_n_tokens
+
+    def parked(run, token, model_cache):
+        yield Until(gate)
+        return (yield from decode(run, token, model_cache))
+
+    monkeypatch.setattr(engine, "_decode_n_tokens", parked)
+    return gate
+
+
+def _parked(engine, jobs: list) -> list:
+    """``jobs``, once each is parked after its first token (``_park_decoding``)."""
     deadline = time.monotonic() + 60  # a liveness bound; the wait ends as soon as every job is parked
     while len([row for row in engine.running() if row["phase"] == "decode"]) < len(jobs):
         assert time.monotonic() < deadline, engine.running()

@@ -100,6 +100,7 @@ class Lifecycle:
             "kv_dtype": info.get("kv_dtype"),
             "weights": info.get("weights_detail"),
             "decode": info.get("decode_compile"),
+            "prefill": info.get("prefill"),  # engine/prefill.py: through the decode step or the float model, and where a reuse may stop
             "batching": info.get("batching"),  # engine/scheduler.py: max batch, steps per batch size, the model thread's busy time
             "history": info.get("history"),  # engine/history.py: replies waiting to be stored, stored in idle time, promoted by a next turn, skipped
             "parameters": info.get("parameters"),

@@ -122,7 +122,7 @@ def parse_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str]
     parser.add_argument("--host", default=environ.get("GRADIO_SERVER_NAME") or AppSettings.host, help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=int(environ.get("GRADIO_SERVER_PORT") or AppSettings.port), help="port (default 7860)")
     parser.add_argument("--model", default=None, help="hub id, model folder or .gguf file (default: the bundled SmolLM2-135M-Instruct)")
-    parser.add_argument("--weights", choices=WEIGHT_FORMATS, default=None, help="weight format: auto (int4 on a CPU: 4-bit decode, fp32 prefill), fp32, bf16, int8, int4 (default: env KVCI_WEIGHTS, else auto)")
+    parser.add_argument("--weights", choices=WEIGHT_FORMATS, default=None, help="weight format: auto (int4 on a CPU: a 4-bit decode step, prompts prefilled through it), fp32, bf16, int8, int4 (default: env KVCI_WEIGHTS, else auto)")
     parser.add_argument("--cache-budget-mb", type=float, default=None, help="prefix-cache byte budget in MiB (default 512)")
     parser.add_argument("--kv-dtype", choices=KV_DTYPES, default=None, help="KV storage precision: auto (the model's dtype), fp32, or bf16 (half the bytes per cached token; env KVCI_KV_DTYPE)")
     parser.add_argument(

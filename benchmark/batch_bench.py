@@ -26,6 +26,7 @@ import argparse
 import statistics
 import threading
 import time
+from dataclasses import replace
 
 import torch
 from torch.nn import functional as F
@@ -70,11 +71,11 @@ def throughput(engine: Engine, args) -> dict:
     tokenizer = engine.tokenizer
     base = tokenizer(text_of_tokens(tokenizer, args.prompt_tokens + 64)).input_ids
     out: dict[str, dict[str, list[float]]] = {}
-    invariant = engine.decoder.rows_invariant
+    invariant, config = engine.decoder.rows_invariant, engine.config
     for _ in range(args.rounds):
         for n in args.batches:
             for mode in (["batched", "one at a time"] if invariant and n > 1 else ["one at a time" if n > 1 else "batched"]):
-                engine.decoder.rows_invariant = invariant and mode == "batched"
+                engine.config = config if mode == "batched" else replace(config, max_batch=1)  # one request per decode step
                 prompts = [engine.decode(base[i : i + args.prompt_tokens]) for i in range(n)]  # distinct, about the same length
                 results, wall = _together(engine, prompts, args.new_tokens)
                 cell = out.setdefault(f"{n}|{mode}", {"total_tok_s": [], "per_request_tok_s": [], "mean_batch": []})
@@ -83,7 +84,7 @@ def throughput(engine: Engine, args) -> dict:
                 cell["total_tok_s"].append(decode_tokens / decode_wall)
                 cell["per_request_tok_s"].append(statistics.median(r.timings["decode_tokens_per_sec"] for r in results))
                 cell["mean_batch"].append(statistics.mean(r.timings["batch_size_mean"] for r in results))
-    engine.decoder.rows_invariant = invariant
+    engine.config = config
     return {key: {name: summarize(values) for name, values in cell.items()} for key, cell in out.items()}
 
 

@@ -127,7 +127,7 @@ class StepCompiler:
             if got != expected:
                 self._fail(f"the compiled step gave tokens {got} where the eager one gave {expected} on the check prompt")
                 return
-            invariant = self.decoder.check_rows_invariant(self.max_batch, kv_dtype, compiled)  # decides batching for the process's life
+            invariant = self.decoder.check_rows_invariant(self.max_batch, kv_dtype, compiled) >= 2  # decides batching and the prefill for the process's life
             self.seconds = time.perf_counter() - t0
             self.decoder.step = compiled  # before any request decodes: they wait in settled()
             log.info("compiled step %s", "batches requests (rows checked invariant)" if invariant else "runs requests one at a time (rows not invariant)")

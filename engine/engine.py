@@ -367,8 +367,9 @@ class Engine:
             "decode_compile": self.compiler.status(),
             "prefill": {"through": "decode step" if self.step_prefill else "model", "reuse_align": self.align, "chunk_tokens": self.config.chunk_tokens},
             "batching": {  # engine/scheduler.py: decode steps of running requests share one call, up to max_batch
-                "max_batch": self.config.max_batch if self.decoder.rows_invariant else 1,
+                "max_batch": self.max_batch,
                 "rows_invariant": self.decoder.rows_invariant,
+                "invariant_rows": self.decoder.invariant_rows,
                 "steps": scheduler().steps,
                 "batch_histogram": dict(scheduler().batch_histogram),
                 "busy_s": dict(scheduler().busy_s),  # the model thread's time: batched decode steps, flows (prefill chunks, sampling, inserts), idle-time work
@@ -389,7 +390,12 @@ class Engine:
     def step_prefill(self) -> bool:
         """Whether prompts prefill through the decode step (``engine/prefill.py``): its rows are checked invariant and
         the settings allow it. Final once the compile has settled (the compiled step is checked again), before any prefill."""
-        return self.config.prefill == "auto" and self.supports_prefix_cache and self.decoder.rows_invariant
+        return self.config.prefill == "auto" and self.supports_prefix_cache and self.decoder.invariant_rows >= self.config.chunk_tokens
+
+    @property
+    def max_batch(self) -> int:
+        """Requests one decode step takes at most: the setting, within what the step's rows were checked invariant for."""
+        return max(1, min(self.config.max_batch, self.decoder.invariant_rows))
 
     @property
     def align(self) -> int:
@@ -598,7 +604,7 @@ class Engine:
                 if model_cache is None:
                     logits = yield from self._recompute(run)
                 else:  # one step, batched by the scheduler with the other running requests' steps
-                    step = yield Decode(self.decoder, token, model_cache, self.config.max_batch)
+                    step = yield Decode(self.decoder, token, model_cache, self.max_batch)
                     logits = step.logits
                     run.batch_sizes.append(step.batch_size)
                 token = run.sampler(logits)
@@ -620,7 +626,7 @@ class Engine:
             return (yield from self._prefill(run.prompt_ids + run.generated, scratch))
         yield from self._prefill(run.prompt_ids, scratch)
         for earlier in run.generated:
-            step = yield Decode(self.decoder, earlier, scratch, self.config.max_batch)
+            step = yield Decode(self.decoder, earlier, scratch, self.max_batch)
         return step.logits
 
     def _queue_history(self, run: "_Run", model_cache: Any) -> None:
@@ -746,7 +752,7 @@ class _TransformersStep:
     def __init__(self, engine: "Engine") -> None:
         self.engine = engine
 
-    rows_invariant = False  # transformers' float GEMMs: a batch runs one request at a time
+    rows_invariant, invariant_rows = False, 1  # transformers' float GEMMs: a batch runs one request at a time
 
     @torch.inference_mode()
     def decode_one_token(self, token: int, model_cache: Any) -> torch.Tensor:

@@ -75,7 +75,7 @@ class FastDecoder(nn.Module):
         self.register_buffer("cos", cos[0].to(self.norm_weight.dtype), persistent=False)
         self.register_buffer("sin", sin[0].to(self.norm_weight.dtype), persistent=False)
         self.step = self.forward_batch  # what decode_batch calls: eager, or the compiled forward_batch (engine.compiled)
-        self.rows_invariant = False  # whether decode_batch may run several requests in one call (check_rows_invariant)
+        self.invariant_rows = 1  # the largest call whose rows are each the bits of a row alone, every size up to it checked (check_rows_invariant)
 
     @torch.inference_mode()
     def decode_one_token(self, token: int, model_cache) -> torch.Tensor:
@@ -101,7 +101,7 @@ class FastDecoder(nn.Module):
         through the same step. So a prompt fed here, in any split, leaves the KV that decoding it token by
         token leaves. ``step``: another step than ``self.step`` (the compile's checks).
         """
-        if sum(map(len, tokens)) > 1 and not self.rows_invariant:
+        if sum(map(len, tokens)) > self.invariant_rows:
             return torch.cat([self._step_one_by_one(ts, cache, step) for ts, cache in zip(tokens, model_caches)])
         device = self.norm_weight.device
         layers = [cache.layers for cache in model_caches]
@@ -156,19 +156,25 @@ class FastDecoder(nn.Module):
             layer.advance(len(tokens))
         return logits[0].float()
 
+    @property
+    def rows_invariant(self) -> bool:
+        """Whether several rows may share a call at all (:attr:`invariant_rows` of 2 or more)."""
+        return self.invariant_rows >= 2
+
     @torch.inference_mode()
-    def check_rows_invariant(self, max_batch: int, kv_dtype: torch.dtype, step=None) -> bool:
-        """Whether a call of up to ``max_batch`` rows gives each row the bits it gets alone, through ``self.step``; sets :attr:`rows_invariant`.
+    def check_rows_invariant(self, max_batch: int, kv_dtype: torch.dtype, step=None) -> int:
+        """The largest call, up to ``max_batch`` rows, whose every size gives each row the bits it gets alone, through
+        ``self.step``; sets :attr:`invariant_rows` (1: rows run one at a time).
 
         Runs the step on made-up requests (random KV of different lengths) alone and in every batch
         size from 2 to ``max_batch`` (the engine asks for its decode batch or its prefill chunk, whichever
-        is larger), and compares the logits with ``torch.equal``. torch's int4 and
-        int8 CPU kernels pass on the hosts measured (benchmark/README.md); the float GEMMs do not
-        (their blocking depends on the number of rows), and then rows run one at a time.
+        is larger), and compares the logits with ``torch.equal``, stopping at the first size that
+        differs. torch's int4 and int8 CPU kernels pass every size on the hosts measured
+        (benchmark/README.md); the float GEMMs fail at 2 (their blocking depends on the number of rows).
         """
-        self.rows_invariant = False
+        self.invariant_rows = 1
         if max_batch < 2:
-            return False
+            return 1
         generator = torch.Generator().manual_seed(0)
         lengths = [5 + 11 * b for b in range(max_batch)]
         tokens = torch.randint(self.embed.num_embeddings, (max_batch,), generator=generator).tolist()
@@ -181,12 +187,17 @@ class FastDecoder(nn.Module):
             caches = [SimpleNamespace(layers=[GrowingKVLayer.holding(k.clone(), v.clone(), lengths[b]) for k, v in zip(*start[b])]) for b in rows]
             return self.decode_batch([tokens[b] for b in rows], caches, step)
 
-        self.rows_invariant = True  # so that decode_batch runs the batch through the step
+        self.invariant_rows = max_batch  # so that decode_batch runs each size through the step in one call
         alone = torch.cat([run([b]) for b in range(max_batch)])
-        invariant = all(torch.equal(run(list(range(size)))[:size], alone[:size]) for size in range(2, max_batch + 1))
-        invariant = invariant and torch.equal(run([max_batch - 1, 0])[0], alone[max_batch - 1])  # another neighbour, another place
-        self.rows_invariant = invariant
-        return invariant
+        checked = 1
+        for size in range(2, max_batch + 1):
+            if not torch.equal(run(list(range(size)))[:size], alone[:size]):
+                break
+            checked = size
+        if checked >= 2 and not torch.equal(run([checked - 1, 0])[0], alone[checked - 1]):  # another neighbour, another place
+            checked = 1
+        self.invariant_rows = checked
+        return checked
 
     def new_kv(self, capacity: int, dtype: torch.dtype) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Zeroed K and V buffers for every layer, ``[1, kv_heads, capacity, head_dim]``, made as a request's are

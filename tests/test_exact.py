@@ -227,6 +227,20 @@ def test_the_step_prefill_leaves_the_same_rows_in_any_split_and_as_decoding_does
             assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values), f"layer {i}'s KV after a split of {split}"
 
 
+def test_the_rows_check_keeps_every_size_up_to_the_first_that_differs(tokenizer):
+    """A step whose rows part past 5 rows (a host whose kernel blocks otherwise): requests batch up to 5, and
+    prompts prefill through the float model, since a chunk of 8 would not be the rows' bits alone."""
+    engine = tiny_engine_in(tokenizer, "int4")
+    decoder = engine.decoder
+
+    def differs_past_5(tokens, pos, last):
+        logits = decoder.forward_batch(tokens, pos, last)
+        return logits + 1 if tokens.shape[0] > 5 else logits
+
+    assert scheduler().call(lambda: decoder.check_rows_invariant(8, engine.kv_dtype, differs_past_5)) == 5
+    assert (engine.max_batch, engine.step_prefill, engine.align) == (5, False, 8)
+
+
 @pytest.mark.parametrize("fmt, aligned", [("int4", False), ("fp32", True)])
 def test_a_partial_hit_reuses_every_matched_token_through_the_step(tokenizer, fmt, aligned):
     """With the step's prefill a reuse stops where the match does; with the float model's, at a whole chunk. Fresh bits either way."""

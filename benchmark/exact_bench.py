@@ -12,7 +12,8 @@ Measured, alternating the variants in every round (medians):
 - **the reply's second prefill** (step 8, after the last token, off the user's wait): 64 generated tokens;
 - **the prefill through the decode step** (``engine.prefill.step_prefill_chunks``, what the int4 and int8
   engines run): the miss and the partial hit (every matched token reused, no chunk boundary) in calls of
-  C = 16, 32 and 64 rows. It stores a reply as decoded, so it has no second prefill.
+  C = 16, 32 and 64 rows, each C up to the call size the step was checked row-invariant for (32 by
+  default: ``EngineConfig.chunk_tokens``). It stores a reply as decoded, so it has no second prefill.
 
 ``--compile auto`` measures the step compiled, as the app runs it.
 
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
             timed(f"partial, C={chunk}", lambda: chunked(args.shared, chunk))
             timed(f"miss, C={chunk}", lambda: chunked(0, chunk))
             timed(f"reply prefill, C={chunk}", lambda: reply_prefill(chunk))
-            if engine.decoder.rows_invariant:
+            if chunk <= engine.decoder.invariant_rows:  # larger calls were not checked row-invariant: the step would run them row by row
                 timed(f"partial through the step, C={chunk}", lambda: through_the_step(args.shared, chunk))
                 timed(f"miss through the step, C={chunk}", lambda: through_the_step(0, chunk))
 

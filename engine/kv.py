@@ -75,21 +75,21 @@ class GrowingKVLayer(DynamicLayer):
         """Make the zeroed buffers now, ``[1, kv_heads, capacity, head_dim]``, for a step that writes into them before any update()."""
         with torch.inference_mode(False):  # never inference tensors: see _grow
             shape = (1, kv_heads, max(self.capacity, 1), head_dim)
-            self._key_buffer = torch.zeros(shape, dtype=self.storage_dtype, device=device)
-            self._value_buffer = torch.zeros(shape, dtype=self.storage_dtype, device=device)
-        self.is_initialized, self.dtype, self.device = True, self.storage_dtype, device
-        self._length = 0
-        self.advance(0)
+            self._hold(torch.zeros(shape, dtype=self.storage_dtype, device=device), torch.zeros(shape, dtype=self.storage_dtype, device=device), 0)
 
     @classmethod
     def holding(cls, key_buffer: torch.Tensor, value_buffer: torch.Tensor, length: int) -> "GrowingKVLayer":
         """A layer over existing buffers ``[1, kv_heads, capacity, head_dim]`` whose first ``length`` positions are filled (the decode step's start-up check)."""
         layer = cls(key_buffer.shape[-2], key_buffer.dtype)
-        layer._key_buffer, layer._value_buffer, layer.is_initialized = key_buffer, value_buffer, True
-        layer.dtype, layer.device = key_buffer.dtype, key_buffer.device
-        layer._length = 0
-        layer.advance(length)
+        layer._hold(key_buffer, value_buffer, length)
         return layer
+
+    def _hold(self, key_buffer: torch.Tensor, value_buffer: torch.Tensor, length: int) -> None:
+        """Take ``key_buffer``/``value_buffer`` as this layer's buffers, their first ``length`` positions filled."""
+        self._key_buffer, self._value_buffer, self.is_initialized = key_buffer, value_buffer, True
+        self.dtype, self.device = key_buffer.dtype, key_buffer.device
+        self._length = 0
+        self.advance(length)
 
     def rewind(self, length: int) -> None:
         """Drop every position from ``length`` on (a padded chunk's pads, see engine/prefill.py); the bytes stay until overwritten."""
